@@ -1,0 +1,2 @@
+//! kvm-vmm
+fn main() {}

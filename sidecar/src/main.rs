@@ -1,0 +1,2 @@
+//! sidecar
+fn main() {}

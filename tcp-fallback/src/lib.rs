@@ -1,0 +1,1 @@
+//! tcp-fallback (under construction).

@@ -1,0 +1,2 @@
+//! workload-vmm
+fn main() {}
