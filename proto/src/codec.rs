@@ -1,0 +1,260 @@
+//! Little-endian field encoding with bounds checked before every allocation.
+
+use crate::ProtoError;
+
+/// Appends fixed-layout little-endian fields to a buffer.
+#[derive(Default)]
+pub struct Writer {
+    buf: Vec<u8>,
+}
+
+impl Writer {
+    /// An empty writer.
+    pub fn new() -> Self {
+        Self::default()
+    }
+    /// The bytes written.
+    pub fn finish(self) -> Vec<u8> {
+        self.buf
+    }
+    /// One byte.
+    pub fn u8(&mut self, v: u8) -> &mut Self {
+        self.buf.push(v);
+        self
+    }
+    /// Two bytes, LE.
+    pub fn u16(&mut self, v: u16) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Four bytes, LE.
+    pub fn u32(&mut self, v: u32) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Eight bytes, LE.
+    pub fn u64(&mut self, v: u64) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Sixteen bytes, LE.
+    pub fn u128(&mut self, v: u128) -> &mut Self {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+        self
+    }
+    /// Raw bytes of a fixed size known to both sides.
+    pub fn fixed(&mut self, b: &[u8]) -> &mut Self {
+        self.buf.extend_from_slice(b);
+        self
+    }
+    /// A u32 length, then the bytes.
+    pub fn bytes(&mut self, b: &[u8]) -> &mut Self {
+        self.u32(b.len() as u32);
+        self.buf.extend_from_slice(b);
+        self
+    }
+    /// A UTF-8 string as [`Writer::bytes`].
+    pub fn str(&mut self, s: &str) -> &mut Self {
+        self.bytes(s.as_bytes())
+    }
+}
+
+/// Reads fields written by [`Writer`], failing (never panicking) on short or bad input.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+    what: &'static str,
+}
+
+impl<'a> Reader<'a> {
+    /// A reader over the payload of message `what` (named in errors).
+    pub fn new(buf: &'a [u8], what: &'static str) -> Self {
+        Self { buf, what }
+    }
+
+    fn take(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        if self.buf.len() < n {
+            return Err(ProtoError::Truncated { what: self.what });
+        }
+        let (a, b) = self.buf.split_at(n);
+        self.buf = b;
+        Ok(a)
+    }
+
+    /// Bytes left.
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    /// Fails unless every byte was consumed.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::TrailingBytes`].
+    pub fn end(&self) -> Result<(), ProtoError> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(ProtoError::TrailingBytes {
+                what: self.what,
+                extra: self.buf.len(),
+            })
+        }
+    }
+
+    /// One byte.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`].
+    pub fn u8(&mut self) -> Result<u8, ProtoError> {
+        Ok(self.take(1)?[0])
+    }
+    /// Two bytes, LE.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`].
+    pub fn u16(&mut self) -> Result<u16, ProtoError> {
+        Ok(u16::from_le_bytes(self.array()?))
+    }
+    /// Four bytes, LE.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`].
+    pub fn u32(&mut self) -> Result<u32, ProtoError> {
+        Ok(u32::from_le_bytes(self.array()?))
+    }
+    /// Eight bytes, LE.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`].
+    pub fn u64(&mut self) -> Result<u64, ProtoError> {
+        Ok(u64::from_le_bytes(self.array()?))
+    }
+    /// Sixteen bytes, LE.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`].
+    pub fn u128(&mut self) -> Result<u128, ProtoError> {
+        Ok(u128::from_le_bytes(self.array()?))
+    }
+    /// A fixed-size array.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`].
+    pub fn array<const N: usize>(&mut self) -> Result<[u8; N], ProtoError> {
+        let s = self.take(N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(s);
+        Ok(a)
+    }
+    /// Length-prefixed bytes of at most `cap` bytes.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::TooLong`] over the cap, [`ProtoError::Truncated`] when shorter.
+    pub fn bytes(&mut self, cap: usize) -> Result<&'a [u8], ProtoError> {
+        let n = self.u32()? as usize;
+        if n > cap {
+            return Err(ProtoError::TooLong {
+                what: self.what,
+                len: n as u64,
+                cap: cap as u64,
+            });
+        }
+        self.take(n)
+    }
+    /// A length-prefixed UTF-8 string of at most `cap` bytes.
+    ///
+    /// # Errors
+    ///
+    /// As [`Reader::bytes`], plus [`ProtoError::BadUtf8`].
+    pub fn str(&mut self, cap: usize) -> Result<String, ProtoError> {
+        let b = self.bytes(cap)?;
+        String::from_utf8(b.to_vec()).map_err(|_| ProtoError::BadUtf8 { what: self.what })
+    }
+    /// A u32 element count, checked against a cap and against the bytes left
+    /// (`min_elem` bytes per element) before anything is allocated for it.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::TooLong`] or [`ProtoError::Truncated`].
+    pub fn count(&mut self, cap: usize, min_elem: usize) -> Result<usize, ProtoError> {
+        let n = self.u32()? as usize;
+        if n > cap {
+            return Err(ProtoError::TooLong {
+                what: self.what,
+                len: n as u64,
+                cap: cap as u64,
+            });
+        }
+        if n.saturating_mul(min_elem) > self.buf.len() {
+            return Err(ProtoError::Truncated { what: self.what });
+        }
+        Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn round_trip_and_truncation() {
+        let mut w = Writer::new();
+        w.u8(1)
+            .u16(2)
+            .u32(3)
+            .u64(4)
+            .u128(5)
+            .str("héllo")
+            .bytes(&[9; 3]);
+        let b = w.finish();
+        let mut r = Reader::new(&b, "test");
+        assert_eq!(r.u8().ok(), Some(1));
+        assert_eq!(r.u16().ok(), Some(2));
+        assert_eq!(r.u32().ok(), Some(3));
+        assert_eq!(r.u64().ok(), Some(4));
+        assert_eq!(r.u128().ok(), Some(5));
+        assert_eq!(r.str(64).ok().as_deref(), Some("héllo"));
+        assert_eq!(r.bytes(3).ok(), Some(&[9u8; 3][..]));
+        assert!(r.end().is_ok());
+        for cut in 0..b.len() {
+            let mut r = Reader::new(&b[..cut], "test");
+            let res = (|| -> Result<(), ProtoError> {
+                r.u8()?;
+                r.u16()?;
+                r.u32()?;
+                r.u64()?;
+                r.u128()?;
+                r.str(64)?;
+                r.bytes(3)?;
+                Ok(())
+            })();
+            assert!(res.is_err(), "cut at {cut} must fail");
+        }
+    }
+
+    #[test]
+    fn counts_are_capped_before_allocation() {
+        let mut w = Writer::new();
+        w.u32(u32::MAX);
+        let b = w.finish();
+        assert!(matches!(
+            Reader::new(&b, "t").count(1000, 8),
+            Err(ProtoError::TooLong { .. })
+        ));
+        assert!(matches!(
+            Reader::new(&b, "t").count(usize::MAX, 8),
+            Err(ProtoError::Truncated { .. })
+        ));
+        assert!(matches!(
+            Reader::new(&b, "t").str(10),
+            Err(ProtoError::TooLong { .. })
+        ));
+    }
+}

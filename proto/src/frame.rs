@@ -1,0 +1,254 @@
+//! Frames: an 8-byte header (`len: u32`, `tag: u16`, `magic: u16`, little-endian), then
+//! `len` payload bytes. The reader checks the magic and caps `len` before allocating.
+//! On the Unix socket, file descriptors ride along with a frame via `SCM_RIGHTS`.
+
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+
+use crate::msg::{Msg, MAX_REGIONS};
+use crate::ProtoError;
+
+/// Second half of every frame header: "FR" little-endian. A peer speaking anything else
+/// (an HTTP client, a port scanner) is refused on its first 8 bytes.
+pub const FRAME_MAGIC: u16 = 0x5246;
+
+/// Bytes of a frame header.
+pub const HEADER_LEN: usize = 8;
+
+fn header(msg: &Msg, len: usize) -> [u8; HEADER_LEN] {
+    let mut h = [0u8; HEADER_LEN];
+    h[..4].copy_from_slice(&(len as u32).to_le_bytes());
+    h[4..6].copy_from_slice(&msg.tag().to_le_bytes());
+    h[6..].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    h
+}
+
+fn parse_header(h: &[u8; HEADER_LEN], cap: usize) -> Result<(u16, usize), ProtoError> {
+    let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
+    let tag = u16::from_le_bytes([h[4], h[5]]);
+    let magic = u16::from_le_bytes([h[6], h[7]]);
+    if magic != FRAME_MAGIC {
+        return Err(ProtoError::BadMagic { magic });
+    }
+    if len > cap {
+        return Err(ProtoError::FrameTooLarge {
+            len: len as u64,
+            cap: cap as u64,
+        });
+    }
+    Ok((tag, len))
+}
+
+/// Writes one message as a frame.
+///
+/// # Errors
+///
+/// [`ProtoError::Io`] from the writer.
+pub fn write_msg<W: Write>(w: &mut W, msg: &Msg) -> Result<(), ProtoError> {
+    let payload = msg.encode();
+    let h = header(msg, payload.len());
+    let mut bufs = [IoSlice::new(&h), IoSlice::new(&payload)];
+    let mut bufs = &mut bufs[..];
+    while !bufs.is_empty() {
+        let n = w
+            .write_vectored(bufs)
+            .map_err(ProtoError::io("write frame"))?;
+        if n == 0 {
+            return Err(ProtoError::Closed);
+        }
+        IoSlice::advance_slices(&mut bufs, n);
+    }
+    w.flush().map_err(ProtoError::io("flush frame"))
+}
+
+/// Reads one frame of at most `cap` payload bytes and decodes it.
+///
+/// # Errors
+///
+/// [`ProtoError::Closed`] at a clean end of stream, [`ProtoError::Io`], the header
+/// errors ([`ProtoError::BadMagic`], [`ProtoError::FrameTooLarge`]) and decode errors.
+pub fn read_msg<R: Read>(r: &mut R, cap: usize) -> Result<Msg, ProtoError> {
+    let mut h = [0u8; HEADER_LEN];
+    read_full(r, &mut h, true)?;
+    let (tag, len) = parse_header(&h, cap)?;
+    let mut payload = vec![0u8; len];
+    read_full(r, &mut payload, false)?;
+    Msg::decode(tag, &payload)
+}
+
+fn read_full<R: Read>(r: &mut R, buf: &mut [u8], at_boundary: bool) -> Result<(), ProtoError> {
+    let mut got = 0;
+    while got < buf.len() {
+        match r.read(&mut buf[got..]) {
+            Ok(0) if got == 0 && at_boundary => return Err(ProtoError::Closed),
+            Ok(0) => return Err(ProtoError::Truncated { what: "frame" }),
+            Ok(n) => got += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => {
+                return Err(ProtoError::Io {
+                    op: "read frame",
+                    source: e,
+                })
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Sends a message with file descriptors attached (`SCM_RIGHTS`).
+///
+/// # Errors
+///
+/// [`ProtoError::Io`] from `sendmsg` or the following writes.
+pub fn send_with_fds(sock: &UnixStream, msg: &Msg, fds: &[RawFd]) -> Result<(), ProtoError> {
+    if fds.is_empty() {
+        let mut s = sock;
+        return write_msg(&mut s, msg);
+    }
+    let payload = msg.encode();
+    let h = header(msg, payload.len());
+    let iov = [IoSlice::new(&h), IoSlice::new(&payload)];
+    let cmsg = [ControlMessage::ScmRights(fds)];
+    let sent = loop {
+        match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
+            Ok(n) => break n,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(ProtoError::Io {
+                    op: "sendmsg with fds",
+                    source: e.into(),
+                })
+            }
+        }
+    };
+    // The descriptors went with the first byte; the rest is a plain stream write.
+    let all: Vec<u8> = h.iter().chain(payload.iter()).copied().collect();
+    let mut s = sock;
+    s.write_all(&all[sent..])
+        .map_err(ProtoError::io("write frame rest"))
+}
+
+/// Receives a message and any file descriptors that came with it.
+///
+/// # Errors
+///
+/// As [`read_msg`], plus [`ProtoError::TooManyFds`] when more descriptors arrive than a
+/// VM may have regions (they are closed).
+pub fn recv_with_fds(sock: &UnixStream, cap: usize) -> Result<(Msg, Vec<OwnedFd>), ProtoError> {
+    let mut h = [0u8; HEADER_LEN];
+    let mut got = 0;
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    while got < HEADER_LEN {
+        let mut space = nix::cmsg_space!([RawFd; MAX_REGIONS]);
+        let mut iov = [IoSliceMut::new(&mut h[got..])];
+        let res = recvmsg::<()>(
+            sock.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        );
+        let m = match res {
+            Ok(m) => m,
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => {
+                return Err(ProtoError::Io {
+                    op: "recvmsg",
+                    source: e.into(),
+                })
+            }
+        };
+        let n = m.bytes;
+        let truncated = m.flags.contains(MsgFlags::MSG_CTRUNC);
+        for c in m.cmsgs().map_err(|e| ProtoError::Io {
+            op: "read control messages",
+            source: e.into(),
+        })? {
+            if let ControlMessageOwned::ScmRights(list) = c {
+                for fd in list {
+                    // SAFETY: the kernel just installed `fd` in this process for us
+                    // (SCM_RIGHTS); nothing else owns it.
+                    fds.push(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        if truncated || fds.len() > MAX_REGIONS {
+            return Err(ProtoError::TooManyFds { got: fds.len() });
+        }
+        if n == 0 {
+            return Err(if got == 0 {
+                ProtoError::Closed
+            } else {
+                ProtoError::Truncated { what: "frame" }
+            });
+        }
+        got += n;
+    }
+    let (tag, len) = parse_header(&h, cap)?;
+    let mut payload = vec![0u8; len];
+    let mut s = sock;
+    read_full(&mut s, &mut payload, false)?;
+    Ok((Msg::decode(tag, &payload)?, fds))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::msg::MAX_FRAME;
+
+    #[test]
+    fn frames_round_trip_over_a_socket_with_fds() {
+        let (a, b) = UnixStream::pair().expect("socketpair");
+        let f = std::fs::File::open("/dev/null").expect("open");
+        let msg = Msg::State {
+            blob: vec![0x5a; 100_000],
+        };
+        let t = std::thread::spawn(move || {
+            send_with_fds(&a, &msg, &[f.as_raw_fd(), f.as_raw_fd()]).expect("send");
+            send_with_fds(&a, &Msg::Ok, &[]).expect("send");
+        });
+        let (m, fds) = recv_with_fds(&b, MAX_FRAME).expect("recv");
+        assert!(
+            matches!(m, Msg::State { ref blob } if blob.len() == 100_000 && blob[99_999] == 0x5a)
+        );
+        assert_eq!(fds.len(), 2);
+        let (m, fds) = recv_with_fds(&b, MAX_FRAME).expect("recv");
+        assert_eq!(m, Msg::Ok);
+        assert!(fds.is_empty());
+        t.join().expect("sender");
+        assert!(matches!(
+            recv_with_fds(&b, MAX_FRAME),
+            Err(ProtoError::Closed)
+        ));
+    }
+
+    #[test]
+    fn oversized_and_garbage_frames_are_refused_before_allocation() {
+        let mut h = Vec::new();
+        h.extend_from_slice(&u32::MAX.to_le_bytes());
+        h.extend_from_slice(&6u16.to_le_bytes());
+        h.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        assert!(matches!(
+            read_msg(&mut &h[..], 1024),
+            Err(ProtoError::FrameTooLarge { .. })
+        ));
+        let http = b"GET / HTTP/1.1\r\n\r\n";
+        assert!(matches!(
+            read_msg(&mut &http[..], 1024),
+            Err(ProtoError::BadMagic { .. })
+        ));
+        // A frame cut short.
+        let mut v = Vec::new();
+        write_msg(&mut v, &Msg::Refused { reason: "r".into() }).expect("vec write");
+        assert!(matches!(
+            read_msg(&mut &v[..v.len() - 1], 1024),
+            Err(ProtoError::Truncated { .. })
+        ));
+        assert!(matches!(
+            read_msg(&mut &v[..0], 1024),
+            Err(ProtoError::Closed)
+        ));
+    }
+}
