@@ -1,1 +1,3 @@
 //! kvm-glue (under construction).
+
+pub mod endpoint;
