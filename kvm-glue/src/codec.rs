@@ -1,0 +1,152 @@
+//! Little-endian blob writer and bounds-checked reader shared by the state and CPU-profile
+//! encodings. Every read checks the remaining length and every count is capped by the
+//! caller before anything is allocated from it; nothing here panics on hostile input.
+
+use crate::error::{Error, Result};
+
+/// Plain-old-data KVM structs that may be copied to and from bytes.
+///
+/// # Safety
+///
+/// Implementors must be `repr(C)` kernel ABI structs with no implicit padding (every byte
+/// is a field byte, so reading the value as bytes reads initialised memory) and for which
+/// every bit pattern is a valid value (integers, arrays and unions of integers only).
+pub(crate) unsafe trait Pod: Copy + Default {}
+
+/// Views a POD value as its bytes.
+pub(crate) fn pod_bytes<T: Pod>(v: &T) -> &[u8] {
+    // SAFETY: `T: Pod` has no padding, so all `size_of::<T>()` bytes behind `v` are
+    // initialised; the slice borrows `v` and is read-only.
+    unsafe { std::slice::from_raw_parts((v as *const T).cast::<u8>(), std::mem::size_of::<T>()) }
+}
+
+/// Builds a POD value from exactly `size_of::<T>()` bytes.
+pub(crate) fn pod_from<T: Pod>(what: &'static str, b: &[u8]) -> Result<T> {
+    let expected = std::mem::size_of::<T>();
+    if b.len() != expected {
+        return Err(Error::RecordSize {
+            what,
+            len: b.len(),
+            expected,
+        });
+    }
+    // SAFETY: `b` holds exactly size_of::<T>() readable bytes; `read_unaligned` has no
+    // alignment requirement; `T: Pod` makes every bit pattern a valid T.
+    Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
+}
+
+/// Appends little-endian fields to a byte vector.
+#[derive(Debug, Default)]
+pub(crate) struct Writer {
+    pub buf: Vec<u8>,
+}
+
+impl Writer {
+    pub fn u8(&mut self, v: u8) {
+        self.buf.push(v);
+    }
+    pub fn u32(&mut self, v: u32) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn u64(&mut self, v: u64) {
+        self.buf.extend_from_slice(&v.to_le_bytes());
+    }
+    pub fn raw(&mut self, b: &[u8]) {
+        self.buf.extend_from_slice(b);
+    }
+    /// A `u32` length, then the bytes. Lengths are bounded by the caps the reader applies,
+    /// all far below `u32::MAX`.
+    pub fn bytes(&mut self, b: &[u8]) {
+        self.u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
+        self.raw(b);
+    }
+    pub fn pod<T: Pod>(&mut self, v: &T) {
+        self.bytes(pod_bytes(v));
+    }
+    /// A `u32` count (the caller has already checked it against the decoder's cap).
+    pub fn count(&mut self, n: usize) {
+        self.u32(u32::try_from(n).unwrap_or(u32::MAX));
+    }
+}
+
+/// Reads little-endian fields from a byte slice, failing (never panicking) on truncation.
+#[derive(Debug)]
+pub(crate) struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Self { buf }
+    }
+
+    pub fn remaining(&self) -> usize {
+        self.buf.len()
+    }
+
+    pub fn take(&mut self, what: &'static str, n: usize) -> Result<&'a [u8]> {
+        if self.buf.len() < n {
+            return Err(Error::Truncated {
+                what,
+                need: n,
+                have: self.buf.len(),
+            });
+        }
+        let (head, tail) = self.buf.split_at(n);
+        self.buf = tail;
+        Ok(head)
+    }
+
+    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N]> {
+        let b = self.take(what, N)?;
+        let mut a = [0u8; N];
+        a.copy_from_slice(b);
+        Ok(a)
+    }
+
+    pub fn u8(&mut self, what: &'static str) -> Result<u8> {
+        Ok(self.array::<1>(what)?[0])
+    }
+    pub fn u32(&mut self, what: &'static str) -> Result<u32> {
+        Ok(u32::from_le_bytes(self.array(what)?))
+    }
+    pub fn u64(&mut self, what: &'static str) -> Result<u64> {
+        Ok(u64::from_le_bytes(self.array(what)?))
+    }
+
+    /// A `u32` count, refused above `max`.
+    pub fn count(&mut self, what: &'static str, max: usize) -> Result<usize> {
+        let n = self.u32(what)?;
+        let n = usize::try_from(n).unwrap_or(usize::MAX);
+        if n > max {
+            return Err(Error::LengthCap {
+                what,
+                len: n as u64,
+                max: max as u64,
+            });
+        }
+        Ok(n)
+    }
+
+    /// Length-prefixed bytes, refused above `max`.
+    pub fn bytes(&mut self, what: &'static str, max: usize) -> Result<&'a [u8]> {
+        let n = self.count(what, max)?;
+        self.take(what, n)
+    }
+
+    pub fn pod<T: Pod>(&mut self, what: &'static str) -> Result<T> {
+        let b = self.bytes(what, std::mem::size_of::<T>().max(1) * 2)?;
+        pod_from(what, b)
+    }
+
+    /// Fails unless every byte was consumed.
+    pub fn finish(&self) -> Result<()> {
+        if self.buf.is_empty() {
+            Ok(())
+        } else {
+            Err(Error::TrailingBytes {
+                bytes: self.buf.len(),
+            })
+        }
+    }
+}
