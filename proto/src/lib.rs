@@ -56,6 +56,7 @@ pub mod auth;
 pub mod codec;
 pub mod data;
 pub mod frame;
+pub mod mem;
 pub mod msg;
 pub mod net;
 

@@ -1,0 +1,247 @@
+//! Guest RAM as Ferry handles it: memfd-backed `MAP_SHARED` mappings.
+//!
+//! The source sidecar maps the VMM's memfds (the guest and the VMM keep writing them);
+//! the destination sidecar creates fresh memfds, populates them ahead of the first
+//! round, fills them, and hands them to the destination VMM. Memory another process may
+//! write is never turned into a Rust slice: reads go through [`GuestRegion::copy_out`]
+//! (a copy into a buffer we own) or straight to the kernel as raw `iovec`s.
+
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+use std::ptr::NonNull;
+use std::time::{Duration, Instant};
+
+use crate::ProtoError;
+
+/// Page size of guest RAM.
+pub const PAGE: usize = 4096;
+
+/// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in, writable, without writing.
+const MADV_POPULATE_WRITE: i32 = 23;
+
+/// One mapped guest RAM region.
+#[derive(Debug)]
+pub struct GuestRegion {
+    ptr: NonNull<u8>,
+    len: usize,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value until drop; every
+// access goes through raw pointers whose users document their own synchronisation.
+unsafe impl Send for GuestRegion {}
+// SAFETY: as above; `&GuestRegion` only hands out raw pointers and copies.
+unsafe impl Sync for GuestRegion {}
+
+fn os(op: &'static str) -> ProtoError {
+    ProtoError::Io {
+        op,
+        source: std::io::Error::last_os_error(),
+    }
+}
+
+impl GuestRegion {
+    /// Creates an anonymous memfd of `size` bytes and maps it.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Io`] from `memfd_create`, `ftruncate` or `mmap` (e.g. ENOMEM).
+    pub fn create(name: &str, size: u64) -> Result<(Self, OwnedFd), ProtoError> {
+        let cname = std::ffi::CString::new(name).unwrap_or_else(|_| c"ferry-ram".to_owned());
+        // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        if fd < 0 {
+            return Err(os("memfd_create"));
+        }
+        // SAFETY: memfd_create just returned this fd to us and nothing else owns it.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        // SAFETY: `fd` is an open memfd; ftruncate only sets its size.
+        if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
+            return Err(os("ftruncate memfd"));
+        }
+        let region = Self::map(fd.as_fd_borrowed(), 0, size)?;
+        Ok((region, fd))
+    }
+
+    /// Maps `size` bytes at `offset` of `fd`, shared and writable.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Io`] from `mmap`; [`ProtoError::BadValue`] for a size or offset
+    /// that is not page-aligned or a size of 0.
+    pub fn map(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<Self, ProtoError> {
+        if size == 0 || size % PAGE as u64 != 0 || offset % PAGE as u64 != 0 {
+            return Err(ProtoError::BadValue {
+                what: "region size or offset (must be whole pages)",
+                value: size,
+            });
+        }
+        let len = usize::try_from(size).map_err(|_| ProtoError::BadValue {
+            what: "region size",
+            value: size,
+        })?;
+        // SAFETY: a fresh shared mapping of an open fd at a page-aligned offset; the
+        // kernel chooses the address, so no existing memory is affected.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                fd.as_raw_fd(),
+                offset as libc::off_t,
+            )
+        };
+        if p == libc::MAP_FAILED {
+            return Err(os("mmap guest RAM"));
+        }
+        Ok(Self {
+            ptr: NonNull::new(p.cast()).expect("mmap never returns NULL on success"),
+            len,
+        })
+    }
+
+    /// Bytes mapped.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether the region is empty (never, for a mapped region).
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Pages mapped.
+    pub fn npages(&self) -> u64 {
+        (self.len / PAGE) as u64
+    }
+
+    /// Start of the mapping. Writes through it race with the guest unless the VM is
+    /// paused; callers document why theirs are sound.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.ptr.as_ptr()
+    }
+
+    /// Pointer to `count` pages from `first`, or `None` when they are not all mapped.
+    pub fn pages_ptr(&self, first: u64, count: u64) -> Option<*mut u8> {
+        let end = first.checked_add(count)?;
+        if end > self.npages() {
+            return None;
+        }
+        // SAFETY: `first * PAGE` is within the mapping (checked above).
+        Some(unsafe { self.ptr.as_ptr().add(first as usize * PAGE) })
+    }
+
+    /// Copies one page into `buf` (a copy we own, safe to hash while the guest writes).
+    ///
+    /// # Panics
+    ///
+    /// Panics if `page` is out of range (callers check pages against the layout first).
+    pub fn copy_out(&self, page: u64, buf: &mut [u8; PAGE]) {
+        let src = self.pages_ptr(page, 1).expect("page within the region");
+        // SAFETY: `src` is valid for PAGE bytes of the live mapping; `buf` is a distinct
+        // buffer of PAGE bytes. Concurrent writers can only make the copy torn, which the
+        // dirty log accounts for (DESIGN.md); no reference to the shared bytes is formed.
+        unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), PAGE) };
+    }
+
+    /// The whole region as a slice.
+    ///
+    /// # Safety
+    ///
+    /// - No other thread or process may write the region while the slice lives (the VM
+    ///   is paused and the VMM's writers are quiesced, or this process owns the memfd
+    ///   exclusively, as the destination does before handing it over).
+    pub unsafe fn as_slice(&self) -> &[u8] {
+        // SAFETY: the mapping is valid for `len` bytes for `self`'s lifetime; the caller
+        // guarantees no concurrent writes.
+        unsafe { std::slice::from_raw_parts(self.ptr.as_ptr(), self.len) }
+    }
+
+    /// Faults every page in, writable, with `threads` threads, so a receiver never
+    /// page-faults its way through a copy. Returns the time it took.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Io`] from `madvise` (ENOMEM when memory runs out).
+    pub fn populate(&self, threads: usize) -> Result<Duration, ProtoError> {
+        let t0 = Instant::now();
+        let threads = threads.max(1);
+        let per = (self.len / PAGE).div_ceil(threads) * PAGE;
+        let base = self.ptr.as_ptr() as usize;
+        let len = self.len;
+        std::thread::scope(|s| {
+            let handles: Vec<_> = (0..threads)
+                .map(|i| {
+                    s.spawn(move || {
+                        let start = i * per;
+                        if start >= len {
+                            return Ok(());
+                        }
+                        let n = per.min(len - start);
+                        // SAFETY: [base+start, base+start+n) lies inside the mapping,
+                        // which outlives the scope; MADV_POPULATE_WRITE changes no data.
+                        let rc = unsafe {
+                            libc::madvise(
+                                (base + start) as *mut libc::c_void,
+                                n,
+                                MADV_POPULATE_WRITE,
+                            )
+                        };
+                        if rc == 0 {
+                            Ok(())
+                        } else {
+                            Err(os("madvise(MADV_POPULATE_WRITE)"))
+                        }
+                    })
+                })
+                .collect();
+            handles
+                .into_iter()
+                .map(|h| h.join().unwrap_or_else(|_| Err(os("populate thread"))))
+                .collect::<Result<Vec<()>, _>>()
+        })?;
+        Ok(t0.elapsed())
+    }
+}
+
+impl Drop for GuestRegion {
+    fn drop(&mut self) {
+        // SAFETY: `ptr`/`len` describe a mapping this value created and nobody else
+        // unmaps; after drop no pointer derived from it is used (users hold `&self`).
+        unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };
+    }
+}
+
+/// Borrowing helper: `OwnedFd` to `BorrowedFd` without importing `AsFd` everywhere.
+pub trait AsFdBorrowed {
+    /// Borrows the descriptor.
+    fn as_fd_borrowed(&self) -> BorrowedFd<'_>;
+}
+
+impl AsFdBorrowed for OwnedFd {
+    fn as_fd_borrowed(&self) -> BorrowedFd<'_> {
+        use std::os::fd::AsFd;
+        self.as_fd()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn create_map_populate_and_share() {
+        let (a, fd) = GuestRegion::create("t", 64 * PAGE as u64).expect("create");
+        assert_eq!(a.npages(), 64);
+        a.populate(2).expect("populate");
+        let b = GuestRegion::map(fd.as_fd_borrowed(), 0, 64 * PAGE as u64).expect("map");
+        // SAFETY: this test is the only writer, and `a` is valid for 64 pages.
+        unsafe { *a.as_ptr().add(5 * PAGE + 7) = 42 };
+        let mut buf = [0u8; PAGE];
+        b.copy_out(5, &mut buf);
+        assert_eq!(buf[7], 42);
+        assert!(b.pages_ptr(63, 1).is_some());
+        assert!(b.pages_ptr(63, 2).is_none());
+        assert!(b.pages_ptr(u64::MAX, 2).is_none());
+        assert!(GuestRegion::map(fd.as_fd_borrowed(), 0, 100).is_err());
+    }
+}
