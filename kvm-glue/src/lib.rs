@@ -14,6 +14,8 @@
 //! - [`endpoint`]: the VMM side of the sidecar protocol (traits the VMM implements and the
 //!   socket loop).
 //! - [`ioctls`]: the raw KVM calls `kvm-ioctls` lacks, in one place.
+//! - [`cpl3`]: a minimal 64-bit CPL3 guest environment (memfd RAM, page tables, user
+//!   segments) for tests and test VMMs: the only guest mode that runs natively under PVM.
 //!
 //! # Quick start
 //!
@@ -85,6 +87,7 @@
 //!   vCPU thread to detach.
 
 mod codec;
+pub mod cpl3;
 pub mod cpu;
 pub mod dirty;
 pub mod endpoint;
