@@ -43,6 +43,7 @@ pub mod digest;
 pub mod plan;
 pub mod precopy;
 pub mod sim;
+pub mod transport;
 
 /// Guest page size Ferry tracks and moves (x86-64 base pages, KVM's dirty-log unit).
 pub const PAGE_SIZE: u64 = 4096;
