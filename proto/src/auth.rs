@@ -176,6 +176,21 @@ pub fn accept<S: Read + Write>(s: &mut S, key: &Key) -> Result<(), ProtoError> {
         Msg::PeerHello { version, nonce } => (version, nonce),
         other => return Err(refuse(s, unexpected("PeerHello", other))),
     };
+    accept_after_hello(s, key, version, nonce_c)
+}
+
+/// The listening side of the handshake after the caller read the `PeerHello` itself
+/// (to tell control connections from data connections).
+///
+/// # Errors
+///
+/// As [`connect`]; the peer is told why before the error returns.
+pub fn accept_after_hello<S: Read + Write>(
+    s: &mut S,
+    key: &Key,
+    version: u16,
+    nonce_c: [u8; 32],
+) -> Result<(), ProtoError> {
     check_version(version).map_err(|e| refuse(s, e))?;
     let nonce_l: [u8; 32] = random()?;
     write_msg(

@@ -1,0 +1,325 @@
+//! The destination side of a migration: prepare memory, receive rounds, load the VM
+//! into the waiting VMM, report the digest, and run the VM only on `Commit`.
+
+use std::net::TcpStream;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_engine::commit::{DestAction, DestCommit, DestEvent};
+use ferry_engine::digest::{region_digest, MemoryDigest};
+use ferry_proto::frame::{read_msg, write_msg};
+use ferry_proto::mem::{GuestRegion, PAGE};
+use ferry_proto::msg::{Msg, RegionInfo, MAX_FRAME};
+use ferry_tcp::TcpReceiver;
+
+use crate::daemon::{Daemon, WaitingVmm};
+use crate::vmm::request;
+
+/// Most data channels a peer may ask for: far above what fills any link (8 streams
+/// fill 100 Gb/s with Ferry's batches), low enough to bound threads and sockets.
+pub const MAX_CHANNELS: u16 = 64;
+
+/// How long the data connections may take to arrive after `Accept`.
+const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Longest silence on the data connections within a round before the source is
+/// considered gone (keepalive usually notices first).
+const ROUND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest silence on the control connection between steps.
+const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Checks an offer against what this host can do; the error text goes to the source.
+fn check_offer(page_size: u32, regions: &[RegionInfo], channels: u16) -> Result<u64, String> {
+    if page_size as usize != PAGE {
+        return Err(format!(
+            "page size {page_size} is not supported (only {PAGE})"
+        ));
+    }
+    if regions.is_empty() {
+        return Err("the offer has no RAM regions".into());
+    }
+    if channels == 0 || channels > MAX_CHANNELS {
+        return Err(format!(
+            "{channels} channels requested; 1 to {MAX_CHANNELS} are allowed"
+        ));
+    }
+    let mut total = 0u64;
+    for r in regions {
+        if r.size == 0 || r.size % PAGE as u64 != 0 {
+            return Err(format!(
+                "region at {:#x} has size {} (not whole pages)",
+                r.gpa, r.size
+            ));
+        }
+        total = total
+            .checked_add(r.size)
+            .ok_or_else(|| "region sizes overflow".to_string())?;
+    }
+    if let Some(avail) = mem_available() {
+        // Keep 256 MiB for the host: the destination must not push its host into OOM.
+        if total.saturating_add(256 << 20) > avail {
+            return Err(format!(
+                "the VM needs {} MiB of RAM; this host has {} MiB available",
+                total >> 20,
+                avail >> 20
+            ));
+        }
+    }
+    Ok(total)
+}
+
+/// Handles an authenticated control connection carrying an offer.
+///
+/// # Errors
+///
+/// Whatever ended the migration; the waiting VMM gets the VM only on `Commit`.
+pub fn run(d: &Arc<Daemon>, mut ctl: TcpStream, offer: Msg) -> anyhow::Result<()> {
+    let Msg::Offer {
+        vm_id,
+        page_size,
+        regions,
+        channels,
+        transports: _,
+        cpu_profile: _,
+        session,
+    } = offer
+    else {
+        bail!("not an offer");
+    };
+    let refuse = |ctl: &mut TcpStream, reason: String| {
+        let _ = write_msg(
+            ctl,
+            &Msg::Refused {
+                reason: reason.clone(),
+            },
+        );
+        anyhow::anyhow!(reason)
+    };
+    if let Err(reason) = check_offer(page_size, &regions, channels) {
+        return Err(refuse(&mut ctl, reason));
+    }
+    let Some(vmm) = d.waiting.lock().expect("lock").remove(&vm_id) else {
+        return Err(refuse(
+            &mut ctl,
+            format!("no VMM on this host waits for VM {vm_id}"),
+        ));
+    };
+    d.active
+        .lock()
+        .expect("lock")
+        .insert(vm_id.clone(), "receiving".into());
+    let mut fsm = DestCommit::new();
+    let res = receive(
+        d, &mut ctl, &vm_id, &regions, channels, session, &vmm, &mut fsm,
+    );
+    d.active.lock().expect("lock").remove(&vm_id);
+    match (&res, fsm.phase()) {
+        (Ok(()), _) => {}
+        (Err(e), _) => {
+            let lost = e
+                .downcast_ref::<ferry_proto::ProtoError>()
+                .is_some_and(|p| p.is_disconnect());
+            let event = if lost {
+                DestEvent::LinkLost
+            } else {
+                DestEvent::Abort
+            };
+            match fsm.on(event) {
+                DestAction::Hold => {
+                    tracing::error!(
+                        %vm_id,
+                        "link to the source lost after Ready: holding the loaded, paused VM until the source's decision is replayed"
+                    );
+                    d.held_vmms.lock().expect("lock").push(vmm);
+                    return res;
+                }
+                _ => {
+                    let _ = write_msg(
+                        &mut ctl,
+                        &Msg::Refused {
+                            reason: format!("{e:#}"),
+                        },
+                    );
+                    if let Err(err) = request(&vmm.link, &Msg::Discard, &[]) {
+                        tracing::warn!(%vm_id, "waiting VMM did not take Discard: {err}");
+                        return res;
+                    }
+                }
+            }
+            // The VMM waits on for another attempt.
+            d.waiting.lock().expect("lock").insert(vm_id, vmm);
+        }
+    }
+    res
+}
+
+#[allow(clippy::too_many_arguments)]
+fn receive(
+    d: &Daemon,
+    ctl: &mut TcpStream,
+    vm_id: &str,
+    regions: &[RegionInfo],
+    channels: u16,
+    session: [u8; 16],
+    vmm: &WaitingVmm,
+    fsm: &mut DestCommit,
+) -> anyhow::Result<()> {
+    // Fresh memfds of the same layout, populated before the first page arrives.
+    let t = Instant::now();
+    let mut mem = Vec::new();
+    let mut fds: Vec<OwnedFd> = Vec::new();
+    for (i, r) in regions.iter().enumerate() {
+        let (m, fd) = GuestRegion::create(&format!("ferry-in-{vm_id}-{i}"), r.size)
+            .with_context(|| format!("creating region {i} ({} MiB)", r.size >> 20))?;
+        m.populate(2)
+            .with_context(|| format!("populating region {i}"))?;
+        mem.push(m);
+        fds.push(fd);
+    }
+    let mem = Arc::new(mem);
+    let prepare = t.elapsed();
+    tracing::info!(%vm_id, ms = prepare.as_millis() as u64, "destination memory prepared");
+
+    let (tx, rx) = crossbeam_channel::bounded(channels as usize);
+    d.sessions.lock().expect("lock").insert(session, tx);
+    write_msg(
+        ctl,
+        &Msg::Accept {
+            prepare_us: prepare.as_micros() as u64,
+        },
+    )?;
+    let mut slots: Vec<Option<TcpStream>> = (0..channels).map(|_| None).collect();
+    let deadline = Instant::now() + DATA_CONNECT_TIMEOUT;
+    let mut got = 0;
+    let collected = loop {
+        if got == channels as usize {
+            break Ok(());
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok((ch, s)) if (ch as usize) < slots.len() && slots[ch as usize].is_none() => {
+                slots[ch as usize] = Some(s);
+                got += 1;
+            }
+            Ok((ch, _)) => {
+                break Err(anyhow::anyhow!(
+                    "data channel {ch} is out of range or duplicated"
+                ))
+            }
+            Err(_) => {
+                break Err(anyhow::anyhow!(
+                    "only {got} of {channels} data connections arrived"
+                ))
+            }
+        }
+    };
+    d.sessions.lock().expect("lock").remove(&session);
+    collected?;
+    let streams: Vec<TcpStream> = slots.into_iter().flatten().collect();
+    let receiver = TcpReceiver::start(streams, Arc::clone(&mem))?;
+    let mut receiver = Some(receiver);
+    ctl.set_read_timeout(Some(CONTROL_IDLE_TIMEOUT))?;
+    loop {
+        let msg = read_msg(ctl, MAX_FRAME)?;
+        match msg {
+            Msg::RoundStart { round, .. } => {
+                let rx = receiver
+                    .as_ref()
+                    .context("RoundStart after the state blob")?;
+                let stats = rx.wait_round(round, ROUND_IDLE_TIMEOUT)?;
+                write_msg(
+                    ctl,
+                    &Msg::RoundDone {
+                        round,
+                        pages: stats.pages,
+                        bytes: stats.bytes,
+                        torn: stats.torn,
+                    },
+                )?;
+            }
+            Msg::StateBlob { blob } => {
+                // All memory is here: stop the readers, hand everything to the VMM.
+                receiver = None;
+                let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
+                let layout: Vec<RegionInfo> = regions
+                    .iter()
+                    .map(|r| RegionInfo { offset: 0, ..*r })
+                    .collect();
+                match request(
+                    &vmm.link,
+                    &Msg::Load {
+                        vm_id: vm_id.to_owned(),
+                        regions: layout,
+                        blob,
+                    },
+                    &raw,
+                ) {
+                    Ok(Msg::Loaded) => {}
+                    Ok(other) => bail!("destination VMM answered {} to Load", other.name()),
+                    Err(e) => bail!("destination VMM refused the VM: {e}"),
+                }
+                if fsm.on(DestEvent::Loaded) != DestAction::SendReady {
+                    bail!("state machine refused Loaded");
+                }
+                let digest = MemoryDigest {
+                    regions: mem
+                        .iter()
+                        // SAFETY: the VMM loaded the memory but its vCPUs do not run
+                        // until Start (IncomingVm::load must not write guest RAM), and
+                        // the reader threads are gone: nothing writes while we hash.
+                        .map(|r| region_digest(unsafe { r.as_slice() }))
+                        .collect(),
+                };
+                write_msg(ctl, &Msg::Ready { digest })?;
+            }
+            Msg::Commit => {
+                if fsm.on(DestEvent::Commit) != DestAction::StartVm {
+                    bail!("Commit before the VM was loaded");
+                }
+                let detail = match request(&vmm.link, &Msg::Start, &[]) {
+                    Ok(Msg::Running { detail }) => detail,
+                    Ok(other) => format!("VMM answered {} to Start", other.name()),
+                    Err(e) => format!("VMM failed to start the committed VM: {e}"),
+                };
+                tracing::info!(%vm_id, %detail, "VM runs here");
+                write_msg(ctl, &Msg::PeerRunning { detail })?;
+                return Ok(());
+            }
+            Msg::Abort { reason } => bail!("the source aborted: {reason}"),
+            other => bail!("unexpected {} from the source", other.name()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_are_checked() {
+        let r = |size| RegionInfo {
+            gpa: 0,
+            size,
+            offset: 0,
+        };
+        assert!(check_offer(4096, &[r(1 << 20)], 4).is_ok());
+        assert!(check_offer(8192, &[r(1 << 20)], 4).is_err());
+        assert!(check_offer(4096, &[], 4).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 0).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 65).is_err());
+        assert!(check_offer(4096, &[r(1000)], 4).is_err());
+        assert!(check_offer(4096, &[r(u64::MAX - 4095), r(1 << 20)], 4).is_err());
+        let huge = check_offer(4096, &[r(1 << 50)], 4).expect_err("too big");
+        assert!(huge.contains("MiB available"), "{huge}");
+    }
+}

@@ -1,0 +1,520 @@
+//! The source side of a migration: rounds, stop-and-copy, verification, commit.
+//!
+//! The driver asks the engine what to do ([`PrecopyController`], [`SourceCommit`]) and
+//! does the I/O: VMM requests, the peer control connection, the data transport. Any
+//! error before the commit point resumes the VM here and tells the destination to
+//! discard; the decision to commit is recorded on disk before `Commit` is sent.
+
+use std::io::Write;
+use std::net::{TcpStream, ToSocketAddrs};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_engine::bitmap::DirtyBitmap;
+use ferry_engine::commit::{SourceAction, SourceCommit, SourceEvent};
+use ferry_engine::digest::MemoryDigest;
+use ferry_engine::plan::{cold_first, plan, ranges_of, PageRange, DEFAULT_CHUNK_PAGES};
+use ferry_engine::precopy::{ConvergencePolicy, LimitAction, PrecopyController, RoundRecord, Step};
+use ferry_engine::transport::{PageSender, RoundStats};
+use ferry_engine::PAGE_SIZE;
+use ferry_proto::auth::{self, random};
+use ferry_proto::frame::{read_msg, write_msg};
+use ferry_proto::mem::GuestRegion;
+use ferry_proto::msg::{MigrateRequest, Msg, OnLimit, Phase, TransportChoice, MAX_FRAME};
+use ferry_proto::net::{set_buffers, tune_peer_socket, DEAD_PEER_AFTER};
+use ferry_tcp::TcpSender;
+
+use crate::daemon::{proof, Daemon, RegisteredVm};
+use crate::summary::{RoundSummary, Summary};
+use crate::vmm::{request, request_ok};
+
+/// Longest wait for the destination to answer one control step (a round's
+/// confirmation, preparing memory, loading the VM). A live peer that takes longer is
+/// treated as hung; a dead one is noticed in seconds by TCP keepalive.
+const PEER_STEP_TIMEOUT: Duration = Duration::from_secs(300);
+
+/// Socket buffer for data connections: 4 MiB lets one stream keep a 10 Gb/s x 1 ms
+/// path full (bandwidth-delay product 1.25 MB) with room to spare.
+const DATA_SOCKET_BUFFER: i32 = 4 << 20;
+
+/// Sends progress to whoever asked for the migration.
+pub type Reporter<'a> = &'a (dyn Fn(Msg) + Sync);
+
+/// Digest of the source's memory. Call only while the VM is paused.
+pub fn digest_of(mem: &[GuestRegion]) -> MemoryDigest {
+    MemoryDigest {
+        regions: std::thread::scope(|s| {
+            let hs: Vec<_> = mem
+                .iter()
+                .map(|r| {
+                    s.spawn(move || {
+                        // SAFETY: the VM is paused and its VMM's writers are quiesced
+                        // (Paused was answered), and the sidecar does not write source
+                        // memory: nothing changes the bytes while they are hashed.
+                        ferry_engine::digest::region_digest(unsafe { r.as_slice() })
+                    })
+                })
+                .collect();
+            hs.into_iter()
+                .map(|h| h.join().unwrap_or_default())
+                .collect()
+        }),
+    }
+}
+
+fn policy_of(req: &MigrateRequest) -> ConvergencePolicy {
+    ConvergencePolicy {
+        downtime_budget: Duration::from_millis(u64::from(req.downtime_ms)),
+        max_rounds: req.max_rounds.max(1),
+        timeout: Duration::from_millis(req.timeout_ms),
+        on_limit: match req.on_limit {
+            OnLimit::Abort => LimitAction::Abort,
+            OnLimit::Force => LimitAction::ForceStopAndCopy,
+        },
+    }
+}
+
+fn bitmaps_of(words: Vec<Vec<u64>>, vm: &RegisteredVm) -> anyhow::Result<Vec<DirtyBitmap>> {
+    if words.len() != vm.mem.len() {
+        bail!(
+            "VMM sent {} dirty bitmaps for {} regions",
+            words.len(),
+            vm.mem.len()
+        );
+    }
+    words
+        .into_iter()
+        .zip(vm.mem.iter())
+        .map(|(w, r)| DirtyBitmap::from_words(w, r.npages()).map_err(Into::into))
+        .collect()
+}
+
+fn take_dirty(vm: &RegisteredVm, final_round: bool) -> anyhow::Result<Vec<DirtyBitmap>> {
+    match request(&vm.link, &Msg::TakeDirty { final_round }, &[])? {
+        Msg::Dirty { bitmaps } => bitmaps_of(bitmaps, vm),
+        other => bail!("VMM answered {} to TakeDirty", other.name()),
+    }
+}
+
+fn expect_reply(ctl: &mut TcpStream, what: &'static str) -> anyhow::Result<Msg> {
+    match read_msg(ctl, MAX_FRAME) {
+        Ok(Msg::Refused { reason }) => bail!("destination refused ({what}): {reason}"),
+        Ok(m) => Ok(m),
+        Err(e) => {
+            Err(anyhow::Error::new(e).context(format!("destination link while waiting for {what}")))
+        }
+    }
+}
+
+/// One migration's driver state.
+struct SourceRun<'a> {
+    d: &'a Daemon,
+    req: &'a MigrateRequest,
+    report: Reporter<'a>,
+    fsm: SourceCommit,
+    ctl: Option<TcpStream>,
+    engine: PrecopyController,
+    summary: Summary,
+    total_done: AtomicU64,
+    t0: Instant,
+}
+
+impl SourceRun<'_> {
+    fn ctl(&mut self) -> anyhow::Result<&mut TcpStream> {
+        self.ctl.as_mut().context("no control connection")
+    }
+
+    fn phase(&self, phase: &str) {
+        if let Some(p) = self.d.active.lock().expect("lock").get_mut(&self.req.vm_id) {
+            *p = phase.to_owned();
+        }
+    }
+
+    /// Runs one round: announce, send, wait for the destination's confirmation.
+    fn round(
+        &mut self,
+        sender: &mut dyn PageSender,
+        round: u32,
+        final_round: bool,
+        ranges: &[PageRange],
+    ) -> anyhow::Result<RoundStats> {
+        let work = plan(ranges, sender.channels(), DEFAULT_CHUNK_PAGES);
+        let t = Instant::now();
+        write_msg(self.ctl()?, &Msg::RoundStart { round, final_round })?;
+        let done = AtomicU64::new(0);
+        let finished = AtomicBool::new(false);
+        let total_before = self.total_done.load(Ordering::Relaxed);
+        let phase = if final_round {
+            Phase::StopAndCopy
+        } else {
+            Phase::Precopy
+        };
+        let round_total = work.bytes();
+        let report = self.report;
+        let sent = std::thread::scope(|s| {
+            s.spawn(|| {
+                while !finished.load(Ordering::Acquire) {
+                    let d = done.load(Ordering::Relaxed);
+                    report(Msg::Progress {
+                        phase,
+                        round,
+                        round_done: d,
+                        round_total,
+                        total_done: total_before + d,
+                    });
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+            });
+            let r = sender.send_round(round, &work, &|b| {
+                done.fetch_add(b, Ordering::Relaxed);
+            });
+            finished.store(true, Ordering::Release);
+            r
+        })?;
+        let (pages, bytes, torn) = match expect_reply(self.ctl()?, "a round's confirmation")? {
+            Msg::RoundDone {
+                round: r,
+                pages,
+                bytes,
+                torn,
+            } if r == round => (pages, bytes, torn),
+            other => bail!("destination answered {} to round {round}", other.name()),
+        };
+        if pages != work.pages() || bytes != sent.bytes {
+            bail!(
+                "destination confirmed {pages} pages / {bytes} bytes of round {round}; {} / {} were sent",
+                work.pages(),
+                sent.bytes
+            );
+        }
+        let elapsed = t.elapsed();
+        self.total_done.fetch_add(sent.bytes, Ordering::Relaxed);
+        self.engine.round_finished(RoundRecord {
+            round,
+            pages,
+            bytes,
+            zero_pages: sent.zero_pages,
+            elapsed,
+        });
+        self.summary.per_round.push(RoundSummary {
+            round,
+            final_round,
+            dirty_pages: pages,
+            bytes,
+            zero_pages: sent.zero_pages,
+            torn_pages: torn.len() as u64,
+            ms: elapsed.as_secs_f64() * 1e3,
+        });
+        tracing::info!(
+            round,
+            final_round,
+            pages,
+            mib = bytes >> 20,
+            zero = sent.zero_pages,
+            torn = torn.len(),
+            ms = elapsed.as_millis() as u64,
+            "round done"
+        );
+        Ok(RoundStats { torn, ..sent })
+    }
+
+    fn execute(&mut self, vm: &RegisteredVm) -> anyhow::Result<()> {
+        let req = self.req;
+        let channels = req.channels;
+        let (transport, reason) = match req.transport {
+            TransportChoice::Tcp => ("tcp", "requested"),
+            TransportChoice::Auto => ("tcp", "auto: this build has no RDMA transport wired in yet"),
+            TransportChoice::Rdma => bail!("the RDMA transport is not available in this build"),
+        };
+        self.summary.transport = transport.into();
+        self.summary.transport_reason = reason.into();
+        // Connect and authenticate.
+        let addr = req
+            .to
+            .to_socket_addrs()
+            .with_context(|| format!("resolving {}", req.to))?
+            .next()
+            .with_context(|| format!("{} resolves to no address", req.to))?;
+        let mut ctl = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+            .with_context(|| format!("connecting to {addr}"))?;
+        tune_peer_socket(&ctl, DEAD_PEER_AFTER)?;
+        ctl.set_read_timeout(Some(PEER_STEP_TIMEOUT))?;
+        auth::connect(&mut ctl, &self.d.key).context("authenticating to the destination")?;
+        let session: [u8; 16] = random()?;
+        write_msg(
+            &mut ctl,
+            &Msg::Offer {
+                vm_id: req.vm_id.clone(),
+                page_size: PAGE_SIZE as u32,
+                regions: vm.regions.clone(),
+                channels,
+                transports: 1 << TransportChoice::Tcp as u8,
+                cpu_profile: vm.cpu_profile.clone(),
+                session,
+            },
+        )?;
+        self.ctl = Some(ctl);
+        let prepare_us = match expect_reply(self.ctl()?, "the offer's answer")? {
+            Msg::Accept { prepare_us } => prepare_us,
+            other => bail!("destination answered {} to the offer", other.name()),
+        };
+        self.summary.prepare_ms = prepare_us as f64 / 1e3;
+        let mut streams = Vec::new();
+        for ch in 0..channels {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .with_context(|| format!("opening data connection {ch}"))?;
+            tune_peer_socket(&s, DEAD_PEER_AFTER)?;
+            set_buffers(&s, DATA_SOCKET_BUFFER);
+            write_msg(
+                &mut s,
+                &Msg::DataHello {
+                    session,
+                    channel: ch,
+                    proof: proof(&self.d.key, &session, ch),
+                },
+            )?;
+            streams.push(s);
+        }
+        let mut sender = TcpSender::new(streams, Arc::clone(&vm.mem));
+        self.fsm.on(SourceEvent::Accepted)?;
+
+        // Round 1: every page (zero pages become markers), least recently written first.
+        self.phase("precopy");
+        request_ok(&vm.link, &Msg::StartDirtyLog)?;
+        let full: Vec<DirtyBitmap> = vm
+            .mem
+            .iter()
+            .map(|r| DirtyBitmap::full(r.npages()))
+            .collect();
+        let first = if req.observe_ms > 0 {
+            std::thread::sleep(Duration::from_millis(u64::from(req.observe_ms)));
+            // Pages written during the window go last; their bits are consumed here,
+            // which is fine: round 1 sends every page anyway.
+            let hot = take_dirty(vm, false)?;
+            cold_first(&full, &hot)
+        } else {
+            ranges_of(&full)
+        };
+        let mut torn = self.round(&mut sender, 1, false, &first)?.torn;
+        let reason = loop {
+            let mut dirty = take_dirty(vm, false)?;
+            for &(r, p) in &torn {
+                if let Some(b) = dirty.get_mut(r as usize) {
+                    b.set(p);
+                }
+            }
+            let dirty_bytes: u64 = dirty.iter().map(DirtyBitmap::count).sum::<u64>() * PAGE_SIZE;
+            match self.engine.next_step(self.t0.elapsed(), dirty_bytes) {
+                Step::Precopy {
+                    round,
+                    threshold_bytes,
+                } => {
+                    tracing::info!(
+                        round,
+                        dirty_bytes,
+                        threshold_bytes,
+                        "another pre-copy round"
+                    );
+                    torn = self
+                        .round(&mut sender, round, false, &ranges_of(&dirty))?
+                        .torn;
+                }
+                Step::StopAndCopy(reason) => {
+                    tracing::info!(%reason, "stop and copy");
+                    break (reason, dirty);
+                }
+                Step::Abort(reason) => bail!("pre-copy gave up: {reason}"),
+            }
+        };
+        let (stop_reason, mut carry) = reason;
+        self.summary.stop_reason = stop_reason.to_string();
+
+        // Stop and copy: pause, final dirty set (with what pre-copy left), state.
+        self.phase("stop-and-copy");
+        let t_pause = Instant::now();
+        let pause_us = match request(&vm.link, &Msg::Pause, &[])? {
+            Msg::Paused { pause_us } => pause_us,
+            other => bail!("VMM answered {} to Pause", other.name()),
+        };
+        self.fsm.on(SourceEvent::Paused)?;
+        let t_paused = Instant::now();
+        for (c, f) in carry.iter_mut().zip(take_dirty(vm, true)?) {
+            c.union_with(&f)?;
+        }
+        let final_round = self.engine.rounds().len() as u32 + 1;
+        let fin = self.round(&mut sender, final_round, true, &ranges_of(&carry))?;
+        if !fin.torn.is_empty() {
+            bail!(
+                "{} pages failed their checksum in the final round with the VM paused (first: region {} page {})",
+                fin.torn.len(),
+                fin.torn[0].0,
+                fin.torn[0].1
+            );
+        }
+        let t_final = Instant::now();
+        let blob = match request(&vm.link, &Msg::SaveState, &[])? {
+            Msg::State { blob } => blob,
+            other => bail!("VMM answered {} to SaveState", other.name()),
+        };
+        write_msg(self.ctl()?, &Msg::StateBlob { blob })?;
+        self.fsm.on(SourceEvent::FinalSent)?;
+        let t_state = Instant::now();
+
+        // Strict verification: both digests before the destination may resume.
+        self.phase("verifying");
+        (self.report)(Msg::Progress {
+            phase: Phase::Verifying,
+            round: final_round,
+            round_done: 0,
+            round_total: 0,
+            total_done: self.total_done.load(Ordering::Relaxed),
+        });
+        let ours = digest_of(&vm.mem);
+        let theirs = match expect_reply(self.ctl()?, "the destination's digest")? {
+            Msg::Ready { digest } => digest,
+            other => bail!("destination answered {} to the state", other.name()),
+        };
+        let npages: Vec<u64> = vm.mem.iter().map(GuestRegion::npages).collect();
+        let bad = ours.mismatches(&theirs, &npages);
+        self.summary.digest_match = bad.is_empty();
+        let action = self.fsm.on(SourceEvent::Ready {
+            digests_match: bad.is_empty(),
+        })?;
+        if action != SourceAction::RecordAndSendCommit {
+            let list: Vec<String> = bad
+                .iter()
+                .take(8)
+                .map(|r| format!("region {} pages {}..{}", r.region, r.first, r.end()))
+                .collect();
+            bail!(
+                "memory digest mismatch in {} ranges: {}",
+                bad.len(),
+                list.join(", ")
+            );
+        }
+        let t_verified = Instant::now();
+        // The commit point: recorded durably, then sent.
+        self.record_decision(&session)?;
+        write_msg(self.ctl()?, &Msg::Commit)?;
+        let detail = match expect_reply(self.ctl()?, "the destination VM to run")? {
+            Msg::PeerRunning { detail } => detail,
+            other => bail!("destination answered {} to Commit", other.name()),
+        };
+        let t_running = Instant::now();
+        self.fsm.on(SourceEvent::Running)?;
+        if let Err(e) = request_ok(&vm.link, &Msg::Stop) {
+            tracing::warn!("source VMM did not stop cleanly: {e}");
+        }
+        let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
+        let s = &mut self.summary;
+        s.guest_detail = detail;
+        s.downtime_ms = ms(t_pause, t_running);
+        s.downtime_breakdown.pause_ms = pause_us as f64 / 1e3;
+        s.downtime_breakdown.final_copy_ms = ms(t_paused, t_final);
+        s.downtime_breakdown.state_ms = ms(t_final, t_state);
+        s.downtime_breakdown.verify_ms = ms(t_state, t_verified);
+        s.downtime_breakdown.restore_ms = ms(t_verified, t_running);
+        Ok(())
+    }
+
+    fn record_decision(&self, session: &[u8; 16]) -> anyhow::Result<()> {
+        let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
+        let path = self
+            .d
+            .state_dir
+            .join(format!("{}.decision", self.req.vm_id));
+        let mut f = std::fs::File::create(&path)
+            .with_context(|| format!("recording the commit decision in {}", path.display()))?;
+        writeln!(f, "committed session={hex} to={}", self.req.to)?;
+        f.sync_all().context("syncing the commit decision")?;
+        Ok(())
+    }
+}
+
+/// Runs a migration of `req.vm_id`; always returns a summary (result "aborted" with the
+/// reason on failure, the VM running here again).
+pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summary {
+    let mut summary = Summary {
+        result: "aborted".into(),
+        vm_id: req.vm_id.clone(),
+        destination: req.to.clone(),
+        channels: req.channels,
+        verify_mode: "strict".into(),
+        ..Summary::default()
+    };
+    let Some(vm) = d.vms.lock().expect("lock").remove(&req.vm_id) else {
+        summary.error = format!("no VM {} is registered with this sidecar", req.vm_id);
+        return summary;
+    };
+    d.active
+        .lock()
+        .expect("lock")
+        .insert(req.vm_id.clone(), "preparing".into());
+    summary.ram_bytes = vm.mem.iter().map(|r| r.len() as u64).sum();
+    let mut run = SourceRun {
+        d,
+        req,
+        report,
+        fsm: SourceCommit::new(),
+        ctl: None,
+        engine: PrecopyController::new(policy_of(req)),
+        summary,
+        total_done: AtomicU64::new(0),
+        t0: Instant::now(),
+    };
+    let outcome = run.execute(&vm);
+    let mut keep_vm = true;
+    match outcome {
+        Ok(()) => {
+            run.summary.result = "committed".into();
+            keep_vm = false;
+        }
+        Err(e) => {
+            let reason = format!("{e:#}");
+            tracing::warn!(vm = %req.vm_id, "migration failed: {reason}");
+            run.summary.error = reason.clone();
+            match run.fsm.on(SourceEvent::Failed) {
+                Ok(SourceAction::ReplayCommit) => {
+                    run.summary.result = "committed-unconfirmed".into();
+                    run.summary.error = format!(
+                        "{reason}; the commit decision is recorded and the source VM stays paused (never resumed): the destination holds the loaded VM"
+                    );
+                }
+                _ => {
+                    if let Some(ctl) = run.ctl.as_mut() {
+                        let _ = write_msg(
+                            ctl,
+                            &Msg::Abort {
+                                reason: reason.clone(),
+                            },
+                        );
+                    }
+                    match request_ok(&vm.link, &Msg::Resume) {
+                        Ok(()) => tracing::info!(vm = %req.vm_id, "source VM resumed"),
+                        Err(e) => {
+                            tracing::error!(vm = %req.vm_id, "source VM could not be resumed: {e}");
+                            run.summary.error =
+                                format!("{reason}; resuming the source VM failed: {e}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+    let s = &mut run.summary;
+    s.rounds = s.per_round.len() as u32;
+    s.bytes_transferred = s.per_round.iter().map(|r| r.bytes).sum();
+    s.zero_pages_skipped = s.per_round.iter().map(|r| r.zero_pages).sum();
+    let data_ms: f64 = s.per_round.iter().map(|r| r.ms).sum();
+    if data_ms > 0.0 {
+        s.throughput_gbps = s.bytes_transferred as f64 * 8.0 / (data_ms / 1e3) / 1e9;
+    }
+    s.total_ms = run.t0.elapsed().as_secs_f64() * 1e3;
+    d.active.lock().expect("lock").remove(&req.vm_id);
+    if keep_vm {
+        d.vms.lock().expect("lock").insert(req.vm_id.clone(), vm);
+    }
+    run.summary
+}

@@ -1,0 +1,75 @@
+//! The sidecar's end of a VMM link: request, then expect a reply.
+
+use std::os::fd::RawFd;
+use std::os::unix::net::UnixStream;
+use std::time::Duration;
+
+use ferry_proto::frame::{recv_with_fds, send_with_fds};
+use ferry_proto::msg::{Msg, MAX_FRAME};
+use ferry_proto::ProtoError;
+
+/// How long a VMM may take to answer one request. Pausing, saving state and loading a
+/// multi-GiB VM (with its own page check) are the slow ones; 120 s bounds a hung VMM.
+pub const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// Errors talking to a VMM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmmError {
+    /// The link failed.
+    #[error("VMM link failed during {request}")]
+    Link {
+        /// Request name.
+        request: &'static str,
+        /// Cause.
+        #[source]
+        source: ProtoError,
+    },
+    /// The VMM answered with an error.
+    #[error("VMM refused {request}: {message}")]
+    Refused {
+        /// Request name.
+        request: &'static str,
+        /// The VMM's message.
+        message: String,
+    },
+    /// The VMM answered something else.
+    #[error("VMM answered {got} to {request}")]
+    Unexpected {
+        /// Request name.
+        request: &'static str,
+        /// Reply name.
+        got: &'static str,
+    },
+}
+
+/// Sends `req` (with `fds`) and returns the reply; `Error`/`Refused` replies become
+/// [`VmmError::Refused`].
+pub fn request(sock: &UnixStream, req: &Msg, fds: &[RawFd]) -> Result<Msg, VmmError> {
+    let name = req.name();
+    let link = |source| VmmError::Link {
+        request: name,
+        source,
+    };
+    sock.set_read_timeout(Some(VMM_REPLY_TIMEOUT))
+        .map_err(|e| link(ProtoError::io("set VMM timeout")(e)))?;
+    send_with_fds(sock, req, fds).map_err(link)?;
+    let (reply, _fds) = recv_with_fds(sock, MAX_FRAME).map_err(link)?;
+    match reply {
+        Msg::Error { message } | Msg::Refused { reason: message } => Err(VmmError::Refused {
+            request: name,
+            message,
+        }),
+        other => Ok(other),
+    }
+}
+
+/// [`request`] expecting `Ok`.
+pub fn request_ok(sock: &UnixStream, req: &Msg) -> Result<(), VmmError> {
+    match request(sock, req, &[])? {
+        Msg::Ok => Ok(()),
+        other => Err(VmmError::Unexpected {
+            request: req.name(),
+            got: other.name(),
+        }),
+    }
+}
