@@ -257,6 +257,8 @@ impl VcpuControl {
             s.parked_at = None;
         }
         kick_all(&st)?;
+        // Wake threads sleeping in `pace` (a signal does not end a condvar wait).
+        self.shared.cv.notify_all();
         let deadline = start + timeout;
         while !all_parked(&st) {
             let now = Instant::now();
