@@ -766,9 +766,7 @@ mod tests {
         for i in [0usize, 1, 5, 20, 21, 300, 301, 302, 1999] {
             bm[i] = 1 << (i % 64);
         }
-        for i in 600..1200 {
-            bm[i] = u64::MAX;
-        }
+        bm[600..1200].fill(u64::MAX);
         let ranges = clear_ranges(&bm, 256, 8);
         for (i, &w) in bm.iter().enumerate() {
             let n = ranges.iter().filter(|(s, e)| (*s..*e).contains(&i)).count();

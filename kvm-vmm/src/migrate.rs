@@ -184,7 +184,11 @@ impl IncomingVm for DestVm {
 
 /// Copies every page whose bit is set from `src` to `dst` (same layout). `None` copies
 /// every non-zero page (round 1). Returns pages copied.
-fn copy_pages(src: &GuestRam, dst: &GuestRam, bitmaps: Option<&[Vec<u64>]>) -> Result<u64> {
+///
+/// # Errors
+///
+/// Layouts that differ.
+pub fn copy_pages(src: &GuestRam, dst: &GuestRam, bitmaps: Option<&[Vec<u64>]>) -> Result<u64> {
     let mut buf = vec![0u8; guest::PAGE as usize];
     let mut n = 0;
     for (i, r) in src.regions().iter().enumerate() {
