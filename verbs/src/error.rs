@@ -276,7 +276,7 @@ pub(crate) fn returned_errno(rc: i32) -> io::Error {
 /// the *first* failure on a queue pair; an RC queue pair is in the error state
 /// after any of them, and every later work request completes with
 /// [`WcError::WrFlushErr`].
-#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, thiserror::Error)]
 #[non_exhaustive]
 pub enum WcError {
     /// `IBV_WC_LOC_LEN_ERR`: local length error.
