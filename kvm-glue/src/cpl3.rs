@@ -206,6 +206,10 @@ impl GuestRam {
     /// # Errors
     ///
     /// The kernel's error from `KVM_SET_USER_MEMORY_REGION`.
+    ///
+    /// # Panics
+    ///
+    /// Never.
     pub unsafe fn register(&self, vm: &VmFd, first_slot: u32) -> Result<(), kvm_ioctls::Error> {
         for s in self.slots(first_slot) {
             let region = kvm_userspace_memory_region {

@@ -357,6 +357,10 @@ impl DirtyTracker {
     /// [`Error::InvalidSlot`] for an empty, unaligned or duplicated slot;
     /// [`Error::CapabilityMissing`] when the ring is asked for and absent;
     /// [`Error::EnableCap`] when the kernel refuses the capability.
+    ///
+    /// # Panics
+    ///
+    /// Never.
     pub unsafe fn new(
         vm: &VmFd,
         slots: Vec<MemorySlot>,

@@ -81,8 +81,9 @@
 //!
 //! - Call [`dirty::DirtyTracker::stop`] to switch logging off (a tracker dropped while
 //!   logging leaves the slots logging; that is harmless but costs write faults).
-//! - Dirty-ring mappings are unmapped when the tracker is dropped; drop it before the vCPU
-//!   fds are closed is not required (the kernel keeps the pages until both are gone).
+//! - Dirty-ring mappings are unmapped when the tracker is dropped, in any order relative to
+//!   the vCPU fds (the kernel keeps the ring pages until both are gone).
+//! - [`cpl3::GuestRam`] unmaps guest RAM on drop: drop the VM (and its vCPUs) first.
 //! - A [`vcpu::VcpuThread`] detaches on drop; [`vcpu::VcpuControl::stop`] waits for every
 //!   vCPU thread to detach.
 
