@@ -1,1 +1,499 @@
-//! End-to-end test support.
+//! Support for Ferry's end-to-end tests: real binaries as processes, hosts as network
+//! namespaces joined by a veth pair (created here, removed on drop), status files read
+//! the way an operator would.
+//!
+//! The binaries come from the same target directory as the test executable
+//! (`cargo build --release --workspace` first; the test command does that).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+/// The host side addresses of the two test hosts.
+pub const ADDR_A: &str = "10.77.0.1";
+/// Destination host address.
+pub const ADDR_B: &str = "10.77.0.2";
+/// Peer port each sidecar listens on.
+pub const PORT: u16 = 7780;
+
+static SERIAL: Mutex<()> = Mutex::new(());
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// Runs end-to-end tests one at a time (the machine has 2 cores; each test moves
+/// hundreds of MiB).
+pub fn serial() -> MutexGuard<'static, ()> {
+    SERIAL.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Path of a workspace binary next to the test executable's target directory.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target profile directory");
+    let p = dir.join(name);
+    assert!(
+        p.exists(),
+        "{} is missing: build the workspace first (cargo build --release --workspace)",
+        p.display()
+    );
+    p
+}
+
+fn sh(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .with_context(|| format!("running {args:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Two network namespaces ("hosts") joined by a veth pair.
+pub struct TwoHosts {
+    /// Namespace names.
+    pub ns: [String; 2],
+    /// Veth interface names (a's side, b's side).
+    pub veth: [String; 2],
+    /// Scratch directory for sockets, keys and logs.
+    pub dir: PathBuf,
+}
+
+impl TwoHosts {
+    /// Creates the namespaces, the veth pair, addresses, and a scratch directory.
+    ///
+    /// # Errors
+    ///
+    /// When namespaces cannot be made (not root, no iproute2): the test fails loudly.
+    pub fn new() -> anyhow::Result<Self> {
+        let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+        let tag = format!("{}{}", std::process::id() % 100_000, n);
+        let ns = [format!("ferry-{tag}-a"), format!("ferry-{tag}-b")];
+        let veth = [format!("fa{tag}"), format!("fb{tag}")];
+        let dir = std::env::temp_dir().join(format!("ferry-e2e-{tag}"));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir)?;
+        let h = Self { ns, veth, dir };
+        for ns in &h.ns {
+            sh(&["ip", "netns", "add", ns])?;
+            sh(&["ip", "-n", ns, "link", "set", "lo", "up"])?;
+        }
+        sh(&[
+            "ip", "link", "add", &h.veth[0], "netns", &h.ns[0], "type", "veth", "peer", "name",
+            &h.veth[1], "netns", &h.ns[1],
+        ])?;
+        for (i, addr) in [ADDR_A, ADDR_B].iter().enumerate() {
+            let cidr = format!("{addr}/24");
+            sh(&[
+                "ip", "-n", &h.ns[i], "addr", "add", &cidr, "dev", &h.veth[i],
+            ])?;
+            sh(&["ip", "-n", &h.ns[i], "link", "set", &h.veth[i], "up"])?;
+        }
+        Ok(h)
+    }
+
+    /// Limits host `i`'s egress rate with a token bucket (`tbf`; this kernel has no
+    /// `netem`), e.g. `"200mbit"`.
+    ///
+    /// # Errors
+    ///
+    /// When `tc` fails.
+    pub fn limit_rate(&self, i: usize, rate: &str) -> anyhow::Result<()> {
+        sh(&[
+            "ip",
+            "netns",
+            "exec",
+            &self.ns[i],
+            "tc",
+            "qdisc",
+            "replace",
+            "dev",
+            &self.veth[i],
+            "root",
+            "tbf",
+            "rate",
+            rate,
+            "burst",
+            "256kb",
+            "latency",
+            "50ms",
+        ])
+    }
+
+    /// Cuts the link: both ends lose carrier and drop everything silently, as with a
+    /// pulled cable (no RST, no FIN reaches either side).
+    ///
+    /// # Errors
+    ///
+    /// When `ip` fails.
+    pub fn cut(&self) -> anyhow::Result<()> {
+        for i in 0..2 {
+            sh(&[
+                "ip",
+                "-n",
+                &self.ns[i],
+                "link",
+                "set",
+                &self.veth[i],
+                "down",
+            ])?;
+        }
+        Ok(())
+    }
+
+    /// A command run inside host `i`.
+    pub fn cmd(&self, i: usize, program: &Path) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.ns[i]]).arg(program);
+        c
+    }
+
+    /// A file in the scratch directory.
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for TwoHosts {
+    fn drop(&mut self) {
+        for ns in &self.ns {
+            let _ = sh(&["ip", "netns", "del", ns]);
+        }
+        if std::env::var_os("FERRY_KEEP_E2E").is_none() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+/// A child process killed (SIGKILL) and reaped on drop.
+pub struct Proc {
+    /// The child.
+    pub child: Child,
+    /// Name for messages.
+    pub name: String,
+    /// Its log file.
+    pub log: PathBuf,
+}
+
+impl Proc {
+    /// Starts `cmd` with stdout and stderr to `log`.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be spawned.
+    pub fn spawn(name: &str, mut cmd: Command, log: PathBuf) -> anyhow::Result<Self> {
+        let f = std::fs::File::create(&log)?;
+        let child = cmd
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("spawning {name}"))?;
+        Ok(Self {
+            child,
+            name: name.to_owned(),
+            log,
+        })
+    }
+
+    /// SIGKILL now (kill -9), and reap.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Whether it still runs.
+    pub fn alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+
+    /// The log so far.
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A workload VMM's status file.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VmStatus {
+    /// "running", "paused", "migrated", "waiting", "loaded".
+    pub state: String,
+    /// Writer counters.
+    pub counters: Vec<u64>,
+    /// Sum of the counters.
+    pub total: u64,
+    /// What the VMM last said.
+    pub detail: String,
+}
+
+/// Reads a status file (None while it does not exist or is being replaced).
+pub fn status(path: &Path) -> Option<VmStatus> {
+    let t = std::fs::read_to_string(path).ok()?;
+    serde_json::from_str(&t).ok()
+}
+
+/// Waits until `f` holds, polling every 10 ms, for at most `limit`.
+///
+/// # Errors
+///
+/// When the time runs out; the message says what was awaited.
+pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> anyhow::Result<()> {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if f() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    bail!("timed out after {:?} waiting for {what}", limit)
+}
+
+/// A two-host Ferry setup: a sidecar in each namespace, a source workload VMM on A and
+/// an incoming VMM on B.
+pub struct Cluster {
+    /// The hosts (dropped last).
+    pub procs: Vec<Proc>,
+    /// Hosts.
+    pub hosts: TwoHosts,
+}
+
+/// Options of a [`Cluster`].
+#[derive(Clone, Debug)]
+pub struct ClusterOpts {
+    /// Guest RAM.
+    pub mem_mib: u64,
+    /// Dirtying rate.
+    pub rate_mib: u64,
+    /// Give the destination a different key.
+    pub wrong_key: bool,
+    /// Extra args for the destination VMM.
+    pub dest_vmm_args: Vec<String>,
+}
+
+impl Default for ClusterOpts {
+    fn default() -> Self {
+        Self {
+            mem_mib: 256,
+            rate_mib: 32,
+            wrong_key: false,
+            dest_vmm_args: Vec::new(),
+        }
+    }
+}
+
+/// Indices into [`Cluster::procs`].
+pub const SIDECAR_A: usize = 0;
+/// Destination sidecar.
+pub const SIDECAR_B: usize = 1;
+/// Source VMM.
+pub const VMM_A: usize = 2;
+/// Destination VMM.
+pub const VMM_B: usize = 3;
+
+impl Cluster {
+    /// Starts sidecars and VMMs and waits until the VM is registered and the
+    /// destination VMM waits.
+    ///
+    /// # Errors
+    ///
+    /// When any part does not come up.
+    pub fn start(opts: &ClusterOpts) -> anyhow::Result<Self> {
+        let hosts = TwoHosts::new()?;
+        let ferry = bin("ferry");
+        let vmm = bin("ferry-workload-vmm");
+        std::fs::write(hosts.path("key-a"), "e2e-shared-key-0123456789\n")?;
+        let key_b = if opts.wrong_key {
+            "another-key-9876543210abcdef\n"
+        } else {
+            "e2e-shared-key-0123456789\n"
+        };
+        std::fs::write(hosts.path("key-b"), key_b)?;
+        let mut procs = Vec::new();
+        for (i, (side, addr)) in [("a", ADDR_A), ("b", ADDR_B)].into_iter().enumerate() {
+            let mut c = hosts.cmd(i, &ferry);
+            c.arg("serve")
+                .arg("--socket")
+                .arg(hosts.path(&format!("{side}.sock")))
+                .arg("--listen")
+                .arg(format!("{addr}:{PORT}"))
+                .arg("--key-file")
+                .arg(hosts.path(&format!("key-{side}")))
+                .arg("--state-dir")
+                .arg(hosts.path(&format!("state-{side}")));
+            procs.push(Proc::spawn(
+                &format!("sidecar-{side}"),
+                c,
+                hosts.path(&format!("sidecar-{side}.log")),
+            )?);
+        }
+        for side in ["a", "b"] {
+            let sock = hosts.path(&format!("{side}.sock"));
+            wait_for("the sidecar socket", Duration::from_secs(10), || {
+                sock.exists()
+            })?;
+        }
+        let mut c = hosts.cmd(0, &vmm);
+        c.arg("--socket")
+            .arg(hosts.path("a.sock"))
+            .args(["--vm-id", "vm1", "--mem-mib", &opts.mem_mib.to_string()])
+            .args([
+                "--rate-mib",
+                &opts.rate_mib.to_string(),
+                "--max-runtime-s",
+                "300",
+            ])
+            .arg("--status-file")
+            .arg(hosts.path("vm-a.json"));
+        procs.push(Proc::spawn("vmm-a", c, hosts.path("vmm-a.log"))?);
+        let mut c = hosts.cmd(1, &vmm);
+        c.arg("--socket")
+            .arg(hosts.path("b.sock"))
+            .args(["--vm-id", "vm1", "--incoming", "--max-runtime-s", "300"])
+            .arg("--status-file")
+            .arg(hosts.path("vm-b.json"))
+            .args(&opts.dest_vmm_args);
+        procs.push(Proc::spawn("vmm-b", c, hosts.path("vmm-b.log"))?);
+        let cl = Self { procs, hosts };
+        cl.wait_registered()?;
+        Ok(cl)
+    }
+
+    /// Waits until the source VM runs and is registered, and the destination VMM waits.
+    ///
+    /// # Errors
+    ///
+    /// On timeout.
+    pub fn wait_registered(&self) -> anyhow::Result<()> {
+        wait_for("source VM registered", Duration::from_secs(60), || {
+            self.ferry_status(0)
+                .is_some_and(|s| s["registered"].as_array().is_some_and(|a| !a.is_empty()))
+        })?;
+        wait_for("destination VMM waiting", Duration::from_secs(30), || {
+            self.ferry_status(1).is_some_and(|s| {
+                s["waiting_incoming"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+            })
+        })
+    }
+
+    /// `ferry status` of host `i`'s sidecar.
+    pub fn ferry_status(&self, i: usize) -> Option<serde_json::Value> {
+        let side = ["a", "b"][i];
+        let out = Command::new(bin("ferry"))
+            .args(["status", "--socket"])
+            .arg(self.hosts.path(&format!("{side}.sock")))
+            .output()
+            .ok()?;
+        serde_json::from_slice(&out.stdout).ok()
+    }
+
+    /// `ferry migrate vm1 --to B --json` from host A with extra args, as a child.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be spawned.
+    pub fn spawn_migrate(&self, extra: &[&str]) -> anyhow::Result<Child> {
+        let mut c = self.hosts.cmd(0, &bin("ferry"));
+        c.args([
+            "migrate",
+            "vm1",
+            "--to",
+            &format!("{ADDR_B}:{PORT}"),
+            "--json",
+        ])
+        .arg("--socket")
+        .arg(self.hosts.path("a.sock"))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        Ok(c.spawn()?)
+    }
+
+    /// Runs a migration to completion and parses its JSON summary.
+    ///
+    /// # Errors
+    ///
+    /// When the command fails to produce a summary.
+    pub fn migrate(&self, extra: &[&str]) -> anyhow::Result<serde_json::Value> {
+        let child = self.spawn_migrate(extra)?;
+        summary_of(child)
+    }
+
+    /// Source VM status.
+    pub fn vm_a(&self) -> Option<VmStatus> {
+        status(&self.hosts.path("vm-a.json"))
+    }
+
+    /// Destination VM status.
+    pub fn vm_b(&self) -> Option<VmStatus> {
+        status(&self.hosts.path("vm-b.json"))
+    }
+
+    /// Logs of every process, for failure messages.
+    pub fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(|p| format!("----- {} -----\n{}", p.name, p.log_text()))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+
+    /// Asserts the source VM runs and its counters increase (no burned bridges).
+    ///
+    /// # Errors
+    ///
+    /// When the VM is not running or its counters do not move.
+    pub fn source_keeps_running(&self) -> anyhow::Result<()> {
+        wait_for("source VM running again", Duration::from_secs(30), || {
+            self.vm_a().is_some_and(|s| s.state == "running")
+        })?;
+        let t1 = self.vm_a().context("source status")?.total;
+        std::thread::sleep(Duration::from_millis(600));
+        let s2 = self.vm_a().context("source status")?;
+        if s2.state != "running" || s2.total <= t1 {
+            bail!("source VM not making progress: {t1} -> {s2:?}");
+        }
+        Ok(())
+    }
+}
+
+/// Waits for a `ferry migrate --json` child and parses its summary.
+///
+/// # Errors
+///
+/// When the output holds no JSON object.
+pub fn summary_of(child: Child) -> anyhow::Result<serde_json::Value> {
+    let out = child.wait_with_output()?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let line = text
+        .lines()
+        .rev()
+        .find(|l| l.trim_start().starts_with('{'))
+        .with_context(|| {
+            format!(
+                "no JSON summary (exit {:?}); stderr: {}",
+                out.status.code(),
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    Ok(serde_json::from_str(line)?)
+}

@@ -66,6 +66,10 @@ struct Args {
     /// Skip the full page check when an incoming VM is loaded (benchmarks).
     #[arg(long)]
     no_verify: bool,
+    /// Refuse every incoming state blob (fault-injection for tests: the source must
+    /// resume its VM).
+    #[arg(long)]
+    refuse_load: bool,
     /// Keep a JSON status here, rewritten every 100 ms.
     #[arg(long)]
     status_file: Option<PathBuf>,
@@ -109,6 +113,7 @@ struct Vm {
     status: Arc<Mutex<Status>>,
     cfg: WriterConfig,
     verify_on_load: bool,
+    refuse_load: bool,
 }
 
 impl Vm {
@@ -164,6 +169,9 @@ impl IncomingVm for Vm {
         regions: Vec<(RegionInfo, OwnedFd)>,
         blob: Vec<u8>,
     ) -> Result<(), VmError> {
+        if self.refuse_load {
+            return Err("this VMM was told to refuse incoming state (--refuse-load)".into());
+        }
         let wl = Workload::restore(regions, &blob, self.cfg)?;
         if self.verify_on_load {
             let v = wl.verify();
@@ -235,6 +243,7 @@ fn main() -> anyhow::Result<()> {
         status: Arc::clone(&status),
         cfg,
         verify_on_load: !args.no_verify,
+        refuse_load: args.refuse_load,
     };
 
     // Status reporter: counters as of the writers' last save, every 100 ms.

@@ -1,0 +1,233 @@
+//! End-to-end: live migration over TCP between two hosts (network namespaces), and the
+//! faults that must never cost the VM.
+
+use std::io::Write;
+use std::time::Duration;
+
+use ferry_e2e::*;
+
+fn committed(s: &serde_json::Value) -> bool {
+    s["result"] == "committed"
+}
+
+#[test]
+fn migrates_a_dirtying_vm_between_two_hosts() -> anyhow::Result<()> {
+    let _g = serial();
+    let cl = Cluster::start(&ClusterOpts::default())?;
+    let s = cl.migrate(&["--streams", "4", "--downtime-ms", "100"])?;
+    assert!(committed(&s), "{s:#}\n{}", cl.logs());
+    assert_eq!(s["digest_match"], true);
+    assert_eq!(s["transport"], "tcp");
+    assert_eq!(s["channels"], 4);
+    assert!(s["rounds"].as_u64() >= Some(2), "{s:#}");
+    assert!(s["zero_pages_skipped"].as_u64() > Some(0), "{s:#}");
+    assert!(s["bytes_transferred"].as_u64() >= Some(150 << 20), "{s:#}");
+    let rounds = s["per_round"].as_array().expect("per_round");
+    assert_eq!(rounds.len() as u64, s["rounds"].as_u64().unwrap_or(0));
+    assert_eq!(
+        rounds.last().map(|r| r["final_round"].clone()),
+        Some(true.into())
+    );
+    // The source stopped for good; the destination verified every page and runs on.
+    wait_for("source stopped", Duration::from_secs(10), || {
+        cl.vm_a().is_some_and(|v| v.state == "migrated")
+    })?;
+    // (The status file is rewritten every 100 ms.)
+    wait_for("destination running", Duration::from_secs(5), || {
+        cl.vm_b().is_some_and(|v| v.state == "running")
+    })?;
+    let b1 = cl.vm_b().expect("destination status");
+    assert!(b1.detail.contains("verified 65536 pages"), "{b1:?}");
+    std::thread::sleep(Duration::from_millis(500));
+    let b2 = cl.vm_b().expect("destination status");
+    assert!(
+        b2.total > b1.total,
+        "destination counters did not move: {b1:?} {b2:?}"
+    );
+    Ok(())
+}
+
+#[test]
+fn killing_the_destination_in_round_one_keeps_the_source_running() -> anyhow::Result<()> {
+    let _g = serial();
+    let mut cl = Cluster::start(&ClusterOpts::default())?;
+    // 200 Mbit/s: round 1 of ~190 MiB takes ~8 s, a wide window to kill in.
+    cl.hosts.limit_rate(0, "200mbit")?;
+    let child = cl.spawn_migrate(&[])?;
+    wait_for("round 1 under way", Duration::from_secs(20), || {
+        cl.ferry_status(1)
+            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
+    })?;
+    std::thread::sleep(Duration::from_millis(800));
+    cl.procs[SIDECAR_B].kill9();
+    let s = summary_of(child)?;
+    assert_eq!(s["result"], "aborted", "{s:#}");
+    assert_eq!(s["rounds"], 0, "no round may have completed: {s:#}");
+    cl.source_keeps_running()?;
+    Ok(())
+}
+
+#[test]
+fn killing_the_destination_during_stop_and_copy_resumes_the_source() -> anyhow::Result<()> {
+    let _g = serial();
+    let mut cl = Cluster::start(&ClusterOpts::default())?;
+    let child = cl.spawn_migrate(&[])?;
+    // The destination VMM's full page check makes the paused window last long enough
+    // to see; kill the destination sidecar the moment the source VM pauses.
+    wait_for("source paused", Duration::from_secs(60), || {
+        cl.vm_a().is_some_and(|v| v.state == "paused")
+    })?;
+    cl.procs[SIDECAR_B].kill9();
+    let s = summary_of(child)?;
+    assert_eq!(s["result"], "aborted", "{s:#}");
+    assert!(
+        s["per_round"].as_array().is_some_and(|r| !r.is_empty()),
+        "pre-copy ran before the pause: {s:#}"
+    );
+    cl.source_keeps_running()?;
+    // The destination VMM never ran the VM.
+    let b = cl.vm_b().expect("destination status");
+    assert_ne!(b.state, "running", "{b:?}");
+    Ok(())
+}
+
+#[test]
+fn a_cut_link_aborts_and_the_source_keeps_running() -> anyhow::Result<()> {
+    let _g = serial();
+    let cl = Cluster::start(&ClusterOpts::default())?;
+    cl.hosts.limit_rate(0, "200mbit")?;
+    let child = cl.spawn_migrate(&[])?;
+    wait_for("round 1 under way", Duration::from_secs(20), || {
+        cl.ferry_status(1)
+            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    cl.hosts.cut()?;
+    let t = std::time::Instant::now();
+    let s = summary_of(child)?;
+    assert_eq!(s["result"], "aborted", "{s:#}");
+    assert!(
+        t.elapsed() < Duration::from_secs(60),
+        "a dead link must be noticed in seconds, took {:?}",
+        t.elapsed()
+    );
+    cl.source_keeps_running()?;
+    Ok(())
+}
+
+#[test]
+fn a_destination_that_refuses_the_state_leaves_the_source_running() -> anyhow::Result<()> {
+    let _g = serial();
+    let cl = Cluster::start(&ClusterOpts {
+        dest_vmm_args: vec!["--refuse-load".into()],
+        ..ClusterOpts::default()
+    })?;
+    let s = cl.migrate(&[])?;
+    assert_eq!(s["result"], "aborted", "{s:#}");
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("--refuse-load")),
+        "the reason must reach the operator: {s:#}"
+    );
+    cl.source_keeps_running()?;
+    // The destination discarded the attempt and waits again.
+    cl.wait_registered()?;
+    Ok(())
+}
+
+#[test]
+fn a_peer_with_the_wrong_key_is_refused_before_any_memory_moves() -> anyhow::Result<()> {
+    let _g = serial();
+    let cl = Cluster::start(&ClusterOpts {
+        wrong_key: true,
+        ..ClusterOpts::default()
+    })?;
+    let s = cl.migrate(&[])?;
+    assert_eq!(s["result"], "aborted", "{s:#}");
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("Authentication failed")),
+        "{s:#}"
+    );
+    assert_eq!(s["bytes_transferred"], 0);
+    cl.source_keeps_running()?;
+    Ok(())
+}
+
+#[test]
+fn hostile_peers_get_errors_and_the_sidecar_still_migrates() -> anyhow::Result<()> {
+    let _g = serial();
+    let cl = Cluster::start(&ClusterOpts {
+        mem_mib: 64,
+        ..ClusterOpts::default()
+    })?;
+    // From host A, talk garbage to B's sidecar: HTTP, a 4 GiB frame header, a data
+    // hello with a forged proof, a truncated frame. Each must be refused or dropped.
+    let probe = |bytes: Vec<u8>| -> anyhow::Result<()> {
+        let mut c = cl.hosts.cmd(0, std::path::Path::new("bash"));
+        c.args([
+            "-c",
+            &format!("exec 3<>/dev/tcp/{ADDR_B}/{PORT}; cat >&3; timeout 3 cat <&3 || true"),
+        ]);
+        let mut ch = c
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .spawn()?;
+        ch.stdin.take().expect("stdin").write_all(&bytes)?;
+        ch.wait_with_output()?;
+        Ok(())
+    };
+    probe(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec())?;
+    let mut big = Vec::new();
+    big.extend_from_slice(&u32::MAX.to_le_bytes());
+    big.extend_from_slice(&30u16.to_le_bytes());
+    big.extend_from_slice(&0x5246u16.to_le_bytes());
+    probe(big)?;
+    let mut forged = Vec::new();
+    let payload: Vec<u8> = [[7u8; 16].as_slice(), &0u16.to_le_bytes(), &[0u8; 32]].concat();
+    forged.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+    forged.extend_from_slice(&43u16.to_le_bytes());
+    forged.extend_from_slice(&0x5246u16.to_le_bytes());
+    forged.extend_from_slice(&payload);
+    probe(forged)?;
+    probe(vec![1, 2, 3])?;
+    // Each probe was refused with a reason the sidecar logged; none may have hurt it.
+    let log = cl.procs[SIDECAR_B].log_text();
+    assert!(log.contains("Not a Ferry frame"), "{log}");
+    assert!(log.contains("exceeds the limit"), "{log}");
+    assert!(log.contains("proof does not match"), "{log}");
+    let s = cl.migrate(&[])?;
+    assert!(committed(&s), "{s:#}\n{}", cl.logs());
+    assert_eq!(s["digest_match"], true);
+    Ok(())
+}
+
+#[test]
+fn killing_the_source_sidecar_never_lets_the_destination_run_a_partial_vm() -> anyhow::Result<()> {
+    let _g = serial();
+    let mut cl = Cluster::start(&ClusterOpts::default())?;
+    cl.hosts.limit_rate(0, "200mbit")?;
+    let _child = cl.spawn_migrate(&[])?;
+    wait_for("round 1 under way", Duration::from_secs(20), || {
+        cl.ferry_status(1)
+            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
+    })?;
+    std::thread::sleep(Duration::from_millis(500));
+    cl.procs[SIDECAR_A].kill9();
+    // The destination notices, discards, and its VMM waits again; nothing runs there.
+    wait_for("destination discards", Duration::from_secs(90), || {
+        cl.ferry_status(1).is_some_and(|s| {
+            s["migrating"].as_object().is_some_and(|m| m.is_empty())
+                && s["waiting_incoming"]
+                    .as_array()
+                    .is_some_and(|a| !a.is_empty())
+        })
+    })?;
+    let b = cl.vm_b().expect("destination status");
+    assert_eq!(b.state, "waiting", "{b:?}");
+    // The source VM never depended on its sidecar: it keeps running.
+    cl.source_keeps_running()?;
+    Ok(())
+}
