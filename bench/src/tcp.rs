@@ -1,0 +1,140 @@
+//! `ferry-bench tcp`: Ferry's full-copy throughput over loopback against iperf3 on the
+//! same link in the same run, with CPU seconds per GiB on each side.
+
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+
+use crate::local::{cpu_seconds, Kid, LocalPair};
+
+/// Options of `ferry-bench tcp`.
+#[derive(clap::Args, Debug)]
+pub struct TcpArgs {
+    /// Region size in MiB (random-filled, idle guest).
+    #[arg(long, default_value_t = 2048)]
+    pub mem_mib: u64,
+    /// Stream counts to measure.
+    #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+    pub streams: Vec<u16>,
+    /// Runs per stream count (the best is reported for both Ferry and iperf3).
+    #[arg(long, default_value_t = 1)]
+    pub runs: u32,
+}
+
+/// One measurement.
+struct Sample {
+    gbps: f64,
+    cpu_src_per_gib: f64,
+    cpu_dst_per_gib: f64,
+}
+
+fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> {
+    let mut pair = LocalPair::start(&format!("tcp{streams}-{run}"), 27_000 + streams * 10 + run as u16 * 100)?;
+    let a = pair.socket("a").display().to_string();
+    let b = pair.socket("b").display().to_string();
+    let mem = args.mem_mib.to_string();
+    pair.spawn_vmm(
+        "ferry-workload-vmm",
+        "vmm-a",
+        &[
+            "--socket", &a, "--vm-id", "bench", "--mem-mib", &mem, "--fill-pct", "100",
+            "--rate-mib", "0", "--max-runtime-s", "600",
+        ]
+        .map(String::from),
+    )?;
+    pair.spawn_vmm(
+        "ferry-workload-vmm",
+        "vmm-b",
+        &["--socket", &b, "--vm-id", "bench", "--incoming", "--no-verify", "--max-runtime-s", "600"]
+            .map(String::from),
+    )?;
+    pair.wait_ready(Duration::from_secs(120))?;
+    let (src0, dst0) = (cpu_seconds(pair.sidecar_pid(0))?, cpu_seconds(pair.sidecar_pid(1))?);
+    let s = pair.migrate(
+        "bench",
+        &["--streams".into(), streams.to_string(), "--downtime-ms".into(), "60000".into()],
+    )?;
+    let (src1, dst1) = (cpu_seconds(pair.sidecar_pid(0))?, cpu_seconds(pair.sidecar_pid(1))?);
+    if s["result"] != "committed" || s["digest_match"] != true {
+        bail!("benchmark migration failed: {s}");
+    }
+    // The full copy is round 1 (the guest is idle: the final round is empty).
+    let r1 = &s["per_round"][0];
+    let bytes = r1["bytes"].as_f64().context("round bytes")?;
+    let ms = r1["ms"].as_f64().context("round ms")?;
+    let moved_gib = s["bytes_transferred"].as_f64().unwrap_or(bytes) / (1u64 << 30) as f64;
+    Ok(Sample {
+        gbps: bytes * 8.0 / (ms / 1e3) / 1e9,
+        cpu_src_per_gib: (src1 - src0) / moved_gib,
+        cpu_dst_per_gib: (dst1 - dst0) / moved_gib,
+    })
+}
+
+fn iperf_once(bytes: u64, streams: u16, port: u16) -> anyhow::Result<Sample> {
+    let server = Kid(Command::new("iperf3")
+        .args(["-s", "-1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .context("starting iperf3 (apt-get install iperf3)")?);
+    std::thread::sleep(Duration::from_millis(300));
+    let out = Command::new("iperf3")
+        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-J", "-P", &streams.to_string()])
+        .args(["-n", &bytes.to_string()])
+        .output()?;
+    drop(server);
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
+    let end = &v["end"];
+    let bps = end["sum_received"]["bits_per_second"].as_f64().context("iperf3 bits_per_second")?;
+    let secs = end["sum_received"]["seconds"].as_f64().unwrap_or(0.0);
+    let cpu = &end["cpu_utilization_percent"];
+    let gib = bytes as f64 / (1u64 << 30) as f64;
+    Ok(Sample {
+        gbps: bps / 1e9,
+        cpu_src_per_gib: cpu["host_total"].as_f64().unwrap_or(0.0) / 100.0 * secs / gib,
+        cpu_dst_per_gib: cpu["remote_total"].as_f64().unwrap_or(0.0) / 100.0 * secs / gib,
+    })
+}
+
+fn best(samples: Vec<Sample>) -> Option<Sample> {
+    samples.into_iter().max_by(|a, b| a.gbps.total_cmp(&b.gbps))
+}
+
+/// Runs the benchmark and prints the table; the last line is the ratio at 4 streams
+/// (or the largest stream count measured).
+///
+/// # Errors
+///
+/// When a run fails.
+pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
+    println!(
+        "ferry-bench tcp: {} MiB random-filled region over loopback, {} run(s) each, best reported",
+        args.mem_mib, args.runs
+    );
+    println!("Ferry verifies a per-page XXH3 checksum of every page and both memory digests (strict mode).");
+    println!(
+        "{:>8} {:>12} {:>12} {:>7} {:>14} {:>14} {:>14} {:>14}",
+        "streams", "ferry Gb/s", "iperf3 Gb/s", "ratio", "ferry src s/GiB", "ferry dst s/GiB", "iperf src s/GiB", "iperf dst s/GiB"
+    );
+    let mut last = None;
+    for &n in &args.streams {
+        let mut f = Vec::new();
+        let mut i = Vec::new();
+        for run in 0..args.runs {
+            f.push(ferry_once(args, n, run)?);
+            i.push(iperf_once(args.mem_mib << 20, n, 27_900 + n)?);
+        }
+        let (f, i) = (best(f).context("no ferry run")?, best(i).context("no iperf3 run")?);
+        let ratio = f.gbps / i.gbps;
+        println!(
+            "{:>8} {:>12.2} {:>12.2} {:>7.3} {:>14.3} {:>14.3} {:>14.3} {:>14.3}",
+            n, f.gbps, i.gbps, ratio, f.cpu_src_per_gib, f.cpu_dst_per_gib, i.cpu_src_per_gib, i.cpu_dst_per_gib
+        );
+        last = Some((n, ratio));
+    }
+    let (n, ratio) = last.context("no stream count given")?;
+    println!("ratio ferry/iperf3 streams={n}: {ratio:.3}");
+    Ok(())
+}
