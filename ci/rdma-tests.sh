@@ -54,7 +54,7 @@ exit $failed
 '
 T_GUEST=$(now)
 set +e
-EXTRA_ARGS="$*" "$ROOT/ci/rxe-vm.sh" --share "$ROOT" --timeout "${FERRY_RXE_TIMEOUT:-300}" -- \
+"$ROOT/ci/rxe-vm.sh" --share "$ROOT" --timeout "${FERRY_RXE_TIMEOUT:-300}" -- \
   bash -c "export EXTRA_ARGS='$*'; $GUEST_SCRIPT" rdma-tests "${EXES[@]}"
 RC=$?
 set -e

@@ -42,7 +42,7 @@ set -euo pipefail
 
 SCRIPT_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd -P)
 REPO_ROOT=$(cd "$SCRIPT_DIR/.." && pwd -P)
-CACHE=${FERRY_RXE_CACHE:-$HOME/.cache/ferry-rxe}
+CACHE=${FERRY_RXE_CACHE:-${HOME:-/root}/.cache/ferry-rxe}
 SHARE=$REPO_ROOT
 TIMEOUT=${FERRY_RXE_TIMEOUT:-600}
 MEM=2048

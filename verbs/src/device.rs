@@ -40,8 +40,8 @@ impl DeviceList {
         let list = unsafe { sys::ibv_get_device_list(&mut n) };
         let Some(list) = NonNull::new(list) else {
             let err = io::Error::last_os_error();
-            return Err(verbs_error("ibv_get_device_list", err, |source| Error::ListDevices {
-                source,
+            return Err(verbs_error("ibv_get_device_list", err, |source| {
+                Error::ListDevices { source }
             }));
         };
         let list = DeviceList {
@@ -79,7 +79,9 @@ fn device_name(dev: *mut sys::ibv_device) -> String {
         return String::from("?");
     }
     // SAFETY: non-null, NUL-terminated (see above).
-    unsafe { CStr::from_ptr(name) }.to_string_lossy().into_owned()
+    unsafe { CStr::from_ptr(name) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 /// List the RDMA devices of this host.
@@ -220,9 +222,11 @@ impl Context {
         let ctx = unsafe { sys::ibv_open_device(dev) };
         let Some(ctx) = NonNull::new(ctx) else {
             let err = io::Error::last_os_error();
-            return Err(verbs_error("ibv_open_device", err, |source| Error::OpenDevice {
-                name: name.clone(),
-                source,
+            return Err(verbs_error("ibv_open_device", err, |source| {
+                Error::OpenDevice {
+                    name: name.clone(),
+                    source,
+                }
             }));
         };
         // SAFETY: `ibv_device_attr` is a plain C struct for which all-zero
@@ -233,9 +237,11 @@ impl Context {
         if rc != 0 {
             // SAFETY: we opened it above and nothing else refers to it.
             unsafe { sys::ibv_close_device(ctx.as_ptr()) };
-            return Err(verbs_error("ibv_query_device", returned_errno(rc), |source| {
-                Error::QueryDevice { name, source }
-            }));
+            return Err(verbs_error(
+                "ibv_query_device",
+                returned_errno(rc),
+                |source| Error::QueryDevice { name, source },
+            ));
         }
         let nonneg = |v: libc::c_int| u32::try_from(v).unwrap_or(0);
         let limits = DeviceLimits {
@@ -293,13 +299,15 @@ impl Context {
         // a valid out-pointer of the size the provider is told.
         let rc = unsafe { sys::ibv_query_port(self.inner.as_ptr(), port, &mut attr) };
         if rc != 0 {
-            return Err(verbs_error("ibv_query_port", returned_errno(rc), |source| {
-                Error::QueryPort {
+            return Err(verbs_error(
+                "ibv_query_port",
+                returned_errno(rc),
+                |source| Error::QueryPort {
                     name: self.inner.name.clone(),
                     port,
                     source,
-                }
-            }));
+                },
+            ));
         }
         Ok(PortAttr {
             port,
@@ -328,10 +336,12 @@ impl Context {
         let rc = unsafe { sys::ibv_query_gid(self.inner.as_ptr(), port, idx, &mut gid) };
         if rc != 0 {
             let err = io::Error::last_os_error();
-            return Err(verbs_error("ibv_query_gid", err, |source| Error::QueryGid {
-                port,
-                index,
-                source,
+            return Err(verbs_error("ibv_query_gid", err, |source| {
+                Error::QueryGid {
+                    port,
+                    index,
+                    source,
+                }
             }));
         }
         // SAFETY: every bit pattern of the union is a valid `[u8; 16]`.
@@ -448,7 +458,10 @@ fn read_gid_type(port_dir: &Path, index: u32) -> Option<GidType> {
 /// Parse `<dev_dir>/device/numa_node`; `-1` or a missing file mean unknown.
 fn numa_node_at(dev_dir: &Path) -> Option<u32> {
     let s = std::fs::read_to_string(dev_dir.join("device/numa_node")).ok()?;
-    s.trim().parse::<i64>().ok().and_then(|n| u32::try_from(n).ok())
+    s.trim()
+        .parse::<i64>()
+        .ok()
+        .and_then(|n| u32::try_from(n).ok())
 }
 
 /// Lowest-index RoCE v2 entry whose GID is an IPv4-mapped address.
@@ -869,10 +882,19 @@ mod tests {
             }],
         };
         let s = r.to_string();
-        assert!(s.starts_with("rxe0: node GUID 0200:00ff:fe00:0000, NUMA node unknown"), "{s}");
+        assert!(
+            s.starts_with("rxe0: node GUID 0200:00ff:fe00:0000, NUMA node unknown"),
+            "{s}"
+        );
         assert!(s.contains("max_qp_rd_atom 128"), "{s}");
-        assert!(s.contains("port 1: ACTIVE, link layer Ethernet, active MTU 1024"), "{s}");
+        assert!(
+            s.contains("port 1: ACTIVE, link layer Ethernet, active MTU 1024"),
+            "{s}"
+        );
         assert!(s.contains("max message 2147483648 bytes"), "{s}");
-        assert!(s.contains("gid[1] ::ffff:127.0.0.1 RoCE v2  <- RoCE v2 IPv4"), "{s}");
+        assert!(
+            s.contains("gid[1] ::ffff:127.0.0.1 RoCE v2  <- RoCE v2 IPv4"),
+            "{s}"
+        );
     }
 }

@@ -203,7 +203,9 @@ pub enum Error {
     },
     /// A read request needs more READ work requests than the queue pair may
     /// ever have outstanding: split it into smaller requests.
-    #[error("Read {wr_id} needs {reads} READs, more than the {limit} a queue pair may have outstanding")]
+    #[error(
+        "Read {wr_id} needs {reads} READs, more than the {limit} a queue pair may have outstanding"
+    )]
     ReadTooLarge {
         /// The request's id.
         wr_id: u64,
@@ -414,7 +416,11 @@ mod tests {
         let mapped: Vec<WcError> = (1..=23).filter_map(WcError::from_status).collect();
         assert_eq!(mapped.len(), 23);
         for (i, a) in mapped.iter().enumerate() {
-            assert!(!matches!(a, WcError::Unknown(_)), "status {} unmapped", i + 1);
+            assert!(
+                !matches!(a, WcError::Unknown(_)),
+                "status {} unmapped",
+                i + 1
+            );
             for b in &mapped[i + 1..] {
                 assert_ne!(a, b);
             }
@@ -428,14 +434,18 @@ mod tests {
     #[test]
     fn no_rdma_errnos_are_unsupported() {
         for errno in [libc::ENOSYS, libc::EOPNOTSUPP, libc::ENODEV] {
-            let e = verbs_error("ibv_get_device_list", io::Error::from_raw_os_error(errno), |s| {
-                Error::ListDevices { source: s }
-            });
+            let e = verbs_error(
+                "ibv_get_device_list",
+                io::Error::from_raw_os_error(errno),
+                |s| Error::ListDevices { source: s },
+            );
             assert!(e.is_no_rdma(), "{e:?}");
         }
-        let e = verbs_error("ibv_get_device_list", io::Error::from_raw_os_error(libc::EPERM), |s| {
-            Error::ListDevices { source: s }
-        });
+        let e = verbs_error(
+            "ibv_get_device_list",
+            io::Error::from_raw_os_error(libc::EPERM),
+            |s| Error::ListDevices { source: s },
+        );
         assert!(!e.is_no_rdma());
         assert!(Error::NoDevice.is_no_rdma());
     }

@@ -150,7 +150,9 @@ pub use device::{
     GidType, LinkLayer, Mtu, PortAttr, PortReport, PortState, SYSFS_INFINIBAND,
 };
 pub use error::{Error, Result, WcError};
-pub use mr::{Access, LocalWrite, MemoryRegion, ProtectionDomain, RemoteMemory, RemoteRead, RemoteRegion};
+pub use mr::{
+    Access, LocalWrite, MemoryRegion, ProtectionDomain, RemoteMemory, RemoteRead, RemoteRegion,
+};
 pub use qp::{
     CompletionBuffer, CompletionQueue, Completions, ConnectedQp, PreparedQp, QpEndpoint, ReadBatch,
     ReadCompletion, ReadRequest,

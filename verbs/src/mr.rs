@@ -106,7 +106,9 @@ impl ProtectionDomain {
         let pd = unsafe { sys::ibv_alloc_pd(ctx.inner.as_ptr()) };
         let Some(pd) = NonNull::new(pd) else {
             let err = io::Error::last_os_error();
-            return Err(verbs_error("ibv_alloc_pd", err, |source| Error::AllocPd { source }));
+            return Err(verbs_error("ibv_alloc_pd", err, |source| Error::AllocPd {
+                source,
+            }));
         };
         Ok(ProtectionDomain {
             inner: Arc::new(PdInner {
@@ -144,11 +146,7 @@ impl ProtectionDomain {
     ///
     /// # Panics
     /// Never.
-    pub unsafe fn register<A: Access>(
-        &self,
-        addr: *mut u8,
-        len: usize,
-    ) -> Result<MemoryRegion<A>> {
+    pub unsafe fn register<A: Access>(&self, addr: *mut u8, len: usize) -> Result<MemoryRegion<A>> {
         let max = self.inner.ctx.limits().max_mr_size;
         // SAFETY: forwarded verbatim from this function's own contract.
         unsafe { self.register_in_pieces(addr, len, max) }
@@ -216,11 +214,13 @@ impl ProtectionDomain {
             let Some(mr) = NonNull::new(mr) else {
                 let err = io::Error::last_os_error();
                 // `region` drops here and deregisters the pieces made so far.
-                return Err(verbs_error("ibv_reg_mr", err, |source| Error::RegisterMemory {
-                    addr: paddr,
-                    len: plen,
-                    access: A::NAME,
-                    source,
+                return Err(verbs_error("ibv_reg_mr", err, |source| {
+                    Error::RegisterMemory {
+                        addr: paddr,
+                        len: plen,
+                        access: A::NAME,
+                        source,
+                    }
                 }));
             };
             // SAFETY: `mr` was just returned by `ibv_reg_mr` and is valid.
@@ -571,8 +571,16 @@ mod tests {
     #[test]
     fn span_lookup() {
         let spans = [
-            KeyedSpan { addr: 10, len: 10, key: 1 },
-            KeyedSpan { addr: 30, len: 10, key: 2 },
+            KeyedSpan {
+                addr: 10,
+                len: 10,
+                key: 1,
+            },
+            KeyedSpan {
+                addr: 30,
+                len: 10,
+                key: 2,
+            },
         ];
         assert_eq!(span_at(&spans, 9), None);
         assert_eq!(span_at(&spans, 10).map(|s| s.key), Some(1));

@@ -61,9 +61,8 @@ impl CompletionQueue {
         };
         let Some(cq) = NonNull::new(cq) else {
             let err = io::Error::last_os_error();
-            return Err(verbs_error("ibv_create_cq", err, |source| Error::CreateCq {
-                capacity,
-                source,
+            return Err(verbs_error("ibv_create_cq", err, |source| {
+                Error::CreateCq { capacity, source }
             }));
         };
         // SAFETY: valid CQ just created; the provider may round `cqe` up.
@@ -162,7 +161,10 @@ impl QpEndpoint {
             reason,
         };
         if ep.qpn > 0xff_ffff || ep.psn > 0xff_ffff {
-            return Err(invalid(format!("QPN {:#x} / PSN {:#x} exceed 24 bits", ep.qpn, ep.psn)));
+            return Err(invalid(format!(
+                "QPN {:#x} / PSN {:#x} exceed 24 bits",
+                ep.qpn, ep.psn
+            )));
         }
         if b[11] != 0 {
             return Err(invalid(format!("reserved byte is {:#x}", b[11])));
@@ -283,7 +285,9 @@ impl ProtectionDomain {
         let qp = unsafe { sys::ibv_create_qp(self.inner.as_ptr(), &mut init) };
         let Some(qp) = NonNull::new(qp) else {
             let err = io::Error::last_os_error();
-            return Err(verbs_error("ibv_create_qp", err, |source| Error::CreateQp { source }));
+            return Err(verbs_error("ibv_create_qp", err, |source| {
+                Error::CreateQp { source }
+            }));
         };
         // SAFETY: valid QP just created.
         let qpn = unsafe { (*qp.as_ptr()).qp_num };
@@ -619,7 +623,9 @@ impl CompletionBuffer {
         CompletionBuffer {
             // SAFETY: `ibv_wc` holds only integers (and a union of
             // integers): all-zero bytes are a valid value.
-            raw: (0..capacity).map(|_| unsafe { std::mem::zeroed() }).collect(),
+            raw: (0..capacity)
+                .map(|_| unsafe { std::mem::zeroed() })
+                .collect(),
             done: Vec::with_capacity(capacity),
         }
     }
@@ -791,7 +797,11 @@ impl ConnectedQp {
             }
             let i = self.inflight.partition_point(|r| r.first_seq <= wc.wr_id);
             let Some(req) = i.checked_sub(1).and_then(|i| self.inflight.get_mut(i)) else {
-                tracing::error!(qpn = self.parts.qpn, seq = wc.wr_id, "completion for unknown READ");
+                tracing::error!(
+                    qpn = self.parts.qpn,
+                    seq = wc.wr_id,
+                    "completion for unknown READ"
+                );
                 continue;
             };
             if wc.wr_id >= req.first_seq + u64::from(req.reads) || req.done >= req.reads {
@@ -800,7 +810,10 @@ impl ConnectedQp {
             }
             req.done += 1;
             if let Some(e) = error {
-                if req.error.is_none_or(|(old, _)| old.is_flush() && !e.is_flush()) {
+                if req
+                    .error
+                    .is_none_or(|(old, _)| old.is_flush() && !e.is_flush())
+                {
                     req.error = Some((e, wc.vendor_err));
                 }
             }
@@ -1068,8 +1081,14 @@ mod tests {
         let local = [span(0x10_000, 0x3000, 1), span(0x13_000, 0x5000, 2)];
         let remote = [span(0x90_000, 0x1800, 11), span(0x91_800, 0x6800, 12)];
         let mut out = Vec::new();
-        plan_reads(&local, &remote, &req(0x10_000, 0x90_000, 0x8000), 0x2000, &mut out)
-            .expect("plannable");
+        plan_reads(
+            &local,
+            &remote,
+            &req(0x10_000, 0x90_000, 0x8000),
+            0x2000,
+            &mut out,
+        )
+        .expect("plannable");
         let got: Vec<(u64, u32, u64, u32, u32)> = out
             .iter()
             .map(|c| (c.local_addr, c.lkey, c.remote_addr, c.rkey, c.len))
@@ -1128,11 +1147,18 @@ mod tests {
         assert_eq!(QpEndpoint::from_bytes(&b).expect("decodes"), ep);
         assert!(matches!(
             QpEndpoint::from_bytes(&b[..27]),
-            Err(Error::BadEncoding { expected: 28, got: 27, .. })
+            Err(Error::BadEncoding {
+                expected: 28,
+                got: 27,
+                ..
+            })
         ));
         let mut bad = b;
         bad[3] = 1; // QPN > 24 bits
-        assert!(matches!(QpEndpoint::from_bytes(&bad), Err(Error::Invalid { .. })));
+        assert!(matches!(
+            QpEndpoint::from_bytes(&bad),
+            Err(Error::Invalid { .. })
+        ));
         let mut bad = b;
         bad[10] = 0; // max_rd_atomic 0
         assert!(QpEndpoint::from_bytes(&bad).is_err());

@@ -13,8 +13,8 @@ use std::time::{Duration, Instant};
 
 use ferry_verbs::{
     CompletionBuffer, ConnectedQp, Context, Error, GidType, LinkLayer, LocalWrite, MemoryRegion,
-    PortState, ProtectionDomain, QpEndpoint, ReadCompletion, ReadRequest, RemoteMemory,
-    RemoteRead, RemoteRegion, WcError,
+    PortState, ProtectionDomain, QpEndpoint, ReadCompletion, ReadRequest, RemoteMemory, RemoteRead,
+    RemoteRegion, WcError,
 };
 
 /// Open the test device, or decide that this run has none.
@@ -40,7 +40,10 @@ fn device() -> Option<Context> {
 
 /// GID index to use: `RXE_GID_INDEX` if set, else the device's RoCE v2 IPv4 GID.
 fn gid_index(ctx: &Context) -> u8 {
-    if let Some(i) = std::env::var("RXE_GID_INDEX").ok().and_then(|s| s.parse().ok()) {
+    if let Some(i) = std::env::var("RXE_GID_INDEX")
+        .ok()
+        .and_then(|s| s.parse().ok())
+    {
         return i;
     }
     let g = ctx.roce_v2_ipv4_gid(1).expect("RoCE v2 IPv4 GID");
@@ -76,7 +79,12 @@ impl SharedMapping {
                 0,
             )
         };
-        assert_ne!(p, libc::MAP_FAILED, "mmap: {}", std::io::Error::last_os_error());
+        assert_ne!(
+            p,
+            libc::MAP_FAILED,
+            "mmap: {}",
+            std::io::Error::last_os_error()
+        );
         SharedMapping {
             ptr: p.cast(),
             len,
@@ -91,7 +99,9 @@ impl SharedMapping {
     /// Fill with a position-dependent pattern (no RDMA may be in flight).
     fn fill_pattern(&mut self, seed: u64) {
         for i in 0..self.len / 8 {
-            let v = (i as u64 ^ seed).wrapping_mul(0x9e37_79b9_7f4a_7c15).rotate_left(17);
+            let v = (i as u64 ^ seed)
+                .wrapping_mul(0x9e37_79b9_7f4a_7c15)
+                .rotate_left(17);
             // SAFETY: `i * 8 + 8 <= len`; the mapping is ours, no device
             // access is in flight while we fill it.
             unsafe { ptr::write_unaligned(self.ptr.add(i * 8).cast::<u64>(), v) };
@@ -192,7 +202,11 @@ fn lists_devices_ports_and_gids() {
 
     let port = ctx.port(1).expect("port 1");
     assert_eq!(port.state, PortState::Active, "{port:?}");
-    assert_eq!(port.link_layer, LinkLayer::Ethernet, "rxe is RoCE: {port:?}");
+    assert_eq!(
+        port.link_layer,
+        LinkLayer::Ethernet,
+        "rxe is RoCE: {port:?}"
+    );
     assert!(port.active_mtu.bytes().is_some(), "{port:?}");
     assert!(port.max_msg_size >= 1 << 20, "{port:?}");
 
@@ -204,7 +218,10 @@ fn lists_devices_ports_and_gids() {
     let selected = ctx.roce_v2_ipv4_gid(1).expect("RoCE v2 IPv4 GID");
     assert_eq!(selected.index, loopback.index);
     if ctx.name() == "rxe0" {
-        assert_eq!(selected.index, 1, "rxe over lo puts ::ffff:127.0.0.1 at index 1");
+        assert_eq!(
+            selected.index, 1,
+            "rxe over lo puts ::ffff:127.0.0.1 at index 1"
+        );
     }
     assert_eq!(
         ctx.gid(1, selected.index).expect("query gid").0,
@@ -224,12 +241,10 @@ fn lists_devices_ports_and_gids() {
         text.contains(&format!("gid[{}] ::ffff:127.0.0.1 RoCE v2", selected.index)),
         "{text}"
     );
-    assert!(
-        ferry_verbs::device_reports()
-            .expect("reports")
-            .iter()
-            .any(|r| r.name == ctx.name())
-    );
+    assert!(ferry_verbs::device_reports()
+        .expect("reports")
+        .iter()
+        .any(|r| r.name == ctx.name()));
 }
 
 #[test]
@@ -299,7 +314,11 @@ fn pulls_64_mib_over_four_qps_and_every_byte_matches() {
                 assert!(done.insert(c.wr_id), "range {} reported twice", c.wr_id);
             }
         }
-        assert!(t0.elapsed() < Duration::from_secs(120), "pull too slow: {} done", done.len());
+        assert!(
+            t0.elapsed() < Duration::from_secs(120),
+            "pull too slow: {} done",
+            done.len()
+        );
     }
     let secs = t0.elapsed().as_secs_f64();
     println!(
@@ -312,11 +331,17 @@ fn pulls_64_mib_over_four_qps_and_every_byte_matches() {
         assert_eq!(qp.pending_requests(), 0);
         assert!(!qp.is_failed());
     }
-    assert!(max_outstanding.iter().all(|&m| m > 1), "QPs were never kept busy");
+    assert!(
+        max_outstanding.iter().all(|&m| m > 1),
+        "QPs were never kept busy"
+    );
 
     let (want, got) = (src.snapshot(), dst.snapshot());
     if let Some(off) = want.iter().zip(&got).position(|(a, b)| a != b) {
-        panic!("first differing byte at offset {off:#x}: want {:#x} got {:#x}", want[off], got[off]);
+        panic!(
+            "first differing byte at offset {off:#x}: want {:#x} got {:#x}",
+            want[off], got[off]
+        );
     }
     assert_eq!(want.len(), got.len());
 }
@@ -345,13 +370,19 @@ fn reads_outside_the_region_or_with_a_wrong_rkey_fail_with_remote_access_error()
         // A peer advertising more than it registered: the READ goes past the MR.
         (
             "beyond the registered range",
-            RemoteRegion { len: real.len * 2, ..real },
+            RemoteRegion {
+                len: real.len * 2,
+                ..real
+            },
             real.addr + real.len,
         ),
         // A stale or forged rkey.
         (
             "wrong rkey",
-            RemoteRegion { rkey: real.rkey ^ 0x0000_ff00, ..real },
+            RemoteRegion {
+                rkey: real.rkey ^ 0x0000_ff00,
+                ..real
+            },
             real.addr,
         ),
     ];
@@ -359,8 +390,18 @@ fn reads_outside_the_region_or_with_a_wrong_rkey_fail_with_remote_access_error()
         let (mut qp, _responder) = connect_pair(&ctx, &dest_pd, &source_pd, gid);
         let remote = RemoteMemory::new(vec![advertised]).expect("valid-looking regions");
         let reqs = [
-            ReadRequest { wr_id: 1, local_addr: dst.addr(), remote_addr, len: 4096 },
-            ReadRequest { wr_id: 2, local_addr: dst.addr() + 4096, remote_addr: real.addr, len: 4096 },
+            ReadRequest {
+                wr_id: 1,
+                local_addr: dst.addr(),
+                remote_addr,
+                len: 4096,
+            },
+            ReadRequest {
+                wr_id: 2,
+                local_addr: dst.addr() + 4096,
+                remote_addr: real.addr,
+                len: 4096,
+            },
         ];
         assert_eq!(qp.post_reads(&dst_mr, &remote, &reqs).expect("post"), 2);
         let mut buf = CompletionBuffer::new(8);
@@ -369,9 +410,17 @@ fn reads_outside_the_region_or_with_a_wrong_rkey_fail_with_remote_access_error()
         assert_eq!(all.len(), 2, "{what}: every accepted request is reported");
         assert_eq!(all[0].wr_id, 1);
         assert_eq!(all[0].status, Err(WcError::RemoteAccessError), "{what}");
+        assert_eq!(
+            all[1].status,
+            Err(WcError::WrFlushErr),
+            "{what}: work behind the failure is flushed"
+        );
         assert!(qp.is_failed(), "{what}");
         assert!(
-            matches!(qp.post_reads(&dst_mr, &remote, &reqs), Err(Error::QpFailed { .. })),
+            matches!(
+                qp.post_reads(&dst_mr, &remote, &reqs),
+                Err(Error::QpFailed { .. })
+            ),
             "{what}: a failed QP refuses new work"
         );
     }
@@ -379,33 +428,63 @@ fn reads_outside_the_region_or_with_a_wrong_rkey_fail_with_remote_access_error()
     // Requests that cannot be right are refused before anything is posted.
     let (mut qp, _responder) = connect_pair(&ctx, &dest_pd, &source_pd, gid);
     let remote = RemoteMemory::new(vec![real]).expect("regions");
-    let outside_local = ReadRequest { wr_id: 9, local_addr: dst.addr() + 4096, remote_addr: real.addr, len: LEN as u64 };
+    let outside_local = ReadRequest {
+        wr_id: 9,
+        local_addr: dst.addr() + 4096,
+        remote_addr: real.addr,
+        len: LEN as u64,
+    };
     assert!(matches!(
         qp.post_reads(&dst_mr, &remote, &[outside_local]),
         Err(Error::LocalRangeNotRegistered { wr_id: 9, .. })
     ));
-    let outside_remote = ReadRequest { wr_id: 10, local_addr: dst.addr(), remote_addr: real.addr + 1, len: LEN as u64 };
+    let outside_remote = ReadRequest {
+        wr_id: 10,
+        local_addr: dst.addr(),
+        remote_addr: real.addr + 1,
+        len: LEN as u64,
+    };
     assert!(matches!(
         qp.post_reads(&dst_mr, &remote, &[outside_remote]),
         Err(Error::RemoteRangeNotAdvertised { wr_id: 10, .. })
     ));
     qp.set_outstanding_limit(4);
     qp.set_max_read_len(4096);
-    let too_many_reads = ReadRequest { wr_id: 11, local_addr: dst.addr(), remote_addr: real.addr, len: 8 * 4096 };
+    let too_many_reads = ReadRequest {
+        wr_id: 11,
+        local_addr: dst.addr(),
+        remote_addr: real.addr,
+        len: 8 * 4096,
+    };
     assert!(matches!(
         qp.post_reads(&dst_mr, &remote, &[too_many_reads]),
-        Err(Error::ReadTooLarge { wr_id: 11, reads: 8, limit: 4 })
+        Err(Error::ReadTooLarge {
+            wr_id: 11,
+            reads: 8,
+            limit: 4
+        })
     ));
     assert_eq!(qp.outstanding(), 0);
     // With that limit, a batch takes only what fits: 4 READs = 2 requests of 2.
     let two_reads: Vec<ReadRequest> = (0..4)
-        .map(|i| ReadRequest { wr_id: 20 + i, local_addr: dst.addr() + i * 8192, remote_addr: real.addr + i * 8192, len: 8192 })
+        .map(|i| ReadRequest {
+            wr_id: 20 + i,
+            local_addr: dst.addr() + i * 8192,
+            remote_addr: real.addr + i * 8192,
+            len: 8192,
+        })
         .collect();
-    assert_eq!(qp.post_reads(&dst_mr, &remote, &two_reads).expect("post"), 2);
+    assert_eq!(
+        qp.post_reads(&dst_mr, &remote, &two_reads).expect("post"),
+        2
+    );
     assert_eq!(qp.outstanding(), 4);
     let mut buf = CompletionBuffer::new(8);
     let all = drain(&mut qp, &mut buf, Duration::from_secs(30));
-    assert_eq!(all.iter().map(|c| c.wr_id).collect::<Vec<_>>(), vec![20, 21]);
+    assert_eq!(
+        all.iter().map(|c| c.wr_id).collect::<Vec<_>>(),
+        vec![20, 21]
+    );
     assert!(all.iter().all(ReadCompletion::is_ok), "{all:?}");
     let (want, got) = (src.snapshot(), dst.snapshot());
     assert_eq!(&got[..4 * 4096], &want[..4 * 4096]);
@@ -449,12 +528,22 @@ fn forced_error_state_flushes_outstanding_reads_with_typed_errors() {
     assert!(qp.is_failed());
     let mut buf = CompletionBuffer::new(64);
     let all = drain(&mut qp, &mut buf, Duration::from_secs(60));
-    let flushed = all.iter().filter(|c| c.status == Err(WcError::WrFlushErr)).count();
-    println!("forced ERR with {accepted} ranges accepted: {flushed} flushed, all: {:?}",
-        all.iter().map(|c| c.status).collect::<HashSet<_>>());
-    assert_eq!(all.len(), accepted, "every accepted range is reported exactly once");
+    let flushed = all
+        .iter()
+        .filter(|c| c.status == Err(WcError::WrFlushErr))
+        .count();
+    println!(
+        "forced ERR with {accepted} ranges accepted: {flushed} flushed, all: {:?}",
+        all.iter().map(|c| c.status).collect::<HashSet<_>>()
+    );
+    assert_eq!(
+        all.len(),
+        accepted,
+        "every accepted range is reported exactly once"
+    );
     assert!(
-        all.iter().all(|c| matches!(c.status, Err(WcError::WrFlushErr | WcError::RetryExceeded))),
+        all.iter()
+            .all(|c| matches!(c.status, Err(WcError::WrFlushErr | WcError::RetryExceeded))),
         "{all:?}"
     );
     assert!(flushed > 0, "nothing was flushed: {all:?}");
@@ -478,5 +567,8 @@ fn forced_error_state_flushes_outstanding_reads_with_typed_errors() {
     assert_eq!(accepted, 8);
     qp.force_error().expect("modify to ERR");
     let unfinished = qp.into_unfinished();
-    assert_eq!(unfinished, reqs[..8].iter().map(|r| r.wr_id).collect::<Vec<_>>());
+    assert_eq!(
+        unfinished,
+        reqs[..8].iter().map(|r| r.wr_id).collect::<Vec<_>>()
+    );
 }
