@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# scripts/test.sh - Ferry's whole test suite, as CI runs it.
+#
+#  1. installs build dependencies (scripts/deps.sh)
+#  2. builds the workspace once (release: binaries, tests, benches)
+#  3. checks formatting, clippy -D warnings and rustdoc -D warnings
+#  4. runs every test on the host: unit tests, /dev/kvm tests, end-to-end tests
+#     (real sidecars and VMMs in network namespaces)
+#  5. runs the RDMA tests inside a SoftRoCE guest (ci/rdma-tests.sh), reusing the
+#     host's build over 9p
+# Ends with one line "tests: N passed, N failed" summing every libtest result.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+LOG=$(mktemp)
+trap 'rm -f "$LOG"' EXIT
+step() { printf '\n==== %s (%s)\n' "$1" "$(date +%T)"; }
+fail=0
+
+step "dependencies"
+scripts/deps.sh || exit 1
+
+step "build"
+cargo build --release --locked --workspace --all-targets || exit 1
+
+step "lints"
+cargo fmt --all -- --check || { echo "lint: cargo fmt found unformatted code"; fail=1; }
+cargo clippy --release --locked --workspace --all-targets -- -D warnings || fail=1
+RUSTDOCFLAGS="-D warnings" cargo doc --release --locked --workspace --no-deps -q || fail=1
+
+step "host tests (unit, KVM, end-to-end)"
+cargo test --release --locked --workspace 2>&1 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" = 0 ] || fail=1
+
+step "RDMA tests in the SoftRoCE guest"
+ci/rdma-tests.sh 2>&1 | tee -a "$LOG"
+[ "${PIPESTATUS[0]}" = 0 ] || fail=1
+
+passed=$(grep -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$6} END {print s+0}')
+[ "$failed" = 0 ] || fail=1
+echo
+echo "tests: $passed passed, $failed failed"
+exit $fail
