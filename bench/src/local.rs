@@ -21,7 +21,10 @@ pub fn bin(name: &str) -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let p = exe.parent().context("binary directory")?.join(name);
     if !p.exists() {
-        bail!("{} missing: build the workspace (cargo build --release --workspace)", p.display());
+        bail!(
+            "{} missing: build the workspace (cargo build --release --workspace)",
+            p.display()
+        );
     }
     Ok(p)
 }
@@ -151,7 +154,9 @@ impl LocalPair {
             v["registered"].as_array().is_some_and(|a| !a.is_empty())
         })?;
         self.wait_status("b", limit, |v| {
-            v["waiting_incoming"].as_array().is_some_and(|a| !a.is_empty())
+            v["waiting_incoming"]
+                .as_array()
+                .is_some_and(|a| !a.is_empty())
         })
     }
 
@@ -173,7 +178,12 @@ impl LocalPair {
             .lines()
             .rev()
             .find(|l| l.starts_with('{'))
-            .with_context(|| format!("no summary; stderr: {}", String::from_utf8_lossy(&out.stderr)))?;
+            .with_context(|| {
+                format!(
+                    "no summary; stderr: {}",
+                    String::from_utf8_lossy(&out.stderr)
+                )
+            })?;
         Ok(serde_json::from_str(line)?)
     }
 

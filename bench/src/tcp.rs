@@ -30,7 +30,10 @@ struct Sample {
 }
 
 fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> {
-    let mut pair = LocalPair::start(&format!("tcp{streams}-{run}"), 27_000 + streams * 10 + run as u16 * 100)?;
+    let mut pair = LocalPair::start(
+        &format!("tcp{streams}-{run}"),
+        27_000 + streams * 10 + run as u16 * 100,
+    )?;
     let a = pair.socket("a").display().to_string();
     let b = pair.socket("b").display().to_string();
     let mem = args.mem_mib.to_string();
@@ -38,24 +41,54 @@ fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> 
         "ferry-workload-vmm",
         "vmm-a",
         &[
-            "--socket", &a, "--vm-id", "bench", "--mem-mib", &mem, "--fill-pct", "100",
-            "--rate-mib", "0", "--max-runtime-s", "600",
+            "--socket",
+            &a,
+            "--vm-id",
+            "bench",
+            "--mem-mib",
+            &mem,
+            "--fill-pct",
+            "100",
+            "--rate-mib",
+            "0",
+            "--max-runtime-s",
+            "600",
         ]
         .map(String::from),
     )?;
     pair.spawn_vmm(
         "ferry-workload-vmm",
         "vmm-b",
-        &["--socket", &b, "--vm-id", "bench", "--incoming", "--no-verify", "--max-runtime-s", "600"]
-            .map(String::from),
+        &[
+            "--socket",
+            &b,
+            "--vm-id",
+            "bench",
+            "--incoming",
+            "--no-verify",
+            "--max-runtime-s",
+            "600",
+        ]
+        .map(String::from),
     )?;
     pair.wait_ready(Duration::from_secs(120))?;
-    let (src0, dst0) = (cpu_seconds(pair.sidecar_pid(0))?, cpu_seconds(pair.sidecar_pid(1))?);
+    let (src0, dst0) = (
+        cpu_seconds(pair.sidecar_pid(0))?,
+        cpu_seconds(pair.sidecar_pid(1))?,
+    );
     let s = pair.migrate(
         "bench",
-        &["--streams".into(), streams.to_string(), "--downtime-ms".into(), "60000".into()],
+        &[
+            "--streams".into(),
+            streams.to_string(),
+            "--downtime-ms".into(),
+            "60000".into(),
+        ],
     )?;
-    let (src1, dst1) = (cpu_seconds(pair.sidecar_pid(0))?, cpu_seconds(pair.sidecar_pid(1))?);
+    let (src1, dst1) = (
+        cpu_seconds(pair.sidecar_pid(0))?,
+        cpu_seconds(pair.sidecar_pid(1))?,
+    );
     if s["result"] != "committed" || s["digest_match"] != true {
         bail!("benchmark migration failed: {s}");
     }
@@ -80,14 +113,24 @@ fn iperf_once(bytes: u64, streams: u16, port: u16) -> anyhow::Result<Sample> {
         .context("starting iperf3 (apt-get install iperf3)")?);
     std::thread::sleep(Duration::from_millis(300));
     let out = Command::new("iperf3")
-        .args(["-c", "127.0.0.1", "-p", &port.to_string(), "-J", "-P", &streams.to_string()])
+        .args([
+            "-c",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-J",
+            "-P",
+            &streams.to_string(),
+        ])
         .args(["-n", &bytes.to_string()])
         .output()?;
     drop(server);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout)
         .with_context(|| format!("iperf3 output: {}", String::from_utf8_lossy(&out.stderr)))?;
     let end = &v["end"];
-    let bps = end["sum_received"]["bits_per_second"].as_f64().context("iperf3 bits_per_second")?;
+    let bps = end["sum_received"]["bits_per_second"]
+        .as_f64()
+        .context("iperf3 bits_per_second")?;
     let secs = end["sum_received"]["seconds"].as_f64().unwrap_or(0.0);
     let cpu = &end["cpu_utilization_percent"];
     let gib = bytes as f64 / (1u64 << 30) as f64;
@@ -116,7 +159,14 @@ pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
     println!("Ferry verifies a per-page XXH3 checksum of every page and both memory digests (strict mode).");
     println!(
         "{:>8} {:>12} {:>12} {:>7} {:>14} {:>14} {:>14} {:>14}",
-        "streams", "ferry Gb/s", "iperf3 Gb/s", "ratio", "ferry src s/GiB", "ferry dst s/GiB", "iperf src s/GiB", "iperf dst s/GiB"
+        "streams",
+        "ferry Gb/s",
+        "iperf3 Gb/s",
+        "ratio",
+        "ferry src s/GiB",
+        "ferry dst s/GiB",
+        "iperf src s/GiB",
+        "iperf dst s/GiB"
     );
     let mut last = None;
     for &n in &args.streams {
@@ -126,11 +176,21 @@ pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
             f.push(ferry_once(args, n, run)?);
             i.push(iperf_once(args.mem_mib << 20, n, 27_900 + n)?);
         }
-        let (f, i) = (best(f).context("no ferry run")?, best(i).context("no iperf3 run")?);
+        let (f, i) = (
+            best(f).context("no ferry run")?,
+            best(i).context("no iperf3 run")?,
+        );
         let ratio = f.gbps / i.gbps;
         println!(
             "{:>8} {:>12.2} {:>12.2} {:>7.3} {:>14.3} {:>14.3} {:>14.3} {:>14.3}",
-            n, f.gbps, i.gbps, ratio, f.cpu_src_per_gib, f.cpu_dst_per_gib, i.cpu_src_per_gib, i.cpu_dst_per_gib
+            n,
+            f.gbps,
+            i.gbps,
+            ratio,
+            f.cpu_src_per_gib,
+            f.cpu_dst_per_gib,
+            i.cpu_src_per_gib,
+            i.cpu_dst_per_gib
         );
         last = Some((n, ratio));
     }

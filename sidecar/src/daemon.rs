@@ -21,6 +21,9 @@ use ferry_proto::msg::{Msg, RegionInfo, Role, MAX_FRAME, MAX_STR};
 use ferry_proto::net::{tune_peer_socket, DEAD_PEER_AFTER};
 use ferry_proto::{ProtoError, VERSION};
 
+/// Hands an authenticated data connection (channel index, socket) to its migration.
+pub type DataConnSender = Sender<(u16, TcpStream)>;
+
 /// A VM a source VMM registered.
 pub struct RegisteredVm {
     /// The VMM's socket, for requests.
@@ -55,7 +58,7 @@ pub struct Daemon {
     /// discarded automatically (the source may have committed).
     pub held_vmms: Mutex<Vec<WaitingVmm>>,
     /// Data connections awaited by incoming migrations, by session.
-    pub sessions: Mutex<HashMap<[u8; 16], Sender<(u16, TcpStream)>>>,
+    pub sessions: Mutex<HashMap<[u8; 16], DataConnSender>>,
 }
 
 /// Options of `ferry serve`.

@@ -27,7 +27,7 @@ use ferry_proto::net::{set_buffers, tune_peer_socket, DEAD_PEER_AFTER};
 use ferry_tcp::TcpSender;
 
 use crate::daemon::{proof, Daemon, RegisteredVm};
-use crate::summary::{RoundSummary, Summary};
+use crate::summary::{RoundSummary, Summary, GUEST_CONTINUED_MARKER};
 use crate::vmm::{request, request_ok};
 
 /// Longest wait for the destination to answer one control step (a round's
@@ -409,6 +409,7 @@ impl SourceRun<'_> {
         }
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         let s = &mut self.summary;
+        s.guest_continued = detail.starts_with(GUEST_CONTINUED_MARKER);
         s.guest_detail = detail;
         s.downtime_ms = ms(t_pause, t_running);
         s.downtime_breakdown.pause_ms = pause_us as f64 / 1e3;

@@ -2,6 +2,10 @@
 
 use serde::{Deserialize, Serialize};
 
+/// How a destination VMM's start line (`IncomingVm::start`) begins when the VMM checked
+/// that the guest continued from the source's paused state.
+pub const GUEST_CONTINUED_MARKER: &str = "guest_continued=true";
+
 /// One round's numbers.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct RoundSummary {
@@ -77,6 +81,10 @@ pub struct Summary {
     pub stop_reason: String,
     /// What the destination VMM checked and reported.
     pub guest_detail: String,
+    /// Whether the destination VMM confirmed that the guest continued from the state it
+    /// was paused in: its start line begins with [`GUEST_CONTINUED_MARKER`]. The sidecar
+    /// cannot see inside the guest; a VMM that checks nothing leaves this false.
+    pub guest_continued: bool,
     /// Why the migration aborted (empty when committed).
     pub error: String,
     /// Per round.
@@ -123,6 +131,7 @@ impl Summary {
         line("digest_match", self.digest_match.to_string());
         line("verify_mode", self.verify_mode.clone());
         line("stop_reason", self.stop_reason.clone());
+        line("guest_continued", self.guest_continued.to_string());
         if !self.guest_detail.is_empty() {
             line("guest", self.guest_detail.clone());
         }
