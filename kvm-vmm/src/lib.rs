@@ -44,3 +44,4 @@ pub mod device;
 pub mod guest;
 pub mod machine;
 pub mod migrate;
+pub mod status;

@@ -48,9 +48,10 @@ pub struct Machine {
     /// vCPUs created but not started yet.
     pending: Vec<VcpuFd>,
     profile: CpuProfile,
-    // Dropped after every vCPU fd (threads are joined in Drop), RAM last.
+    // Dropped after every vCPU fd (threads are joined in Drop), RAM last. Other holders
+    // of the RAM (the status file's counter probe) only keep it mapped longer.
     vm: Arc<VmFd>,
-    ram: GuestRam,
+    ram: Arc<GuestRam>,
 }
 
 impl Machine {
@@ -58,7 +59,8 @@ impl Machine {
         cfg.layout()?;
         let kvm = Kvm::new().context("opening /dev/kvm")?;
         let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
-        // SAFETY: `ram` is stored in the Machine and dropped after `vm` and every vCPU.
+        // SAFETY: `ram` is stored in the Machine (in an Arc: other holders only extend its
+        // life) and so stays mapped until after `vm` and every vCPU are dropped.
         unsafe { ram.register(&vm, 0) }.context("registering guest RAM")?;
         // Before any vCPU exists: the dirty ring can only be enabled then.
         // SAFETY: the slots are exactly those just registered; RAM outlives the VM.
@@ -90,7 +92,7 @@ impl Machine {
             pending,
             profile,
             vm: Arc::new(vm),
-            ram,
+            ram: Arc::new(ram),
         })
     }
 
@@ -104,9 +106,12 @@ impl Machine {
         let ram = GuestRam::new_memfd(&cfg.region_layout()).context("guest RAM memfds")?;
         cpl3::write_tables(&ram)?;
         guest::install(&ram, &cfg)?;
-        let m = Self::create(cfg, opts, ram, opts.irqchip)?;
+        let mut m = Self::create(cfg, opts, ram, opts.irqchip)?;
         for (v, vcpu) in m.pending.iter().enumerate() {
             cpl3::set_supported_cpuid(&m.kvm, vcpu).context("KVM_SET_CPUID2")?;
+            if v == 0 {
+                m.profile = effective_profile(vcpu)?;
+            }
             cpl3::setup_long_mode_cpl3(vcpu, guest::CODE_GPA).context("long mode")?;
             let mut regs = vcpu.get_regs()?;
             regs.rdi = guest::ctrl_gpa(v as u32);
@@ -124,15 +129,32 @@ impl Machine {
     /// Builds a VM from migrated RAM (memfds: gpa, size, offset, fd) and a state blob, and
     /// restores the vCPUs (not yet running). Returns the machine and the device state.
     ///
+    /// Before anything is created, the CPUID the source's vCPUs had (carried in the blob)
+    /// is checked against `host`, what a vCPU gets on this host ([`host_cpu_profile`]):
+    /// [`CpuProfile::check_runs_on`] names every feature the guest had that this host
+    /// cannot give.
+    ///
     /// # Errors
     ///
-    /// A blob this VMM cannot use, RAM not matching it, KVM failures.
+    /// A blob this VMM cannot use, a guest CPU this host cannot run, RAM not matching the
+    /// blob, KVM failures.
     pub fn incoming(
         regions: Vec<(u64, u64, u64, OwnedFd)>,
         blob: &[u8],
         opts: RunOptions,
+        host: &CpuProfile,
     ) -> Result<(Self, DeviceState)> {
         let state = VmState::decode(blob).context("decoding the state blob")?;
+        let guest_cpu = CpuProfile::from_cpuid(
+            &state
+                .vcpus
+                .first()
+                .context("the state blob has no vCPUs")?
+                .cpuid,
+        );
+        guest_cpu
+            .check_runs_on(host)
+            .context("the guest's CPU cannot run on this host")?;
         let dev = DeviceState::decode(&state.device).context("decoding the device state")?;
         let cfg = dev.cfg;
         cfg.layout()?;
@@ -154,7 +176,8 @@ impl Machine {
             irqchip: !state.irqchip.is_empty(),
             ..opts
         };
-        let m = Self::create(cfg, opts, ram, opts.irqchip)?;
+        let mut m = Self::create(cfg, opts, ram, opts.irqchip)?;
+        m.profile = guest_cpu;
         let vcpus: Vec<&VcpuFd> = m.pending.iter().collect();
         let report = state
             .restore(&m.vm, &vcpus)
@@ -172,7 +195,14 @@ impl Machine {
         &self.ram
     }
 
-    /// The CPU profile the vCPUs were given (the host's supported CPUID).
+    /// Guest RAM, shared (for readers on other threads, e.g. the status file).
+    pub fn ram_shared(&self) -> Arc<GuestRam> {
+        Arc::clone(&self.ram)
+    }
+
+    /// The CPU profile the vCPUs have: the CPUID KVM reports for vCPU 0 after it was
+    /// given the host's supported CPUID (see [`host_cpu_profile`]), or for a migrated VM
+    /// the CPUID carried in its state.
     pub fn cpu_profile(&self) -> &CpuProfile {
         &self.profile
     }
@@ -311,6 +341,33 @@ impl Machine {
         }
         Ok(())
     }
+}
+
+/// What KVM reports a vCPU has after `KVM_SET_CPUID2` (`KVM_GET_CPUID2`).
+fn effective_profile(vcpu: &VcpuFd) -> Result<CpuProfile> {
+    let cpuid = vcpu
+        .get_cpuid2(KVM_MAX_CPUID_ENTRIES)
+        .context("KVM_GET_CPUID2")?;
+    Ok(CpuProfile::from_cpuid(cpuid.as_slice()))
+}
+
+/// The CPU a guest gets on this host: a throwaway VM's vCPU is given the supported CPUID
+/// (as [`Machine::boot`] does) and its CPUID read back.
+///
+/// Not `KVM_GET_SUPPORTED_CPUID` itself: on the project's PVM hosts that lists a minimal
+/// set (leaf 1 ECX `0x81202000`), while a vCPU given exactly that set reads back the
+/// host's real features (leaf 1 ECX `0xf7f83203`: SSE3 ... AVX, AVX-512 in leaf 7).
+/// A saved vCPU state carries the read-back CPUID, so the check compares like with like.
+///
+/// # Errors
+///
+/// KVM failures.
+pub fn host_cpu_profile() -> Result<CpuProfile> {
+    let kvm = Kvm::new().context("opening /dev/kvm")?;
+    let vm = kvm.create_vm().context("KVM_CREATE_VM")?;
+    let vcpu = vm.create_vcpu(0).context("KVM_CREATE_VCPU")?;
+    cpl3::set_supported_cpuid(&kvm, &vcpu).context("KVM_SET_CPUID2")?;
+    effective_profile(&vcpu)
 }
 
 impl Drop for Machine {

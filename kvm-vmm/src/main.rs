@@ -2,7 +2,7 @@
 //! behind a Ferry sidecar, or migrate it within one process.
 
 use std::os::fd::AsFd;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +12,7 @@ use ferry_kvm_glue::endpoint::{ServeEnd, SidecarLink};
 use ferry_kvm_vmm::guest::{self, GuestConfig, Pattern};
 use ferry_kvm_vmm::machine::{Machine, RunOptions};
 use ferry_kvm_vmm::migrate::{migrate_local, DestVm, SourceVm};
+use ferry_kvm_vmm::status::StatusFile;
 use ferry_proto::msg::RegionInfo;
 
 #[derive(Parser)]
@@ -34,7 +35,9 @@ enum Cmd {
         #[arg(long, default_value_t = 5)]
         seconds: u64,
     },
-    /// Boot the guest, register it with a sidecar and serve migration requests.
+    /// Boot the guest, register it with a sidecar and serve migration requests. The VM
+    /// runs until it is migrated away (or --max-runtime-s); when the sidecar goes away
+    /// it keeps running and registers again once the sidecar is back.
     Source {
         #[command(flatten)]
         guest: GuestArgs,
@@ -44,8 +47,12 @@ enum Cmd {
         /// VM id to register.
         #[arg(long, default_value = "vm0")]
         vm_id: String,
+        #[command(flatten)]
+        process: ProcessArgs,
     },
-    /// Wait for an incoming VM from a sidecar; load, verify, run it, verify again.
+    /// Wait for an incoming VM from a sidecar; load and verify it, run it on Commit, then
+    /// register it with the sidecar so it can migrate on (or, with --verify-after-s,
+    /// pause, verify again and exit).
     Dest {
         /// The sidecar's VMM socket.
         #[arg(long)]
@@ -53,9 +60,19 @@ enum Cmd {
         /// VM id to wait for.
         #[arg(long, default_value = "vm0")]
         vm_id: String,
-        /// Seconds to run after the migration before the final verification.
-        #[arg(long, default_value_t = 2)]
-        run_seconds: u64,
+        /// Run this many seconds after the migration, pause, verify the guest's record
+        /// again and exit.
+        #[arg(long)]
+        verify_after_s: Option<u64>,
+        /// Refuse every incoming VM at load (fault injection: the source must resume).
+        #[arg(long)]
+        refuse_load: bool,
+        /// Pretend this host's CPU vendor string is this (fault injection for the CPU
+        /// compatibility check, e.g. GenuineIntel on an AMD host).
+        #[arg(long)]
+        pretend_cpu_vendor: Option<String>,
+        #[command(flatten)]
+        process: ProcessArgs,
     },
     /// Migrate the guest within this process (no sidecar): a self-test of the VMM side.
     MigrateLocal {
@@ -74,6 +91,26 @@ enum Cmd {
         #[arg(long, default_value_t = 2)]
         run_seconds: u64,
     },
+}
+
+#[derive(Args)]
+struct ProcessArgs {
+    /// Keep a JSON status here (state, per-vCPU counters, detail), rewritten every 100 ms.
+    #[arg(long)]
+    status_file: Option<PathBuf>,
+    /// Exit (status 3) after this many seconds whatever happens: bounds test and
+    /// benchmark processes.
+    #[arg(long, default_value_t = 900)]
+    max_runtime_s: u64,
+}
+
+impl ProcessArgs {
+    fn status(&self) -> Result<StatusFile> {
+        let s = StatusFile::new(self.status_file.clone());
+        s.spawn(Duration::from_secs(self.max_runtime_s))
+            .context("starting the status thread")?;
+        Ok(s)
+    }
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -158,12 +195,30 @@ fn main() -> Result<()> {
             guest,
             sidecar,
             vm_id,
-        } => source(&guest, &sidecar, &vm_id),
+            process,
+        } => source(&guest, &sidecar, &vm_id, &process),
         Cmd::Dest {
             sidecar,
             vm_id,
-            run_seconds,
-        } => dest(&sidecar, &vm_id, run_seconds),
+            verify_after_s,
+            refuse_load,
+            pretend_cpu_vendor,
+            process,
+        } => {
+            let status = process.status()?;
+            let mut vm = DestVm::new(
+                RunOptions {
+                    rate: 0,
+                    dirty: DirtyModeRequest::Auto,
+                    irqchip: true,
+                },
+                status,
+            );
+            vm.refuse_load = refuse_load;
+            vm.host_vendor = pretend_cpu_vendor;
+            vm.prepare()?;
+            dest(vm, &sidecar, &vm_id, verify_after_s)
+        }
         Cmd::MigrateLocal {
             guest,
             warmup_seconds,
@@ -233,11 +288,61 @@ fn run(g: &GuestArgs, seconds: u64) -> Result<()> {
     m.stop()
 }
 
-fn source(g: &GuestArgs, sidecar: &std::path::Path, vm_id: &str) -> Result<()> {
+fn source(g: &GuestArgs, sidecar: &Path, vm_id: &str, p: &ProcessArgs) -> Result<()> {
+    let status = p.status()?;
     let (cfg, opts) = g.config();
     let mut m = Machine::boot(cfg, opts)?;
+    m.start()?;
+    status.set("running", format!("booted {cfg:?}"));
+    println!("source: {vm_id} running ({cfg:?})");
+    serve_forever(SourceVm::new(m, status), sidecar, vm_id)
+}
+
+/// Registers the VM with the sidecar and serves it until it is migrated away. When the
+/// sidecar goes away the VM runs on and is registered again once the sidecar is back.
+fn serve_forever(mut vm: SourceVm, sidecar: &Path, vm_id: &str) -> Result<()> {
+    let profile = vm.machine.cpu_profile().encode();
+    let mut linked = true;
+    loop {
+        if let Some(f) = vm.machine.failure() {
+            vm.status.set("failed", f.clone());
+            bail!("{f}");
+        }
+        match serve_once(&mut vm, sidecar, vm_id, &profile, &mut linked) {
+            Ok(ServeEnd::MigratedAway) => {
+                println!(
+                    "source: migrated away; counters at pause {:?}",
+                    vm.paused_counters.unwrap_or_default()
+                );
+                return Ok(());
+            }
+            Ok(ServeEnd::SidecarGone) => {
+                tracing::warn!("the sidecar went away; the VM keeps running here");
+            }
+            Err(e) if linked => {
+                tracing::warn!("sidecar link: {e:#}; the VM keeps running here");
+                linked = false;
+            }
+            Err(_) => {}
+        }
+        // Whatever a broken migration left on: no dirty logging while nobody reads it.
+        if let Err(e) = vm.machine.stop_dirty_log() {
+            tracing::warn!("switching dirty logging off: {e:#}");
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
+}
+
+fn serve_once(
+    vm: &mut SourceVm,
+    sidecar: &Path,
+    vm_id: &str,
+    profile: &[u8],
+    linked: &mut bool,
+) -> Result<ServeEnd> {
     let mut link = SidecarLink::connect(sidecar)?;
-    let regions: Vec<RegionInfo> = m
+    let regions: Vec<RegionInfo> = vm
+        .machine
         .ram()
         .regions()
         .iter()
@@ -247,41 +352,52 @@ fn source(g: &GuestArgs, sidecar: &std::path::Path, vm_id: &str) -> Result<()> {
             offset: r.offset,
         })
         .collect();
-    let fds: Vec<_> = m.ram().regions().iter().map(|r| r.memfd.as_fd()).collect();
-    link.register(vm_id, &regions, &fds, m.cpu_profile().encode())?;
-    m.start()?;
-    println!("source: {vm_id} registered and running ({cfg:?})");
-    let mut vm = SourceVm::new(m);
-    match link.serve(&mut vm)? {
-        ServeEnd::MigratedAway => {
-            println!(
-                "source: migrated away; counters at pause {:?}",
-                vm.paused_counters.unwrap_or_default()
-            );
-            Ok(())
-        }
-        ServeEnd::SidecarGone => {
-            println!("source: sidecar left; the VM keeps running here");
-            progress(&vm.machine, 1)?;
-            pause_and_verify(&vm.machine, "source")
-        }
-    }
+    let ram = vm.machine.ram_shared();
+    let fds: Vec<_> = ram.regions().iter().map(|r| r.memfd.as_fd()).collect();
+    link.register(vm_id, &regions, &fds, profile.to_vec())?;
+    *linked = true;
+    tracing::info!(vm_id, "registered with the sidecar");
+    Ok(link.serve(vm)?)
 }
 
-fn dest(sidecar: &std::path::Path, vm_id: &str, run_seconds: u64) -> Result<()> {
-    let mut link = SidecarLink::connect(sidecar)?;
-    link.await_incoming(vm_id)?;
-    println!("dest: waiting for {vm_id}");
-    let mut vm = DestVm::new(RunOptions {
-        rate: 0,
-        dirty: DirtyModeRequest::Auto,
-        irqchip: true,
-    });
-    let detail = link.receive(&mut vm)?;
+fn dest(mut vm: DestVm, sidecar: &Path, vm_id: &str, verify_after: Option<u64>) -> Result<()> {
+    let status = vm.status.clone();
+    status.set("waiting", format!("waiting for {vm_id}"));
+    let mut linked = true;
+    let detail = loop {
+        let r = SidecarLink::connect(sidecar)
+            .and_then(|mut link| {
+                link.await_incoming(vm_id)?;
+                Ok(link)
+            })
+            .map_err(anyhow::Error::from)
+            .and_then(|mut link| {
+                tracing::info!(vm_id, "waiting for the incoming VM");
+                linked = true;
+                Ok(link.receive(&mut vm)?)
+            });
+        match r {
+            Ok(detail) => break detail,
+            Err(e) => {
+                if linked {
+                    tracing::warn!("sidecar link: {e:#}; waiting again");
+                    linked = false;
+                }
+                if vm.machine.is_none() {
+                    status.set("waiting", format!("waiting for {vm_id} (sidecar: {e:#})"));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
+        }
+    };
     println!("dest: running: {detail}");
-    let m = vm.machine.as_ref().context("no machine after start")?;
-    progress(m, run_seconds)?;
-    pause_and_verify(m, "dest after migration")
+    let m = vm.machine.take().context("no machine after start")?;
+    if let Some(s) = verify_after {
+        progress(&m, s)?;
+        return pause_and_verify(&m, "dest after migration");
+    }
+    // The VM runs here now; it may migrate on from here.
+    serve_forever(SourceVm::new(m, status), sidecar, vm_id)
 }
 
 fn local(
@@ -295,7 +411,7 @@ fn local(
     let mut m = Machine::boot(cfg, opts)?;
     m.start()?;
     progress(&m, warmup)?;
-    let mut src = SourceVm::new(m);
+    let mut src = SourceVm::new(m, StatusFile::new(None));
     let (dst, r) = migrate_local(&mut src, max_rounds, converge)?;
     println!(
         "migrated: pages per round {:?}; pause {:?}; downtime (strict: incl. verify) {:?}",

@@ -7,11 +7,13 @@ use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use ferry_kvm_glue::cpl3::GuestRam;
+use ferry_kvm_glue::cpu::CpuProfile;
 use ferry_kvm_glue::endpoint::{IncomingVm, MigratableVm, VmError};
 use ferry_proto::msg::RegionInfo;
 
 use crate::guest::{self, Counters};
-use crate::machine::{Machine, RunOptions};
+use crate::machine::{host_cpu_profile, Machine, RunOptions};
+use crate::status::{DirtyLogCost, StatusFile};
 
 /// The source side: a running machine the sidecar migrates away.
 pub struct SourceVm {
@@ -21,15 +23,19 @@ pub struct SourceVm {
     pub paused_counters: Option<Vec<Counters>>,
     /// Whether the VM was stopped for good.
     pub stopped: bool,
+    /// Where the state is shown.
+    pub status: StatusFile,
 }
 
 impl SourceVm {
-    /// Wraps a started machine.
-    pub fn new(machine: Machine) -> Self {
+    /// Wraps a started machine; shows its counters in `status`.
+    pub fn new(machine: Machine, status: StatusFile) -> Self {
+        status.watch(machine.ram_shared(), machine.cfg.vcpus);
         Self {
             machine,
             paused_counters: None,
             stopped: false,
+            status,
         }
     }
 }
@@ -38,8 +44,13 @@ fn boxed(e: anyhow::Error) -> VmError {
     format!("{e:#}").into()
 }
 
+fn writes_of(c: &[Counters]) -> Vec<u64> {
+    c.iter().map(|c| c.writes).collect()
+}
+
 impl MigratableVm for SourceVm {
     fn start_dirty_log(&mut self) -> Result<(), VmError> {
+        self.status.clear_dirty_log();
         self.machine.start_dirty_log().map_err(boxed)
     }
 
@@ -53,12 +64,23 @@ impl MigratableVm for SourceVm {
             clear_calls = log.stats.clear_calls,
             "dirty log"
         );
+        self.status.dirty_log(DirtyLogCost {
+            final_round,
+            pages: log.stats.dirty_pages,
+            get_us: log.stats.get.as_micros() as u64,
+            clear_us: log.stats.clear.as_micros() as u64,
+        });
         Ok(log.slots.into_iter().map(|s| s.bitmap).collect())
     }
 
     fn pause(&mut self) -> Result<Duration, VmError> {
         let r = self.machine.pause().map_err(boxed)?;
-        self.paused_counters = Some(self.machine.counters().map_err(boxed)?);
+        let c = self.machine.counters().map_err(boxed)?;
+        self.status.set(
+            "paused",
+            format!("paused for migration at counters {:?}", writes_of(&c)),
+        );
+        self.paused_counters = Some(c);
         Ok(r.elapsed)
     }
 
@@ -69,15 +91,36 @@ impl MigratableVm for SourceVm {
     fn resume(&mut self) -> Result<(), VmError> {
         self.machine.stop_dirty_log().map_err(boxed)?;
         self.machine.resume();
-        self.paused_counters = None;
+        let detail = match self.paused_counters.take() {
+            Some(c) => format!(
+                "resumed after a failed migration (paused at counters {:?})",
+                writes_of(&c)
+            ),
+            None => "running on after a failed migration".to_owned(),
+        };
+        self.status.set("running", detail);
         Ok(())
     }
 
     fn stop(&mut self) -> Result<(), VmError> {
         self.stopped = true;
-        self.machine.stop().map_err(boxed)
+        let r = self.machine.stop().map_err(boxed);
+        self.status.unwatch();
+        self.status.set(
+            "migrated",
+            format!(
+                "the destination runs the VM; stopped here at counters {:?}",
+                writes_of(self.paused_counters.as_deref().unwrap_or_default())
+            ),
+        );
+        r
     }
 }
+
+/// The marker [`DestVm`]'s start line begins with when the guest demonstrably continued
+/// from the source's paused counters; the sidecar turns it into the summary's
+/// `guest_continued`.
+pub const CONTINUED_MARKER: &str = "guest_continued=true; ";
 
 /// The destination side: loads, verifies, starts.
 pub struct DestVm {
@@ -88,26 +131,75 @@ pub struct DestVm {
     pub expected: Vec<Counters>,
     /// What verification found at load.
     pub report: Option<guest::VerifyReport>,
+    /// How long building the VM and checking the record took at load.
+    load_times: (Duration, Duration),
+    /// Where the state is shown.
+    pub status: StatusFile,
+    /// Refuse every incoming VM (fault injection: the source must resume its VM).
+    pub refuse_load: bool,
+    /// Pretend this host's CPU vendor is this (fault injection for the CPU check).
+    pub host_vendor: Option<String>,
+    host_cpu: Option<CpuProfile>,
 }
 
 impl DestVm {
     /// A destination that will run incoming VMs with `opts` (the pacing rate comes from
     /// the source's device state).
-    pub fn new(opts: RunOptions) -> Self {
+    pub fn new(opts: RunOptions, status: StatusFile) -> Self {
         Self {
             opts,
             machine: None,
             expected: Vec::new(),
             report: None,
+            load_times: (Duration::ZERO, Duration::ZERO),
+            status,
+            refuse_load: false,
+            host_vendor: None,
+            host_cpu: None,
         }
     }
 
+    /// Measures this host's CPU profile now (a throwaway VM), so loading an incoming VM
+    /// does not pay for it inside the downtime window.
+    ///
+    /// # Errors
+    ///
+    /// KVM failures.
+    pub fn prepare(&mut self) -> Result<()> {
+        self.host_cpu().map(|_| ())
+    }
+
+    /// This host's CPU profile (measured once), with the vendor fault injection applied.
+    fn host_cpu(&mut self) -> Result<CpuProfile> {
+        if self.host_cpu.is_none() {
+            self.host_cpu = Some(host_cpu_profile()?);
+        }
+        let mut host = self.host_cpu.clone().context("measured above")?;
+        if let Some(v) = &self.host_vendor {
+            let mut vendor = [b' '; 12];
+            for (d, s) in vendor.iter_mut().zip(v.bytes()) {
+                *d = s;
+            }
+            host.vendor = vendor;
+        }
+        Ok(host)
+    }
+
+    /// Loads without writing guest RAM (the sidecar hashes it after `Load`): checks the
+    /// CPU, rebuilds the VM, restores the vCPUs, checks the guest's record.
     fn load_inner(&mut self, regions: Vec<(RegionInfo, OwnedFd)>, blob: &[u8]) -> Result<()> {
+        ensure!(
+            !self.refuse_load,
+            "this VMM was told to refuse incoming state (--refuse-load)"
+        );
+        let t = Instant::now();
         let regions = regions
             .into_iter()
             .map(|(r, fd)| (r.gpa, r.size, r.offset, fd))
             .collect();
-        let (m, dev) = Machine::incoming(regions, blob, self.opts)?;
+        let host = self.host_cpu()?;
+        let (m, dev) = Machine::incoming(regions, blob, self.opts, &host)?;
+        let t_built = t.elapsed();
         // The guest's record in the migrated RAM must be intact ...
         let report =
             guest::verify(m.ram(), &m.cfg).context("verifying the migrated guest's record")?;
@@ -118,6 +210,17 @@ impl DestVm {
             report.counters,
             dev.counters
         );
+        self.load_times = (t_built, t.elapsed() - t_built);
+        self.status.set(
+            "loaded",
+            format!(
+                "verified {} data pages ({} written) at counters {:?}; not running until Commit",
+                report.pages,
+                report.written_pages,
+                writes_of(&report.counters)
+            ),
+        );
+        self.status.watch(m.ram_shared(), m.cfg.vcpus);
         self.expected = dev.counters;
         self.report = Some(report);
         self.machine = Some(m);
@@ -127,7 +230,9 @@ impl DestVm {
     fn start_inner(&mut self) -> Result<String> {
         let m = self.machine.as_mut().context("nothing loaded")?;
         m.start()?;
-        // Confirm it runs: every vCPU's write counter moves past the migrated value.
+        // Confirm it runs: every vCPU's write counter moves past the migrated value (the
+        // guest bumps `writes` once per page, before any pacing pause, so this takes
+        // microseconds at any rate).
         let t0 = Instant::now();
         loop {
             let now = m.counters()?;
@@ -136,22 +241,32 @@ impl DestVm {
                 .zip(&self.expected)
                 .all(|(n, e)| n.writes > e.writes)
             {
-                let r = self.report.as_ref().map_or(0, |r| r.written_pages);
-                return Ok(format!(
-                    "guest record verified ({r} written pages, counters at pause {:?}); running: writes {:?} after {:?}",
-                    self.expected.iter().map(|c| c.writes).collect::<Vec<_>>(),
-                    now.iter().map(|c| c.writes).collect::<Vec<_>>(),
-                    t0.elapsed()
-                ));
+                let (pages, written) = self
+                    .report
+                    .as_ref()
+                    .map_or((0, 0), |r| (r.pages, r.written_pages));
+                let line = format!(
+                    "{CONTINUED_MARKER}verified {pages} data pages ({written} written, every stamp at its generation) at load; \
+                     counters continued from the paused {:?} to {:?} within {:?}; load: VM built in {:?}, record checked in {:?}",
+                    writes_of(&self.expected),
+                    writes_of(&now),
+                    t0.elapsed(),
+                    self.load_times.0,
+                    self.load_times.1,
+                );
+                self.status.set("running", line.clone());
+                return Ok(line);
             }
             if let Some(f) = m.failure() {
                 anyhow::bail!("guest failed after start: {f}");
             }
             ensure!(
                 t0.elapsed() < Duration::from_secs(10),
-                "guest does not make progress after start"
+                "guest does not make progress after start: counters {:?}, paused at {:?}",
+                writes_of(&now),
+                writes_of(&self.expected)
             );
-            std::thread::sleep(Duration::from_millis(1));
+            std::thread::sleep(Duration::from_micros(100));
         }
     }
 }
@@ -169,16 +284,25 @@ impl IncomingVm for DestVm {
             blob = blob.len(),
             "loading incoming VM"
         );
-        self.load_inner(regions, &blob).map_err(boxed)
+        self.load_inner(regions, &blob).map_err(|e| {
+            tracing::warn!("refusing the incoming VM: {e:#}");
+            boxed(e)
+        })
     }
 
     fn start(&mut self) -> Result<String, VmError> {
-        self.start_inner().map_err(boxed)
+        self.start_inner().map_err(|e| {
+            self.status.set("failed", format!("{e:#}"));
+            boxed(e)
+        })
     }
 
     fn discard(&mut self) {
+        self.status.forget();
         self.machine = None;
         self.report = None;
+        self.status
+            .set("waiting", "discarded an incoming VM; waiting for another");
     }
 }
 
@@ -262,7 +386,7 @@ pub fn migrate_local(
         let b = src.take_dirty(true).map_err(to_anyhow)?;
         rounds.push(copy_pages(src.machine.ram(), &dst_ram, Some(&b))?);
         let blob = src.save_state().map_err(to_anyhow)?;
-        let mut dst = DestVm::new(src.machine.opts);
+        let mut dst = DestVm::new(src.machine.opts, StatusFile::new(None));
         let fds = dst_ram
             .regions()
             .iter()

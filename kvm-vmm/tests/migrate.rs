@@ -6,6 +6,7 @@ use ferry_kvm_glue::dirty::DirtyModeRequest;
 use ferry_kvm_vmm::guest::{self, GuestConfig, Pattern};
 use ferry_kvm_vmm::machine::{Machine, RunOptions};
 use ferry_kvm_vmm::migrate::{migrate_local, SourceVm};
+use ferry_kvm_vmm::status::StatusFile;
 
 fn migrate(pattern: Pattern, dirty: DirtyModeRequest, regions: u32) {
     assert!(
@@ -29,7 +30,7 @@ fn migrate(pattern: Pattern, dirty: DirtyModeRequest, regions: u32) {
     let mut m = Machine::boot(cfg, opts).expect("boot");
     m.start().expect("start");
     std::thread::sleep(Duration::from_millis(300));
-    let mut src = SourceVm::new(m);
+    let mut src = SourceVm::new(m, StatusFile::new(None));
     let (dst, report) = migrate_local(&mut src, 10, 256).expect("migration");
     assert!(src.stopped);
     eprintln!(
@@ -88,7 +89,7 @@ fn a_skipped_final_round_is_caught_by_verification() {
     };
     let mut m = Machine::boot(cfg, opts).expect("boot");
     m.start().expect("start");
-    let mut src = SourceVm::new(m);
+    let mut src = SourceVm::new(m, StatusFile::new(None));
     src.start_dirty_log().expect("log");
     let dst_ram = GuestRam::new_memfd(&cfg.region_layout()).expect("ram");
     copy_pages(src.machine.ram(), &dst_ram, None).expect("round 1");
@@ -105,7 +106,7 @@ fn a_skipped_final_round_is_caught_by_verification() {
         },
         r.memfd.try_clone().expect("dup"),
     )];
-    let mut dst = DestVm::new(opts);
+    let mut dst = DestVm::new(opts, StatusFile::new(None));
     let e = dst
         .load("stale", fds, blob)
         .expect_err("stale memory must be refused");
