@@ -20,6 +20,11 @@ pub const MAX_REGIONS: usize = 1024;
 pub const MAX_BLOB: usize = 64 << 20;
 /// Largest single frame: the largest blob plus room for its header fields.
 pub const MAX_FRAME: usize = MAX_BLOB + 64 * 1024;
+/// Most page ranges one `PullRanges` message may carry: 65,536 ranges x 20 bytes =
+/// 1.25 MiB, so a round's list streams in pieces the destination pulls as they come.
+pub const MAX_PULL_RANGES: usize = 65_536;
+/// Most page ranges an `RdmaFailed` may hand back (a round's whole list at worst).
+pub const MAX_UNFINISHED: usize = 4 << 20;
 /// Pages one round may report as torn: more than this means the link corrupts data,
 /// not that the guest raced a send, and the migration aborts.
 pub const MAX_TORN: usize = 65_536;
@@ -305,6 +310,42 @@ pub enum Msg {
         /// What the destination VMM checked.
         detail: String,
     },
+    /// Source: its RDMA export (QP endpoints and read-only rkeys), opaque to the sidecar.
+    RdmaOffer {
+        /// Encoded by `ferry_verbs::RdmaExport::offer`.
+        blob: Vec<u8>,
+    },
+    /// Destination: its QP endpoints; RDMA READ is the data path from now on.
+    RdmaAnswer {
+        /// Encoded by `ferry_verbs::RdmaPuller::new`.
+        blob: Vec<u8>,
+    },
+    /// Destination: RDMA cannot be used here; the migration goes over TCP.
+    RdmaUnavailable {
+        /// Why, for the summary.
+        reason: String,
+    },
+    /// Source: ranges the destination pulls with RDMA READ for `round`.
+    PullRanges {
+        /// Round number.
+        round: u32,
+        /// (region, first page, page count).
+        ranges: Vec<(u32, u64, u64)>,
+        /// Whether this is the round's last piece of the list.
+        last: bool,
+    },
+    /// Destination: RDMA failed in `round`; these ranges were not confirmed and must be
+    /// re-sent over TCP, which carries the rest of the migration.
+    RdmaFailed {
+        /// Round number.
+        round: u32,
+        /// What failed.
+        reason: String,
+        /// Pages confirmed by RDMA in this round before the failure.
+        confirmed_pages: u64,
+        /// (region, first page, page count) not confirmed.
+        unfinished: Vec<(u32, u64, u64)>,
+    },
     /// First frame of a data connection.
     DataHello {
         /// Session from the offer.
@@ -334,6 +375,18 @@ fn get_regions(r: &mut Reader<'_>) -> Result<Vec<RegionInfo>, ProtoError> {
             })
         })
         .collect()
+}
+
+fn put_ranges(w: &mut Writer, ranges: &[(u32, u64, u64)]) {
+    w.u32(ranges.len() as u32);
+    for (region, first, count) in ranges {
+        w.u32(*region).u64(*first).u64(*count);
+    }
+}
+
+fn get_ranges(r: &mut Reader<'_>, cap: usize) -> Result<Vec<(u32, u64, u64)>, ProtoError> {
+    let n = r.count(cap, 20)?;
+    (0..n).map(|_| Ok((r.u32()?, r.u64()?, r.u64()?))).collect()
 }
 
 fn bad(what: &'static str, value: u64) -> ProtoError {
@@ -384,6 +437,11 @@ impl Msg {
             Msg::Abort { .. } => 41,
             Msg::PeerRunning { .. } => 42,
             Msg::DataHello { .. } => 43,
+            Msg::RdmaOffer { .. } => 44,
+            Msg::RdmaAnswer { .. } => 45,
+            Msg::RdmaUnavailable { .. } => 46,
+            Msg::PullRanges { .. } => 47,
+            Msg::RdmaFailed { .. } => 48,
         }
     }
 
@@ -430,6 +488,11 @@ impl Msg {
             Msg::Abort { .. } => "Abort",
             Msg::PeerRunning { .. } => "PeerRunning",
             Msg::DataHello { .. } => "DataHello",
+            Msg::RdmaOffer { .. } => "RdmaOffer",
+            Msg::RdmaAnswer { .. } => "RdmaAnswer",
+            Msg::RdmaUnavailable { .. } => "RdmaUnavailable",
+            Msg::PullRanges { .. } => "PullRanges",
+            Msg::RdmaFailed { .. } => "RdmaFailed",
         }
     }
 
@@ -594,6 +657,29 @@ impl Msg {
                 proof,
             } => {
                 w.fixed(session).u16(*channel).fixed(proof);
+            }
+            Msg::RdmaOffer { blob } | Msg::RdmaAnswer { blob } => {
+                w.bytes(blob);
+            }
+            Msg::RdmaUnavailable { reason } => {
+                w.str(reason);
+            }
+            Msg::PullRanges {
+                round,
+                ranges,
+                last,
+            } => {
+                w.u32(*round).u8(u8::from(*last));
+                put_ranges(&mut w, ranges);
+            }
+            Msg::RdmaFailed {
+                round,
+                reason,
+                confirmed_pages,
+                unfinished,
+            } => {
+                w.u32(*round).str(reason).u64(*confirmed_pages);
+                put_ranges(&mut w, unfinished);
             }
         }
         w.finish()
@@ -782,6 +868,30 @@ impl Msg {
                 channel: r.u16()?,
                 proof: r.array()?,
             },
+            44 => Msg::RdmaOffer {
+                blob: r.bytes(MAX_BLOB)?.to_vec(),
+            },
+            45 => Msg::RdmaAnswer {
+                blob: r.bytes(MAX_BLOB)?.to_vec(),
+            },
+            46 => Msg::RdmaUnavailable {
+                reason: r.str(MAX_STR)?,
+            },
+            47 => {
+                let round = r.u32()?;
+                let last = bool8(&mut r, "last")?;
+                Msg::PullRanges {
+                    round,
+                    last,
+                    ranges: get_ranges(&mut r, MAX_PULL_RANGES)?,
+                }
+            }
+            48 => Msg::RdmaFailed {
+                round: r.u32()?,
+                reason: r.str(MAX_STR)?,
+                confirmed_pages: r.u64()?,
+                unfinished: get_ranges(&mut r, MAX_UNFINISHED)?,
+            },
             t => return Err(ProtoError::UnknownTag { tag: t }),
         };
         r.end()?;
@@ -907,6 +1017,22 @@ mod tests {
                 session: [1; 16],
                 channel: 3,
                 proof: [2; 32],
+            },
+            Msg::RdmaOffer { blob: vec![1, 2] },
+            Msg::RdmaAnswer { blob: vec![3] },
+            Msg::RdmaUnavailable {
+                reason: "no device".into(),
+            },
+            Msg::PullRanges {
+                round: 2,
+                ranges: vec![(0, 1, 2), (1, 5, 9)],
+                last: true,
+            },
+            Msg::RdmaFailed {
+                round: 2,
+                reason: "qp".into(),
+                confirmed_pages: 7,
+                unfinished: vec![(0, 3, 4)],
             },
         ]
     }

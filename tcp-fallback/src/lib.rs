@@ -281,6 +281,12 @@ fn read_channel(
                 )))
             }
         };
+        // Rounds only move forward. A channel may skip rounds that went over another
+        // transport (RDMA), but never switches rounds in the middle of one.
+        let fresh = stats.pages == 0 && stats.bytes == 0;
+        if hdr.round > round && fresh {
+            round = hdr.round;
+        }
         if hdr.round != round {
             return fail(TransportError::Protocol(format!(
                 "data connection {channel}: frame of round {} while round {round} is open",
@@ -564,7 +570,7 @@ mod tests {
             },
             DataHeader {
                 kind: DataKind::Zero,
-                round: 2,
+                round: 0,
                 region: 0,
                 first: 0,
                 count: 1,
@@ -586,6 +592,29 @@ mod tests {
                 .expect_err("must fail");
             assert!(matches!(err, TransportError::Protocol(_)), "{hdr:?}: {err}");
         }
+    }
+
+    #[test]
+    fn channels_skip_rounds_that_went_over_another_transport() {
+        use std::io::Write;
+        let (mut a, b) = pairs(1);
+        let dst = Arc::new(vec![region(10)]);
+        let rx = TcpReceiver::start(b, Arc::clone(&dst)).expect("start");
+        // Rounds 1-4 went over RDMA; this channel's first frame is round 5.
+        for kind in [DataKind::Zero, DataKind::RoundEnd] {
+            let count = 1;
+            let h = DataHeader { kind, round: 5, region: 0, first: 2, count };
+            a[0].write_all(&h.encode()).expect("write");
+        }
+        let got = rx.wait_round(5, Duration::from_secs(10)).expect("round 5");
+        assert_eq!(got.pages, 1);
+        // A frame of an older round is refused.
+        let h = DataHeader { kind: DataKind::Zero, round: 4, region: 0, first: 0, count: 1 };
+        a[0].write_all(&h.encode()).expect("write");
+        assert!(matches!(
+            rx.wait_round(6, Duration::from_secs(10)),
+            Err(TransportError::Protocol(_))
+        ));
     }
 
     #[test]
