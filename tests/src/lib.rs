@@ -231,12 +231,12 @@ impl Drop for Proc {
     }
 }
 
-/// A workload VMM's status file.
+/// A VMM's status file (`ferry-workload-vmm` and `ferry-kvm-vmm` write the same shape).
 #[derive(Debug, Clone, Deserialize)]
 pub struct VmStatus {
     /// "running", "paused", "migrated", "waiting", "loaded".
     pub state: String,
-    /// Writer counters.
+    /// Writer (or vCPU) counters.
     pub counters: Vec<u64>,
     /// Sum of the counters.
     pub total: u64,
@@ -266,8 +266,8 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> any
     bail!("timed out after {:?} waiting for {what}", limit)
 }
 
-/// A two-host Ferry setup: a sidecar in each namespace, a source workload VMM on A and
-/// an incoming VMM on B.
+/// A two-host Ferry setup: a sidecar in each namespace, a source VMM on A and an
+/// incoming VMM on B (workload or KVM VMM: [`VmmKind`]).
 pub struct Cluster {
     /// The hosts (dropped last).
     pub procs: Vec<Proc>,
@@ -275,17 +275,34 @@ pub struct Cluster {
     pub hosts: TwoHosts,
 }
 
+/// Which VMM a [`Cluster`] runs on both hosts.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum VmmKind {
+    /// `ferry-workload-vmm`: writer threads stand in for vCPUs.
+    #[default]
+    Workload,
+    /// `ferry-kvm-vmm`: a real KVM guest (CPL3 program stamping pages) with the given
+    /// vCPUs. Needs `/dev/kvm`: [`Cluster::start`] fails loudly without it.
+    Kvm {
+        /// vCPUs.
+        vcpus: u32,
+    },
+}
+
 /// Options of a [`Cluster`].
 #[derive(Clone, Debug)]
 pub struct ClusterOpts {
     /// Guest RAM.
     pub mem_mib: u64,
-    /// Dirtying rate.
+    /// Dirtying rate (for the KVM guest: page writes per second over all vCPUs, in
+    /// MiB/s; random pages, so mostly distinct pages).
     pub rate_mib: u64,
     /// Give the destination a different key.
     pub wrong_key: bool,
     /// Extra args for the destination VMM.
     pub dest_vmm_args: Vec<String>,
+    /// The VMM on both hosts.
+    pub vmm: VmmKind,
 }
 
 impl Default for ClusterOpts {
@@ -295,8 +312,18 @@ impl Default for ClusterOpts {
             rate_mib: 32,
             wrong_key: false,
             dest_vmm_args: Vec::new(),
+            vmm: VmmKind::Workload,
         }
     }
+}
+
+/// Fails (panics) loudly when `/dev/kvm` is missing: a KVM test must never pass by
+/// skipping.
+pub fn require_kvm() {
+    assert!(
+        Path::new("/dev/kvm").exists(),
+        "/dev/kvm is missing: this KVM end-to-end test cannot run here and fails instead of skipping"
+    );
 }
 
 /// Indices into [`Cluster::procs`].
@@ -318,7 +345,6 @@ impl Cluster {
     pub fn start(opts: &ClusterOpts) -> anyhow::Result<Self> {
         let hosts = TwoHosts::new()?;
         let ferry = bin("ferry");
-        let vmm = bin("ferry-workload-vmm");
         std::fs::write(hosts.path("key-a"), "e2e-shared-key-0123456789\n")?;
         let key_b = if opts.wrong_key {
             "another-key-9876543210abcdef\n"
@@ -350,23 +376,46 @@ impl Cluster {
                 sock.exists()
             })?;
         }
-        let mut c = hosts.cmd(0, &vmm);
-        c.arg("--socket")
-            .arg(hosts.path("a.sock"))
-            .args(["--vm-id", "vm1", "--mem-mib", &opts.mem_mib.to_string()])
-            .args([
-                "--rate-mib",
-                &opts.rate_mib.to_string(),
-                "--max-runtime-s",
-                "300",
-            ])
+        let (src, dst) = match opts.vmm {
+            VmmKind::Workload => {
+                let vmm = bin("ferry-workload-vmm");
+                let mut src = hosts.cmd(0, &vmm);
+                src.arg("--socket")
+                    .arg(hosts.path("a.sock"))
+                    .args(["--vm-id", "vm1", "--mem-mib", &opts.mem_mib.to_string()])
+                    .args(["--rate-mib", &opts.rate_mib.to_string()]);
+                let mut dst = hosts.cmd(1, &vmm);
+                dst.arg("--socket")
+                    .arg(hosts.path("b.sock"))
+                    .args(["--vm-id", "vm1", "--incoming"]);
+                (src, dst)
+            }
+            VmmKind::Kvm { vcpus } => {
+                require_kvm();
+                let vmm = bin("ferry-kvm-vmm");
+                // Pages per second per vCPU for rate_mib MiB/s over all vCPUs.
+                let rate = (opts.rate_mib << 20) / 4096 / u64::from(vcpus.max(1));
+                let mut src = hosts.cmd(0, &vmm);
+                src.arg("source")
+                    .arg("--sidecar")
+                    .arg(hosts.path("a.sock"))
+                    .args(["--vm-id", "vm1", "--ram-mib", &opts.mem_mib.to_string()])
+                    .args(["--vcpus", &vcpus.to_string(), "--rate", &rate.to_string()]);
+                let mut dst = hosts.cmd(1, &vmm);
+                dst.arg("dest")
+                    .arg("--sidecar")
+                    .arg(hosts.path("b.sock"))
+                    .args(["--vm-id", "vm1"]);
+                (src, dst)
+            }
+        };
+        let mut c = src;
+        c.args(["--max-runtime-s", "300"])
             .arg("--status-file")
             .arg(hosts.path("vm-a.json"));
         procs.push(Proc::spawn("vmm-a", c, hosts.path("vmm-a.log"))?);
-        let mut c = hosts.cmd(1, &vmm);
-        c.arg("--socket")
-            .arg(hosts.path("b.sock"))
-            .args(["--vm-id", "vm1", "--incoming", "--max-runtime-s", "300"])
+        let mut c = dst;
+        c.args(["--max-runtime-s", "300"])
             .arg("--status-file")
             .arg(hosts.path("vm-b.json"))
             .args(&opts.dest_vmm_args);
@@ -471,6 +520,30 @@ impl Cluster {
         let s2 = self.vm_a().context("source status")?;
         if s2.state != "running" || s2.total <= t1 {
             bail!("source VM not making progress: {t1} -> {s2:?}");
+        }
+        Ok(())
+    }
+
+    /// Asserts the source VM runs and every one of its counters increases past `paused`
+    /// (the per-counter values seen while it was paused), or past the values seen now
+    /// when `paused` is `None`.
+    ///
+    /// # Errors
+    ///
+    /// When the VM is not running or a counter does not move.
+    pub fn source_continues_from(&self, paused: Option<&[u64]>) -> anyhow::Result<()> {
+        wait_for("source VM running again", Duration::from_secs(30), || {
+            self.vm_a().is_some_and(|s| s.state == "running")
+        })?;
+        let s1 = self.vm_a().context("source status")?;
+        let base = paused.map_or_else(|| s1.counters.clone(), <[u64]>::to_vec);
+        std::thread::sleep(Duration::from_millis(600));
+        let s2 = self.vm_a().context("source status")?;
+        let moved = s2.counters.len() == base.len()
+            && !base.is_empty()
+            && s2.counters.iter().zip(&base).all(|(n, b)| n > b);
+        if s2.state != "running" || !moved {
+            bail!("source VM not making progress from {base:?}: {s2:?}");
         }
         Ok(())
     }
