@@ -385,9 +385,11 @@ impl Cluster {
                     .args(["--vm-id", "vm1", "--mem-mib", &opts.mem_mib.to_string()])
                     .args(["--rate-mib", &opts.rate_mib.to_string()]);
                 let mut dst = hosts.cmd(1, &vmm);
-                dst.arg("--socket")
-                    .arg(hosts.path("b.sock"))
-                    .args(["--vm-id", "vm1", "--incoming"]);
+                dst.arg("--socket").arg(hosts.path("b.sock")).args([
+                    "--vm-id",
+                    "vm1",
+                    "--incoming",
+                ]);
                 (src, dst)
             }
             VmmKind::Kvm { vcpus } => {

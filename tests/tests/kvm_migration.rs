@@ -57,7 +57,13 @@ fn a_running_kvm_guest_migrates_between_two_hosts_and_continues() -> anyhow::Res
         "{detail}"
     );
     let b = &s["downtime_breakdown"];
-    for part in ["pause_ms", "final_copy_ms", "state_ms", "verify_ms", "restore_ms"] {
+    for part in [
+        "pause_ms",
+        "final_copy_ms",
+        "state_ms",
+        "verify_ms",
+        "restore_ms",
+    ] {
         assert!(b[part].as_f64().is_some_and(|v| v >= 0.0), "{s:#}");
     }
     assert!(s["downtime_ms"].as_f64() > Some(0.0), "{s:#}");
@@ -90,16 +96,20 @@ fn a_running_kvm_guest_migrates_between_two_hosts_and_continues() -> anyhow::Res
     );
     // The source's VMM process exits once the VM runs elsewhere; the destination VMM
     // registered the VM with its own sidecar, so it could migrate on.
-    wait_for("VM registered on the destination", Duration::from_secs(10), || {
-        cl.ferry_status(1)
-            .is_some_and(|s| s["registered"].as_array().is_some_and(|a| !a.is_empty()))
-    })?;
+    wait_for(
+        "VM registered on the destination",
+        Duration::from_secs(10),
+        || {
+            cl.ferry_status(1)
+                .is_some_and(|s| s["registered"].as_array().is_some_and(|a| !a.is_empty()))
+        },
+    )?;
     Ok(())
 }
 
 #[test]
-fn killing_the_destination_sidecar_in_round_one_keeps_the_kvm_guest_running(
-) -> anyhow::Result<()> {
+fn killing_the_destination_sidecar_in_round_one_keeps_the_kvm_guest_running() -> anyhow::Result<()>
+{
     let _g = serial();
     let mut cl = Cluster::start(&kvm(256, 32))?;
     // 200 Mbit/s: round 1 of ~250 MiB takes ~10 s, a wide window to kill in.
@@ -119,8 +129,8 @@ fn killing_the_destination_sidecar_in_round_one_keeps_the_kvm_guest_running(
 }
 
 #[test]
-fn killing_the_destination_sidecar_while_the_kvm_guest_is_paused_resumes_it(
-) -> anyhow::Result<()> {
+fn killing_the_destination_sidecar_while_the_kvm_guest_is_paused_resumes_it() -> anyhow::Result<()>
+{
     let _g = serial();
     let mut cl = Cluster::start(&kvm(256, 32))?;
     let child = cl.spawn_migrate(&["--streams", "4"])?;
