@@ -29,6 +29,13 @@ pub enum Error {
     /// libibverbs works but lists no RDMA device.
     #[error("No RDMA device found")]
     NoDevice,
+    /// Devices are listed but none is usable (no active port, or no GID to
+    /// address it with): the engine should use TCP instead.
+    #[error("No usable RDMA device: {reason}")]
+    NoUsableDevice {
+        /// What was wrong with each device.
+        reason: String,
+    },
     /// A device was asked for by name and is not in the device list.
     #[error("No RDMA device named {name:?}")]
     DeviceNotFound {
@@ -240,7 +247,10 @@ impl Error {
     /// support, or no device): the engine should use TCP instead.
     #[must_use]
     pub fn is_no_rdma(&self) -> bool {
-        matches!(self, Error::Unsupported { .. } | Error::NoDevice)
+        matches!(
+            self,
+            Error::Unsupported { .. } | Error::NoDevice | Error::NoUsableDevice { .. }
+        )
     }
 }
 

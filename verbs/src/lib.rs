@@ -144,6 +144,7 @@ mod error;
 mod mr;
 mod qp;
 pub mod sys;
+pub mod transport;
 
 pub use device::{
     device_reports, devices, Context, DeviceInfo, DeviceLimits, DeviceReport, Gid, GidEntry,
@@ -157,3 +158,4 @@ pub use qp::{
     CompletionBuffer, CompletionQueue, Completions, ConnectedQp, PreparedQp, QpEndpoint, ReadBatch,
     ReadCompletion, ReadRequest,
 };
+pub use transport::{RdmaExport, RdmaPuller};
