@@ -154,7 +154,7 @@ impl SourceRun<'_> {
         let round_total = work.bytes();
         let report = self.report;
         let sent = std::thread::scope(|s| {
-            s.spawn(|| {
+            let reporter = s.spawn(|| {
                 while !finished.load(Ordering::Acquire) {
                     let d = done.load(Ordering::Relaxed);
                     report(Msg::Progress {
@@ -164,13 +164,17 @@ impl SourceRun<'_> {
                         round_total,
                         total_done: total_before + d,
                     });
-                    std::thread::sleep(Duration::from_millis(100));
+                    // Parked, not asleep: the round's end unparks it at once, so the
+                    // scope (and the final round, inside the downtime) does not wait
+                    // out the interval.
+                    std::thread::park_timeout(Duration::from_millis(100));
                 }
             });
             let r = sender.send_round(round, &work, &|b| {
                 done.fetch_add(b, Ordering::Relaxed);
             });
             finished.store(true, Ordering::Release);
+            reporter.thread().unpark();
             r
         })?;
         let (pages, bytes, torn) = match expect_reply(self.ctl()?, "a round's confirmation")? {
