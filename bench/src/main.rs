@@ -2,7 +2,10 @@
 //! measured in the same run on the same link (this machine is shared and noisy).
 //!
 //! - `ferry-bench tcp`: full-copy throughput over loopback vs iperf3, CPU s/GiB.
+//! - `ferry-bench downtime`: downtime p50/p90 and total time of a running KVM guest
+//!   (1 and 4 GiB, dirtying 0/64/256 MiB/s) over loopback, with dirty-log cost per read.
 
+mod downtime;
 mod local;
 mod tcp;
 
@@ -19,10 +22,14 @@ struct Cli {
 enum Cmd {
     /// Full-copy throughput of a random-filled region over loopback, vs iperf3.
     Tcp(tcp::TcpArgs),
+    /// Downtime and total time of a running KVM guest migrated over loopback, per guest
+    /// size and dirtying rate (strict verification, the sidecar's default).
+    Downtime(downtime::DowntimeArgs),
 }
 
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Tcp(a) => tcp::run(&a),
+        Cmd::Downtime(a) => downtime::run(&a),
     }
 }
