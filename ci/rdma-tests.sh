@@ -1,7 +1,8 @@
 #!/bin/bash
 # ci/rdma-tests.sh - run ferry-verbs' tests against a real RDMA device.
 #
-# 1. Builds the ferry-verbs test binaries on the HOST (release, --locked):
+# 1. Builds the ferry-verbs test binaries and the end-to-end RDMA migration test
+#    (with the ferry and workload VMM binaries it starts) on the HOST (release, --locked):
 #    the guest is TCG-emulated and ~50x slower, so nothing is compiled there.
 # 2. Boots the SoftRoCE guest (ci/rxe-vm.sh: rxe0 on lo, repo shared at the
 #    same path) and runs every test binary there with FERRY_REQUIRE_RDMA=1,
@@ -24,6 +25,10 @@ T_BUILD=$(now)
 JSON=$(mktemp)
 trap 'rm -f "$JSON"' EXIT
 cargo test --release --locked -p ferry-verbs --no-run --message-format=json-render-diagnostics > "$JSON"
+# The end-to-end RDMA migration test starts the real binaries: build them too.
+cargo build --release --locked -p ferry-sidecar -p ferry-workload-vmm
+cargo test --release --locked -p ferry-e2e --test rdma_migration --no-run \
+  --message-format=json-render-diagnostics >> "$JSON"
 # Test executables of ferry-verbs are the only artifacts with an "executable"
 # (dependencies are libraries). Keep paths under the shared repo.
 mapfile -t EXES < <(grep '"reason":"compiler-artifact"' "$JSON" |

@@ -15,6 +15,8 @@ use crate::ProtoError;
 /// Page size of guest RAM.
 pub const PAGE: usize = 4096;
 
+/// `MADV_POPULATE_READ` (Linux 5.14): map every page in for reading, without reading.
+const MADV_POPULATE_READ: i32 = 22;
 /// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in, writable, without writing.
 const MADV_POPULATE_WRITE: i32 = 23;
 
@@ -163,6 +165,20 @@ impl GuestRegion {
     ///
     /// [`ProtoError::Io`] from `madvise` (ENOMEM when memory runs out).
     pub fn populate(&self, threads: usize) -> Result<Duration, ProtoError> {
+        self.madvise_all(threads, MADV_POPULATE_WRITE)
+    }
+
+    /// Maps every page of a region someone else filled (the source VM's RAM) into this
+    /// process's page tables, so sending it later takes no page fault per page.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Io`] from `madvise`.
+    pub fn prefault_read(&self, threads: usize) -> Result<Duration, ProtoError> {
+        self.madvise_all(threads, MADV_POPULATE_READ)
+    }
+
+    fn madvise_all(&self, threads: usize, advice: i32) -> Result<Duration, ProtoError> {
         let t0 = Instant::now();
         let threads = threads.max(1);
         let per = (self.len / PAGE).div_ceil(threads) * PAGE;
@@ -178,18 +194,14 @@ impl GuestRegion {
                         }
                         let n = per.min(len - start);
                         // SAFETY: [base+start, base+start+n) lies inside the mapping,
-                        // which outlives the scope; MADV_POPULATE_WRITE changes no data.
+                        // which outlives the scope; populating changes no data.
                         let rc = unsafe {
-                            libc::madvise(
-                                (base + start) as *mut libc::c_void,
-                                n,
-                                MADV_POPULATE_WRITE,
-                            )
+                            libc::madvise((base + start) as *mut libc::c_void, n, advice)
                         };
                         if rc == 0 {
                             Ok(())
                         } else {
-                            Err(os("madvise(MADV_POPULATE_WRITE)"))
+                            Err(os("madvise(MADV_POPULATE_*)"))
                         }
                     })
                 })

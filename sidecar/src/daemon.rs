@@ -193,6 +193,14 @@ fn handle_vmm(d: &Arc<Daemon>, mut s: UnixStream) -> anyhow::Result<()> {
                     Err(e) => return Err(refuse(&mut s, format!("cannot map region: {e}"))),
                 }
             }
+            // Map the VM's RAM into our page tables now, off the migration's path.
+            let t = std::time::Instant::now();
+            for m in &mem {
+                if let Err(e) = m.prefault_read(2) {
+                    tracing::warn!(%vm_id, "prefaulting guest RAM: {e}");
+                }
+            }
+            tracing::debug!(%vm_id, ms = t.elapsed().as_millis() as u64, "guest RAM prefaulted");
             if d.active.lock().expect("lock").contains_key(&vm_id) {
                 return Err(refuse(&mut s, format!("VM {vm_id} is being migrated")));
             }

@@ -9,10 +9,13 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ferry_engine::commit::{DestAction, DestCommit, DestEvent};
 use ferry_engine::digest::{region_digest, MemoryDigest};
+use ferry_engine::plan::PageRange;
+use ferry_engine::transport::TransportError;
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::mem::{GuestRegion, PAGE};
-use ferry_proto::msg::{Msg, RegionInfo, MAX_FRAME};
+use ferry_proto::msg::{Msg, RegionInfo, MAX_FRAME, MAX_UNFINISHED};
 use ferry_tcp::TcpReceiver;
+use ferry_verbs::RdmaPuller;
 
 use crate::daemon::{Daemon, WaitingVmm};
 use crate::vmm::request;
@@ -27,6 +30,111 @@ const DATA_CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 /// Longest silence on the data connections within a round before the source is
 /// considered gone (keepalive usually notices first).
 const ROUND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Longest time one RDMA READ may stay unanswered before the queue pair is declared
+/// dead (rxe reports nothing when the peer's QP dies, so the puller must time out).
+const RDMA_STALL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Fault injection for tests: fail RDMA queue pair 0 after this many bytes pulled.
+const FAIL_RDMA_ENV: &str = "FERRY_TEST_FAIL_RDMA_AFTER_BYTES";
+
+/// Checks ranges a peer asked for against the layout.
+fn checked_ranges(list: &[(u32, u64, u64)], mem: &[GuestRegion]) -> anyhow::Result<Vec<PageRange>> {
+    list.iter()
+        .map(|&(region, first, count)| {
+            let ok = mem.get(region as usize).is_some_and(|r| {
+                count > 0 && first.checked_add(count).is_some_and(|e| e <= r.npages())
+            });
+            if !ok {
+                bail!(
+                    "the source asked for pages {first}+{count} of region {region}, outside the VM"
+                );
+            }
+            Ok(PageRange {
+                region,
+                first,
+                count,
+            })
+        })
+        .collect()
+}
+
+/// Pulls one round's ranges as the source streams their list. On a failure the rest of
+/// the list is still read and handed back as unfinished.
+fn pull_round(
+    ctl: &mut TcpStream,
+    puller: &mut RdmaPuller,
+    mem: &[GuestRegion],
+    round: u32,
+) -> anyhow::Result<Msg> {
+    let (mut pages, mut bytes) = (0u64, 0u64);
+    let mut failure: Option<String> = None;
+    let mut unfinished: Vec<(u32, u64, u64)> = Vec::new();
+    let mut listed = 0u64;
+    loop {
+        let (r, list, last) = match read_msg(ctl, MAX_FRAME)? {
+            Msg::PullRanges {
+                round,
+                ranges,
+                last,
+            } => (round, ranges, last),
+            other => bail!("expected the round's pull list, got {}", other.name()),
+        };
+        if r != round {
+            bail!("pull list of round {r} inside round {round}");
+        }
+        let ranges = checked_ranges(&list, mem)?;
+        listed += ranges.iter().map(|x| x.count).sum::<u64>();
+        if failure.is_some() {
+            unfinished.extend(list);
+        } else {
+            match puller.pull(&ranges, &|_| {}, RDMA_STALL_TIMEOUT) {
+                Ok(st) => {
+                    pages += st.pages;
+                    bytes += st.bytes;
+                }
+                Err(TransportError::Failed {
+                    reason,
+                    unfinished: left,
+                }) => {
+                    let left_pages: u64 = left.iter().map(|x| x.count).sum();
+                    let chunk_pages: u64 = ranges.iter().map(|x| x.count).sum();
+                    pages += chunk_pages.saturating_sub(left_pages);
+                    bytes += chunk_pages.saturating_sub(left_pages) * PAGE as u64;
+                    unfinished.extend(left.iter().map(|x| (x.region, x.first, x.count)));
+                    failure = Some(reason);
+                }
+                Err(e) => {
+                    unfinished.extend(list);
+                    failure = Some(e.to_string());
+                }
+            }
+        }
+        if unfinished.len() > MAX_UNFINISHED {
+            bail!("more than {MAX_UNFINISHED} unfinished ranges in round {round}");
+        }
+        if last {
+            break;
+        }
+    }
+    Ok(match failure {
+        None => Msg::RoundDone {
+            round,
+            pages,
+            bytes,
+            torn: Vec::new(),
+        },
+        Some(reason) => {
+            tracing::warn!(round, %reason, listed, confirmed = pages, "RDMA failed; handing the rest back for TCP");
+            Msg::RdmaFailed {
+                round,
+                reason,
+                confirmed_pages: pages,
+                unfinished,
+            }
+        }
+    })
+}
 
 /// Longest silence on the control connection between steps.
 const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
@@ -228,10 +336,50 @@ fn receive(
     let streams: Vec<TcpStream> = slots.into_iter().flatten().collect();
     let receiver = TcpReceiver::start(streams, Arc::clone(&mem))?;
     let mut receiver = Some(receiver);
+    let mut puller: Option<RdmaPuller> = None;
     ctl.set_read_timeout(Some(CONTROL_IDLE_TIMEOUT))?;
     loop {
         let msg = read_msg(ctl, MAX_FRAME)?;
         match msg {
+            Msg::RdmaOffer { blob } => match RdmaPuller::new(&mem, &blob) {
+                Ok((mut p, answer)) => {
+                    if let Some(n) = std::env::var(FAIL_RDMA_ENV)
+                        .ok()
+                        .and_then(|v| v.parse().ok())
+                    {
+                        tracing::warn!(
+                            after_bytes = n,
+                            "test fault injection: RDMA QP 0 will fail"
+                        );
+                        p.inject_qp_failure(0, n);
+                    }
+                    tracing::info!(%vm_id, rdma = %p.describe(), "pulling with RDMA READ");
+                    write_msg(ctl, &Msg::RdmaAnswer { blob: answer })?;
+                    puller = Some(p);
+                }
+                Err(e) => {
+                    tracing::info!(%vm_id, "no RDMA here: {e}");
+                    write_msg(
+                        ctl,
+                        &Msg::RdmaUnavailable {
+                            reason: e.to_string(),
+                        },
+                    )?;
+                }
+            },
+            Msg::RdmaUnavailable { reason } => {
+                tracing::info!(%vm_id, %reason, "the source turned RDMA down; TCP it is");
+                puller = None;
+            }
+            Msg::RoundStart { round, .. } if puller.is_some() => {
+                let p = puller.as_mut().expect("checked is_some");
+                let reply = pull_round(ctl, p, &mem, round)?;
+                if matches!(reply, Msg::RdmaFailed { .. }) {
+                    // Deregister now; TCP carries the rest (the source re-sends this round).
+                    puller = None;
+                }
+                write_msg(ctl, &reply)?;
+            }
             Msg::RoundStart { round, .. } => {
                 let rx = receiver
                     .as_ref()
@@ -248,8 +396,10 @@ fn receive(
                 )?;
             }
             Msg::StateBlob { blob } => {
-                // All memory is here: stop the readers, hand everything to the VMM.
+                // All memory is here: stop the readers, release the NIC's access
+                // (rkeys and lkeys die), hand everything to the VMM.
                 receiver = None;
+                puller = None;
                 let raw: Vec<_> = fds.iter().map(|f| f.as_raw_fd()).collect();
                 let layout: Vec<RegionInfo> = regions
                     .iter()

@@ -5,6 +5,7 @@
 //! - `ferry migrate <vm> --to <host:port>` asks the local daemon to live-migrate a
 //!   registered VM, shows progress, and prints a summary (`--json`: one JSON object).
 //! - `ferry status` prints what the daemon holds.
+//! - `ferry devices` lists RDMA devices (TCP is used when there are none).
 //! - `ferry keygen <file>` writes a fresh random shared key.
 
 mod cli_server;
@@ -107,6 +108,8 @@ enum Cmd {
         #[arg(long, default_value = "/run/ferry/ferry.sock")]
         socket: PathBuf,
     },
+    /// List RDMA devices: ports, link layer, GIDs (RoCE v2 IPv4 marked), limits, NUMA node.
+    Devices,
     /// Write a fresh random shared key to a file (mode 0600).
     Keygen {
         /// Key file to create.
@@ -166,6 +169,22 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             })?;
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Devices => match ferry_verbs::device_reports() {
+            Ok(reports) if !reports.is_empty() => {
+                for r in reports {
+                    println!("{r}");
+                }
+                Ok(ExitCode::SUCCESS)
+            }
+            Ok(_) => {
+                println!("no RDMA devices; migrations use TCP");
+                Ok(ExitCode::from(1))
+            }
+            Err(e) => {
+                println!("no RDMA devices ({e}); migrations use TCP");
+                Ok(ExitCode::from(1))
+            }
+        },
         Cmd::Keygen { file } => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;

@@ -22,9 +22,12 @@ use ferry_engine::PAGE_SIZE;
 use ferry_proto::auth::{self, random};
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::mem::GuestRegion;
-use ferry_proto::msg::{MigrateRequest, Msg, OnLimit, Phase, TransportChoice, MAX_FRAME};
+use ferry_proto::msg::{
+    MigrateRequest, Msg, OnLimit, Phase, TransportChoice, MAX_FRAME, MAX_PULL_RANGES,
+};
 use ferry_proto::net::{set_buffers, tune_peer_socket, DEAD_PEER_AFTER};
 use ferry_tcp::TcpSender;
+use ferry_verbs::RdmaExport;
 
 use crate::daemon::{proof, Daemon, RegisteredVm};
 use crate::summary::{RoundSummary, Summary, GUEST_CONTINUED_MARKER};
@@ -119,6 +122,30 @@ struct SourceRun<'a> {
     summary: Summary,
     total_done: AtomicU64,
     t0: Instant,
+    /// The RDMA export while RDMA READ is the data path; `None` on TCP.
+    rdma: Option<RdmaExport>,
+}
+
+/// Turns page ranges a peer sent back into checked [`PageRange`]s.
+fn ranges_from_peer(
+    list: &[(u32, u64, u64)],
+    mem: &[GuestRegion],
+) -> anyhow::Result<Vec<PageRange>> {
+    list.iter()
+        .map(|&(region, first, count)| {
+            let ok = mem.get(region as usize).is_some_and(|r| {
+                count > 0 && first.checked_add(count).is_some_and(|e| e <= r.npages())
+            });
+            if !ok {
+                bail!("peer named pages {first}+{count} of region {region}, outside the VM");
+            }
+            Ok(PageRange {
+                region,
+                first,
+                count,
+            })
+        })
+        .collect()
 }
 
 impl SourceRun<'_> {
@@ -132,8 +159,143 @@ impl SourceRun<'_> {
         }
     }
 
-    /// Runs one round: announce, send, wait for the destination's confirmation.
+    /// Runs one round on the current data path and records it.
     fn round(
+        &mut self,
+        sender: &mut dyn PageSender,
+        mem: &[GuestRegion],
+        round: u32,
+        final_round: bool,
+        ranges: &[PageRange],
+    ) -> anyhow::Result<RoundStats> {
+        let t = Instant::now();
+        let total_pages: u64 = ranges.iter().map(|r| r.count).sum();
+        let stats = if self.rdma.is_some() {
+            match self.rdma_round(round, final_round, ranges)? {
+                Ok(stats) => stats,
+                Err((confirmed, unfinished)) => {
+                    // RDMA is gone: the rest of this round, and every later one, over TCP.
+                    let unfinished = ranges_from_peer(&unfinished, mem)?;
+                    let mut rest = self.tcp_round(sender, round, final_round, &unfinished)?;
+                    rest.pages += confirmed;
+                    rest.bytes += confirmed * PAGE_SIZE;
+                    rest
+                }
+            }
+        } else {
+            self.tcp_round(sender, round, final_round, ranges)?
+        };
+        if stats.pages != total_pages {
+            bail!(
+                "destination confirmed {} pages of round {round}; {total_pages} were planned",
+                stats.pages
+            );
+        }
+        let elapsed = t.elapsed();
+        self.total_done.fetch_add(stats.bytes, Ordering::Relaxed);
+        self.engine.round_finished(RoundRecord {
+            round,
+            pages: stats.pages,
+            bytes: stats.bytes,
+            zero_pages: stats.zero_pages,
+            elapsed,
+        });
+        self.summary.per_round.push(RoundSummary {
+            round,
+            final_round,
+            dirty_pages: stats.pages,
+            bytes: stats.bytes,
+            zero_pages: stats.zero_pages,
+            torn_pages: stats.torn.len() as u64,
+            ms: elapsed.as_secs_f64() * 1e3,
+        });
+        tracing::info!(
+            round,
+            final_round,
+            pages = stats.pages,
+            mib = stats.bytes >> 20,
+            zero = stats.zero_pages,
+            torn = stats.torn.len(),
+            ms = elapsed.as_millis() as u64,
+            "round done"
+        );
+        Ok(stats)
+    }
+
+    /// A round over RDMA: the destination pulls the listed ranges. Returns the
+    /// destination's failure report (pages confirmed, ranges unfinished) when its QPs
+    /// failed; RDMA is then dropped (memory registrations released).
+    #[allow(clippy::type_complexity)]
+    fn rdma_round(
+        &mut self,
+        round: u32,
+        final_round: bool,
+        ranges: &[PageRange],
+    ) -> anyhow::Result<Result<RoundStats, (u64, Vec<(u32, u64, u64)>)>> {
+        let ctl = self.ctl()?;
+        write_msg(ctl, &Msg::RoundStart { round, final_round })?;
+        let list: Vec<(u32, u64, u64)> = ranges
+            .iter()
+            .map(|r| (r.region, r.first, r.count))
+            .collect();
+        let mut pieces = list.chunks(MAX_PULL_RANGES).peekable();
+        if pieces.peek().is_none() {
+            write_msg(
+                ctl,
+                &Msg::PullRanges {
+                    round,
+                    ranges: Vec::new(),
+                    last: true,
+                },
+            )?;
+        }
+        while let Some(piece) = pieces.next() {
+            let last = pieces.peek().is_none();
+            write_msg(
+                ctl,
+                &Msg::PullRanges {
+                    round,
+                    ranges: piece.to_vec(),
+                    last,
+                },
+            )?;
+        }
+        match expect_reply(self.ctl()?, "a pulled round's confirmation")? {
+            Msg::RoundDone {
+                round: r,
+                pages,
+                bytes,
+                ..
+            } if r == round => Ok(Ok(RoundStats {
+                pages,
+                bytes,
+                ..RoundStats::default()
+            })),
+            Msg::RdmaFailed {
+                round: r,
+                reason,
+                confirmed_pages,
+                unfinished,
+            } if r == round => {
+                tracing::warn!(round, %reason, unfinished = unfinished.len(), "RDMA failed; falling back to TCP");
+                self.rdma = None;
+                self.summary.transport = "rdma+tcp".into();
+                self.summary.transport_reason = format!(
+                    "{}; RDMA failed in round {round} ({reason}): {} unfinished ranges re-sent over TCP, TCP from then on",
+                    self.summary.transport_reason,
+                    unfinished.len()
+                );
+                Ok(Err((confirmed_pages, unfinished)))
+            }
+            other => bail!(
+                "destination answered {} to pulled round {round}",
+                other.name()
+            ),
+        }
+    }
+
+    /// A round over TCP: announce, push, wait for the destination's confirmation.
+    fn tcp_round(
         &mut self,
         sender: &mut dyn PageSender,
         round: u32,
@@ -141,7 +303,6 @@ impl SourceRun<'_> {
         ranges: &[PageRange],
     ) -> anyhow::Result<RoundStats> {
         let work = plan(ranges, sender.channels(), DEFAULT_CHUNK_PAGES);
-        let t = Instant::now();
         write_msg(self.ctl()?, &Msg::RoundStart { round, final_round })?;
         let done = AtomicU64::new(0);
         let finished = AtomicBool::new(false);
@@ -193,47 +354,27 @@ impl SourceRun<'_> {
                 sent.bytes
             );
         }
-        let elapsed = t.elapsed();
-        self.total_done.fetch_add(sent.bytes, Ordering::Relaxed);
-        self.engine.round_finished(RoundRecord {
-            round,
-            pages,
-            bytes,
-            zero_pages: sent.zero_pages,
-            elapsed,
-        });
-        self.summary.per_round.push(RoundSummary {
-            round,
-            final_round,
-            dirty_pages: pages,
-            bytes,
-            zero_pages: sent.zero_pages,
-            torn_pages: torn.len() as u64,
-            ms: elapsed.as_secs_f64() * 1e3,
-        });
-        tracing::info!(
-            round,
-            final_round,
-            pages,
-            mib = bytes >> 20,
-            zero = sent.zero_pages,
-            torn = torn.len(),
-            ms = elapsed.as_millis() as u64,
-            "round done"
-        );
         Ok(RoundStats { torn, ..sent })
     }
 
     fn execute(&mut self, vm: &RegisteredVm) -> anyhow::Result<()> {
         let req = self.req;
         let channels = req.channels;
-        let (transport, reason) = match req.transport {
-            TransportChoice::Tcp => ("tcp", "requested"),
-            TransportChoice::Auto => ("tcp", "auto: this build has no RDMA transport wired in yet"),
-            TransportChoice::Rdma => bail!("the RDMA transport is not available in this build"),
-        };
-        self.summary.transport = transport.into();
-        self.summary.transport_reason = reason.into();
+        // RDMA first when allowed: register guest RAM read-only for the peer.
+        let mut export = None;
+        self.summary.transport = "tcp".into();
+        self.summary.transport_reason = "requested".into();
+        if req.transport != TransportChoice::Tcp {
+            match RdmaExport::new(&vm.mem, usize::from(channels)) {
+                Ok(e) => export = Some(e),
+                Err(e) if req.transport == TransportChoice::Rdma => {
+                    bail!("RDMA was requested but is unavailable on the source: {e}")
+                }
+                Err(e) => {
+                    self.summary.transport_reason = format!("auto: no RDMA on the source ({e})")
+                }
+            }
+        }
         // Connect and authenticate.
         let addr = req
             .to
@@ -254,7 +395,12 @@ impl SourceRun<'_> {
                 page_size: PAGE_SIZE as u32,
                 regions: vm.regions.clone(),
                 channels,
-                transports: 1 << TransportChoice::Tcp as u8,
+                transports: (1 << TransportChoice::Tcp as u8)
+                    | if export.is_some() {
+                        1 << TransportChoice::Rdma as u8
+                    } else {
+                        0
+                    },
                 cpu_profile: vm.cpu_profile.clone(),
                 session,
             },
@@ -265,6 +411,43 @@ impl SourceRun<'_> {
             other => bail!("destination answered {} to the offer", other.name()),
         };
         self.summary.prepare_ms = prepare_us as f64 / 1e3;
+        if let Some(mut exp) = export {
+            write_msg(self.ctl()?, &Msg::RdmaOffer { blob: exp.offer() })?;
+            let outcome = match expect_reply(self.ctl()?, "the RDMA answer")? {
+                Msg::RdmaAnswer { blob } => match exp.connect(&blob) {
+                    Ok(()) => Ok(()),
+                    Err(e) => {
+                        // The destination thinks RDMA is on: tell it otherwise.
+                        let reason = format!("the source could not connect its queue pairs: {e}");
+                        write_msg(
+                            self.ctl()?,
+                            &Msg::RdmaUnavailable {
+                                reason: reason.clone(),
+                            },
+                        )?;
+                        Err(reason)
+                    }
+                },
+                Msg::RdmaUnavailable { reason } => {
+                    Err(format!("no RDMA at the destination ({reason})"))
+                }
+                other => bail!("destination answered {} to the RDMA offer", other.name()),
+            };
+            match outcome {
+                Ok(()) => {
+                    self.summary.transport = "rdma".into();
+                    self.summary.transport_reason = format!(
+                        "both sidecars have RDMA and {channels} queue pairs connected ({}); the destination pulls with RDMA READ",
+                        exp.describe()
+                    );
+                    self.rdma = Some(exp);
+                }
+                Err(reason) if req.transport == TransportChoice::Rdma => {
+                    bail!("RDMA was requested: {reason}")
+                }
+                Err(reason) => self.summary.transport_reason = format!("auto: {reason}"),
+            }
+        }
         let mut streams = Vec::new();
         for ch in 0..channels {
             let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
@@ -301,7 +484,7 @@ impl SourceRun<'_> {
         } else {
             ranges_of(&full)
         };
-        let mut torn = self.round(&mut sender, 1, false, &first)?.torn;
+        let mut torn = self.round(&mut sender, &vm.mem, 1, false, &first)?.torn;
         let reason = loop {
             let mut dirty = take_dirty(vm, false)?;
             for &(r, p) in &torn {
@@ -322,7 +505,7 @@ impl SourceRun<'_> {
                         "another pre-copy round"
                     );
                     torn = self
-                        .round(&mut sender, round, false, &ranges_of(&dirty))?
+                        .round(&mut sender, &vm.mem, round, false, &ranges_of(&dirty))?
                         .torn;
                 }
                 Step::StopAndCopy(reason) => {
@@ -348,7 +531,7 @@ impl SourceRun<'_> {
             c.union_with(&f)?;
         }
         let final_round = self.engine.rounds().len() as u32 + 1;
-        let fin = self.round(&mut sender, final_round, true, &ranges_of(&carry))?;
+        let fin = self.round(&mut sender, &vm.mem, final_round, true, &ranges_of(&carry))?;
         if !fin.torn.is_empty() {
             bail!(
                 "{} pages failed their checksum in the final round with the VM paused (first: region {} page {})",
@@ -468,8 +651,11 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
         summary,
         total_done: AtomicU64::new(0),
         t0: Instant::now(),
+        rdma: None,
     };
     let outcome = run.execute(&vm);
+    // Deregister guest RAM from the NIC now (rkeys die), success or failure.
+    run.rdma = None;
     let mut keep_vm = true;
     match outcome {
         Ok(()) => {

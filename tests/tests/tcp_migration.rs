@@ -18,6 +18,13 @@ fn migrates_a_dirtying_vm_between_two_hosts() -> anyhow::Result<()> {
     assert!(committed(&s), "{s:#}\n{}", cl.logs());
     assert_eq!(s["digest_match"], true);
     assert_eq!(s["transport"], "tcp");
+    // The hosts have no RDMA device: auto selection must say why it chose TCP.
+    assert!(
+        s["transport_reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no RDMA on the source")),
+        "{s:#}"
+    );
     assert_eq!(s["channels"], 4);
     assert!(s["rounds"].as_u64() >= Some(2), "{s:#}");
     assert!(s["zero_pages_skipped"].as_u64() > Some(0), "{s:#}");
