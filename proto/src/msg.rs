@@ -346,6 +346,14 @@ pub enum Msg {
         /// (region, first page, page count) not confirmed.
         unfinished: Vec<(u32, u64, u64)>,
     },
+    /// Source, on a fresh authenticated connection: the decision for a session whose
+    /// `Commit` or `Abort` may not have arrived (the link broke in the commit window).
+    Decision {
+        /// Session from the offer.
+        session: [u8; 16],
+        /// True: run the VM (the source committed). False: discard it.
+        commit: bool,
+    },
     /// First frame of a data connection.
     DataHello {
         /// Session from the offer.
@@ -442,6 +450,7 @@ impl Msg {
             Msg::RdmaUnavailable { .. } => 46,
             Msg::PullRanges { .. } => 47,
             Msg::RdmaFailed { .. } => 48,
+            Msg::Decision { .. } => 49,
         }
     }
 
@@ -493,6 +502,7 @@ impl Msg {
             Msg::RdmaUnavailable { .. } => "RdmaUnavailable",
             Msg::PullRanges { .. } => "PullRanges",
             Msg::RdmaFailed { .. } => "RdmaFailed",
+            Msg::Decision { .. } => "Decision",
         }
     }
 
@@ -657,6 +667,9 @@ impl Msg {
                 proof,
             } => {
                 w.fixed(session).u16(*channel).fixed(proof);
+            }
+            Msg::Decision { session, commit } => {
+                w.fixed(session).u8(u8::from(*commit));
             }
             Msg::RdmaOffer { blob } | Msg::RdmaAnswer { blob } => {
                 w.bytes(blob);
@@ -892,6 +905,10 @@ impl Msg {
                 confirmed_pages: r.u64()?,
                 unfinished: get_ranges(&mut r, MAX_UNFINISHED)?,
             },
+            49 => Msg::Decision {
+                session: r.array()?,
+                commit: bool8(&mut r, "commit")?,
+            },
             t => return Err(ProtoError::UnknownTag { tag: t }),
         };
         r.end()?;
@@ -1017,6 +1034,10 @@ mod tests {
                 session: [1; 16],
                 channel: 3,
                 proof: [2; 32],
+            },
+            Msg::Decision {
+                session: [4; 16],
+                commit: true,
             },
             Msg::RdmaOffer { blob: vec![1, 2] },
             Msg::RdmaAnswer { blob: vec![3] },

@@ -65,7 +65,13 @@ pub fn handle(d: &Arc<Daemon>, mut s: UnixStream) -> anyhow::Result<()> {
                 .iter()
                 .map(|(k, v)| (k.clone(), serde_json::Value::String(v.clone())))
                 .collect();
-            let held = d.held_vmms.lock().expect("lock").len();
+            let held: Vec<String> = d
+                .held
+                .lock()
+                .expect("lock")
+                .values()
+                .map(|h| h.vm_id.clone())
+                .collect();
             let json = serde_json::json!({
                 "registered": vms,
                 "waiting_incoming": waiting,

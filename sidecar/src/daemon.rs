@@ -42,6 +42,14 @@ pub struct WaitingVmm {
     pub link: UnixStream,
 }
 
+/// A loaded VM waiting for its source's decision.
+pub struct HeldVm {
+    /// The VM's id.
+    pub vm_id: String,
+    /// Its VMM (loaded, vCPUs not running).
+    pub vmm: WaitingVmm,
+}
+
 /// Shared daemon state.
 pub struct Daemon {
     /// Peer authentication key.
@@ -54,9 +62,13 @@ pub struct Daemon {
     pub waiting: Mutex<HashMap<String, WaitingVmm>>,
     /// Migrations in progress, by VM id, with their phase for `ferry status`.
     pub active: Mutex<HashMap<String, String>>,
-    /// VMMs holding a loaded VM whose source became unreachable after `Ready`: never
-    /// discarded automatically (the source may have committed).
-    pub held_vmms: Mutex<Vec<WaitingVmm>>,
+    /// VMMs holding a loaded, paused VM whose source became unreachable after `Ready`,
+    /// by session: never discarded or started on our own (the source may have
+    /// committed); only the source's replayed [`Msg::Decision`] settles them.
+    pub held: Mutex<HashMap<[u8; 16], HeldVm>>,
+    /// Sessions whose VM runs here, with the VMM's start line, so a replayed `Commit`
+    /// (its `PeerRunning` was lost) is answered instead of refused.
+    pub running: Mutex<HashMap<[u8; 16], String>>,
     /// Data connections awaited by incoming migrations, by session.
     pub sessions: Mutex<HashMap<[u8; 16], DataConnSender>>,
 }
@@ -94,7 +106,8 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         vms: Mutex::default(),
         waiting: Mutex::default(),
         active: Mutex::default(),
-        held_vmms: Mutex::default(),
+        held: Mutex::default(),
+        running: Mutex::default(),
         sessions: Mutex::default(),
     });
     {
@@ -272,9 +285,10 @@ fn handle_peer(d: &Arc<Daemon>, mut s: TcpStream) -> anyhow::Result<()> {
             s.set_read_timeout(Some(Duration::from_secs(60)))?;
             match read_msg(&mut s, MAX_FRAME)? {
                 offer @ Msg::Offer { .. } => crate::dest::run(d, s, offer),
+                Msg::Decision { session, commit } => crate::dest::settle(d, s, session, commit),
                 other => Err(refuse(
                     &mut s,
-                    format!("expected Offer, got {}", other.name()),
+                    format!("expected Offer or Decision, got {}", other.name()),
                 )),
             }
         }

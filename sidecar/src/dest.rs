@@ -17,7 +17,7 @@ use ferry_proto::msg::{Msg, RegionInfo, MAX_FRAME, MAX_UNFINISHED};
 use ferry_tcp::TcpReceiver;
 use ferry_verbs::RdmaPuller;
 
-use crate::daemon::{Daemon, WaitingVmm};
+use crate::daemon::{Daemon, HeldVm, WaitingVmm};
 use crate::vmm::request;
 
 /// Most data channels a peer may ask for: far above what fills any link (8 streams
@@ -248,7 +248,10 @@ pub fn run(d: &Arc<Daemon>, mut ctl: TcpStream, offer: Msg) -> anyhow::Result<()
                         %vm_id,
                         "link to the source lost after Ready: holding the loaded, paused VM until the source's decision is replayed"
                     );
-                    d.held_vmms.lock().expect("lock").push(vmm);
+                    d.held
+                        .lock()
+                        .expect("lock")
+                        .insert(session, HeldVm { vm_id, vmm });
                     return res;
                 }
                 _ => {
@@ -269,6 +272,63 @@ pub fn run(d: &Arc<Daemon>, mut ctl: TcpStream, offer: Msg) -> anyhow::Result<()
         }
     }
     res
+}
+
+/// Settles a held VM with the source's replayed decision.
+///
+/// # Errors
+///
+/// An unknown session (answered with `Refused`), or a VMM failing to discard.
+pub fn settle(
+    d: &Arc<Daemon>,
+    mut ctl: TcpStream,
+    session: [u8; 16],
+    commit: bool,
+) -> anyhow::Result<()> {
+    if let Some(detail) = d.running.lock().expect("lock").get(&session).cloned() {
+        if commit {
+            write_msg(&mut ctl, &Msg::PeerRunning { detail })?;
+            return Ok(());
+        }
+        let reason = "the VM of that session already runs here".to_string();
+        let _ = write_msg(
+            &mut ctl,
+            &Msg::Refused {
+                reason: reason.clone(),
+            },
+        );
+        bail!(reason);
+    }
+    let Some(held) = d.held.lock().expect("lock").remove(&session) else {
+        let reason = "no VM is held for that session".to_string();
+        let _ = write_msg(
+            &mut ctl,
+            &Msg::Refused {
+                reason: reason.clone(),
+            },
+        );
+        bail!(reason);
+    };
+    let HeldVm { vm_id, vmm } = held;
+    if commit {
+        let detail = match request(&vmm.link, &Msg::Start, &[]) {
+            Ok(Msg::Running { detail }) => detail,
+            Ok(other) => format!("VMM answered {} to Start", other.name()),
+            Err(e) => format!("VMM failed to start the committed VM: {e}"),
+        };
+        tracing::info!(%vm_id, %detail, "replayed Commit: the VM runs here");
+        d.running
+            .lock()
+            .expect("lock")
+            .insert(session, detail.clone());
+        write_msg(&mut ctl, &Msg::PeerRunning { detail })?;
+    } else {
+        request(&vmm.link, &Msg::Discard, &[])?;
+        tracing::info!(%vm_id, "replayed Abort: the held VM is discarded");
+        d.waiting.lock().expect("lock").insert(vm_id, vmm);
+        write_msg(&mut ctl, &Msg::Ok)?;
+    }
+    Ok(())
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -442,6 +502,10 @@ fn receive(
                     Err(e) => format!("VMM failed to start the committed VM: {e}"),
                 };
                 tracing::info!(%vm_id, %detail, "VM runs here");
+                d.running
+                    .lock()
+                    .expect("lock")
+                    .insert(session, detail.clone());
                 write_msg(ctl, &Msg::PeerRunning { detail })?;
                 return Ok(());
             }

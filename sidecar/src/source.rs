@@ -42,6 +42,14 @@ const PEER_STEP_TIMEOUT: Duration = Duration::from_secs(300);
 /// path full (bandwidth-delay product 1.25 MB) with room to spare.
 const DATA_SOCKET_BUFFER: i32 = 4 << 20;
 
+/// How long the source keeps trying to deliver a recorded `Commit` when the link broke
+/// in the commit window. The VM stays paused meanwhile: it must not run twice.
+const REPLAY_WINDOW: Duration = Duration::from_secs(120);
+
+/// Fault injection for tests: after recording the commit decision, drop the control
+/// connection instead of sending `Commit` (the link breaking in the commit window).
+const DROP_COMMIT_ENV: &str = "FERRY_TEST_DROP_COMMIT";
+
 /// Sends progress to whoever asked for the migration.
 pub type Reporter<'a> = &'a (dyn Fn(Msg) + Sync);
 
@@ -124,6 +132,53 @@ struct SourceRun<'a> {
     t0: Instant,
     /// The RDMA export while RDMA READ is the data path; `None` on TCP.
     rdma: Option<RdmaExport>,
+    /// The migration's session id, once offered.
+    session: Option<[u8; 16]>,
+    /// When the VM was asked to pause (downtime starts).
+    paused_at: Option<Instant>,
+}
+
+/// Delivers a recorded decision on fresh authenticated connections until the
+/// destination answers or [`REPLAY_WINDOW`] passes. Returns the destination VMM's line.
+fn replay_commit(d: &Daemon, to: &str, session: [u8; 16]) -> anyhow::Result<String> {
+    let end = Instant::now() + REPLAY_WINDOW;
+    let mut last = anyhow::anyhow!("no attempt made");
+    while Instant::now() < end {
+        let attempt = || -> anyhow::Result<String> {
+            let addr = to.to_socket_addrs()?.next().context("no address")?;
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(2))?;
+            tune_peer_socket(&s, DEAD_PEER_AFTER)?;
+            s.set_read_timeout(Some(Duration::from_secs(30)))?;
+            auth::connect(&mut s, &d.key)?;
+            write_msg(
+                &mut s,
+                &Msg::Decision {
+                    session,
+                    commit: true,
+                },
+            )?;
+            match expect_reply(&mut s, "the replayed Commit")? {
+                Msg::PeerRunning { detail } => Ok(detail),
+                other => bail!(
+                    "destination answered {} to the replayed Commit",
+                    other.name()
+                ),
+            }
+        };
+        match attempt() {
+            Ok(detail) => return Ok(detail),
+            Err(e) => {
+                tracing::warn!("replaying Commit: {e:#}");
+                let refused = e.to_string().contains("refused");
+                last = e;
+                if refused {
+                    break;
+                }
+            }
+        }
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    Err(last)
 }
 
 /// Turns page ranges a peer sent back into checked [`PageRange`]s.
@@ -388,6 +443,7 @@ impl SourceRun<'_> {
         ctl.set_read_timeout(Some(PEER_STEP_TIMEOUT))?;
         auth::connect(&mut ctl, &self.d.key).context("authenticating to the destination")?;
         let session: [u8; 16] = random()?;
+        self.session = Some(session);
         write_msg(
             &mut ctl,
             &Msg::Offer {
@@ -521,6 +577,7 @@ impl SourceRun<'_> {
         // Stop and copy: pause, final dirty set (with what pre-copy left), state.
         self.phase("stop-and-copy");
         let t_pause = Instant::now();
+        self.paused_at = Some(t_pause);
         let pause_us = match request(&vm.link, &Msg::Pause, &[])? {
             Msg::Paused { pause_us } => pause_us,
             other => bail!("VMM answered {} to Pause", other.name()),
@@ -584,6 +641,13 @@ impl SourceRun<'_> {
         let t_verified = Instant::now();
         // The commit point: recorded durably, then sent.
         self.record_decision(&session)?;
+        if std::env::var_os(DROP_COMMIT_ENV).is_some() {
+            tracing::warn!("test fault injection: dropping the link instead of sending Commit");
+            if let Some(c) = self.ctl.take() {
+                let _ = c.shutdown(std::net::Shutdown::Both);
+            }
+            bail!("control link lost after the commit decision (test fault injection)");
+        }
         write_msg(self.ctl()?, &Msg::Commit)?;
         let detail = match expect_reply(self.ctl()?, "the destination VM to run")? {
             Msg::PeerRunning { detail } => detail,
@@ -652,6 +716,8 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
         total_done: AtomicU64::new(0),
         t0: Instant::now(),
         rdma: None,
+        session: None,
+        paused_at: None,
     };
     let outcome = run.execute(&vm);
     // Deregister guest RAM from the NIC now (rkeys die), success or failure.
@@ -668,10 +734,31 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
             run.summary.error = reason.clone();
             match run.fsm.on(SourceEvent::Failed) {
                 Ok(SourceAction::ReplayCommit) => {
-                    run.summary.result = "committed-unconfirmed".into();
-                    run.summary.error = format!(
-                        "{reason}; the commit decision is recorded and the source VM stays paused (never resumed): the destination holds the loaded VM"
-                    );
+                    // Committed: never resume here. Deliver the decision instead.
+                    let session = run.session.expect("a session exists once committed");
+                    match replay_commit(d, &req.to, session) {
+                        Ok(detail) => {
+                            tracing::info!(vm = %req.vm_id, "replayed Commit delivered; the VM runs at the destination");
+                            let _ = run.fsm.on(SourceEvent::Running);
+                            if let Err(e) = request_ok(&vm.link, &Msg::Stop) {
+                                tracing::warn!("source VMM did not stop cleanly: {e}");
+                            }
+                            run.summary.result = "committed".into();
+                            run.summary.guest_detail = detail;
+                            if let Some(t) = run.paused_at {
+                                run.summary.downtime_ms = t.elapsed().as_secs_f64() * 1e3;
+                            }
+                            run.summary.error =
+                                format!("{reason}; the recorded Commit was replayed and confirmed");
+                            keep_vm = false;
+                        }
+                        Err(e) => {
+                            run.summary.result = "committed-unconfirmed".into();
+                            run.summary.error = format!(
+                                "{reason}; replaying the recorded Commit failed ({e:#}): the source VM stays paused (never resumed) and the destination holds the loaded VM"
+                            );
+                        }
+                    }
                 }
                 _ => {
                     if let Some(ctl) = run.ctl.as_mut() {

@@ -303,6 +303,8 @@ pub struct ClusterOpts {
     pub dest_vmm_args: Vec<String>,
     /// The VMM on both hosts.
     pub vmm: VmmKind,
+    /// Environment for the source sidecar (fault injection).
+    pub source_env: Vec<(String, String)>,
 }
 
 impl Default for ClusterOpts {
@@ -313,6 +315,7 @@ impl Default for ClusterOpts {
             wrong_key: false,
             dest_vmm_args: Vec::new(),
             vmm: VmmKind::Workload,
+            source_env: Vec::new(),
         }
     }
 }
@@ -364,6 +367,13 @@ impl Cluster {
                 .arg(hosts.path(&format!("key-{side}")))
                 .arg("--state-dir")
                 .arg(hosts.path(&format!("state-{side}")));
+            if i == 0 {
+                c.envs(
+                    opts.source_env
+                        .iter()
+                        .map(|(k, v)| (k.as_str(), v.as_str())),
+                );
+            }
             procs.push(Proc::spawn(
                 &format!("sidecar-{side}"),
                 c,

@@ -238,3 +238,59 @@ fn killing_the_source_sidecar_never_lets_the_destination_run_a_partial_vm() -> a
     cl.source_keeps_running()?;
     Ok(())
 }
+
+#[test]
+fn a_link_lost_in_the_commit_window_is_settled_by_replaying_the_decision() -> anyhow::Result<()> {
+    let _g = serial();
+    // The source records its Commit decision, then the control link drops before
+    // `Commit` is sent: the destination holds the loaded VM (not running), the source
+    // keeps its VM paused (never resumed), and the recorded decision is replayed.
+    let cl = Cluster::start(&ClusterOpts {
+        source_env: vec![("FERRY_TEST_DROP_COMMIT".into(), "1".into())],
+        ..ClusterOpts::default()
+    })?;
+    let child = cl.spawn_migrate(&[])?;
+    // While the decision is in flight, never may both VMs run: watch both status
+    // files until the source has stopped for good.
+    let (s, ran_twice) = std::thread::scope(|scope| {
+        let watcher = scope.spawn(|| {
+            let end = std::time::Instant::now() + Duration::from_secs(60);
+            while std::time::Instant::now() < end {
+                let a = cl.vm_a().map(|v| v.state);
+                let b = cl.vm_b().map(|v| v.state);
+                if a.as_deref() == Some("migrated") {
+                    return false;
+                }
+                if a.as_deref() == Some("running") && b.as_deref() == Some("running") {
+                    return true;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            false
+        });
+        (summary_of(child), watcher.join().unwrap_or(true))
+    });
+    let s = s?;
+    assert!(
+        !ran_twice,
+        "source and destination ran the VM at the same time"
+    );
+    assert_eq!(s["result"], "committed", "{s:#}\n{}", cl.logs());
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("replayed and confirmed")),
+        "{s:#}"
+    );
+    assert_eq!(s["digest_match"], true);
+    wait_for("source stopped for good", Duration::from_secs(10), || {
+        cl.vm_a().is_some_and(|v| v.state == "migrated")
+    })?;
+    wait_for("destination running", Duration::from_secs(10), || {
+        cl.vm_b().is_some_and(|v| v.state == "running")
+    })?;
+    let log_b = cl.procs[SIDECAR_B].log_text();
+    assert!(log_b.contains("holding the loaded"), "{log_b}");
+    assert!(log_b.contains("replayed Commit"), "{log_b}");
+    Ok(())
+}
