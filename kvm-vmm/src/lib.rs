@@ -33,7 +33,18 @@
 //! # Threads
 //!
 //! One thread per vCPU (named `vcpuN`), started by [`machine::Machine::start`]; the caller's
-//! thread pauses, saves state and reads the dirty log through kvm-glue.
+//! thread pauses, saves state and reads the dirty log through kvm-glue. With a status file
+//! ([`status::StatusFile`]) one more thread rewrites it every 100 ms and ends the process
+//! at `--max-runtime-s`.
+//!
+//! # Migration through a sidecar
+//!
+//! `ferry-kvm-vmm source` registers the guest with its sidecar (RAM memfds and the CPU
+//! profile its vCPUs have) and serves it as a [`migrate::SourceVm`]; `ferry-kvm-vmm dest`
+//! waits as a [`migrate::DestVm`], which at load checks the CPU, rebuilds the VM and
+//! verifies the guest's record without writing guest RAM, and on start confirms every
+//! vCPU's counter moved past the source's paused value: its start line then begins with
+//! [`migrate::CONTINUED_MARKER`], which the sidecar reports as `guest_continued`.
 //!
 //! # Resource cleanup
 //!
