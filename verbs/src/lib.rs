@@ -18,7 +18,11 @@
 //! - batched READs ([`ConnectedQp::post_reads`], [`ReadBatch`]) split to the
 //!   port's message size and kept within the queue pair's outstanding-READ
 //!   limit, and per-request completions ([`ConnectedQp::poll`]) with every
-//!   `ibv_wc_status` as a [`WcError`] variant.
+//!   `ibv_wc_status` as a [`WcError`] variant;
+//! - the transport Ferry's sidecars use ([`transport`]): [`RdmaExport`] on
+//!   the source, [`RdmaPuller`] on the destination, an opaque versioned
+//!   offer/answer exchange, multi-QP pulls of engine page ranges with a
+//!   stall timeout, and the unconfirmed ranges handed back on failure.
 //!
 //! All FFI lives in [`sys`]; each wrapper has an `as_raw()` escape hatch.
 //!
