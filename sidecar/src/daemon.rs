@@ -69,6 +69,9 @@ pub struct Daemon {
     /// Sessions whose VM runs here, with the VMM's start line, so a replayed `Commit`
     /// (its `PeerRunning` was lost) is answered instead of refused.
     pub running: Mutex<HashMap<[u8; 16], String>>,
+    /// Control connections of incoming migrations, by session, so a replayed decision
+    /// can cut a half-open one.
+    pub controls: Mutex<HashMap<[u8; 16], TcpStream>>,
     /// Data connections awaited by incoming migrations, by session.
     pub sessions: Mutex<HashMap<[u8; 16], DataConnSender>>,
 }
@@ -108,6 +111,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
         active: Mutex::default(),
         held: Mutex::default(),
         running: Mutex::default(),
+        controls: Mutex::default(),
         sessions: Mutex::default(),
     });
     {

@@ -35,6 +35,10 @@ const ROUND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// dead (rxe reports nothing when the peer's QP dies, so the puller must time out).
 const RDMA_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How long a replayed decision waits for the old control connection's handler to
+/// notice the link is gone and park the loaded VM.
+const SETTLE_WAIT: Duration = Duration::from_secs(30);
+
 /// Fault injection for tests: fail RDMA queue pair 0 after this many bytes pulled.
 const FAIL_RDMA_ENV: &str = "FERRY_TEST_FAIL_RDMA_AFTER_BYTES";
 
@@ -227,10 +231,28 @@ pub fn run(d: &Arc<Daemon>, mut ctl: TcpStream, offer: Msg) -> anyhow::Result<()
         .expect("lock")
         .insert(vm_id.clone(), "receiving".into());
     let mut fsm = DestCommit::new();
+    if let Ok(c) = ctl.try_clone() {
+        d.controls.lock().expect("lock").insert(session, c);
+    }
     let res = receive(
         d, &mut ctl, &vm_id, &regions, channels, session, &vmm, &mut fsm,
     );
     d.active.lock().expect("lock").remove(&vm_id);
+    let res = settle_outcome(d, &mut ctl, session, vm_id, vmm, &mut fsm, res);
+    d.controls.lock().expect("lock").remove(&session);
+    res
+}
+
+/// After `receive` ended: hold, discard, or nothing, per the state machine.
+fn settle_outcome(
+    d: &Arc<Daemon>,
+    ctl: &mut TcpStream,
+    session: [u8; 16],
+    vm_id: String,
+    vmm: WaitingVmm,
+    fsm: &mut DestCommit,
+    res: anyhow::Result<()>,
+) -> anyhow::Result<()> {
     match (&res, fsm.phase()) {
         (Ok(()), _) => {}
         (Err(e), _) => {
@@ -256,7 +278,7 @@ pub fn run(d: &Arc<Daemon>, mut ctl: TcpStream, offer: Msg) -> anyhow::Result<()
                 }
                 _ => {
                     let _ = write_msg(
-                        &mut ctl,
+                        ctl,
                         &Msg::Refused {
                             reason: format!("{e:#}"),
                         },
@@ -299,7 +321,27 @@ pub fn settle(
         );
         bail!(reason);
     }
-    let Some(held) = d.held.lock().expect("lock").remove(&session) else {
+    // The replay may arrive before this side noticed the old link die (a half-open
+    // connection can look alive for minutes): cut it, then wait for its handler to
+    // park the VM.
+    if let Some(old) = d.controls.lock().expect("lock").get(&session) {
+        let _ = old.shutdown(std::net::Shutdown::Both);
+    }
+    let end = Instant::now() + SETTLE_WAIT;
+    let held = loop {
+        if let Some(h) = d.held.lock().expect("lock").remove(&session) {
+            break Some(h);
+        }
+        if let Some(detail) = d.running.lock().expect("lock").get(&session).cloned() {
+            write_msg(&mut ctl, &Msg::PeerRunning { detail })?;
+            return Ok(());
+        }
+        if Instant::now() >= end || !d.controls.lock().expect("lock").contains_key(&session) {
+            break d.held.lock().expect("lock").remove(&session);
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let Some(held) = held else {
         let reason = "no VM is held for that session".to_string();
         let _ = write_msg(
             &mut ctl,

@@ -467,6 +467,23 @@ impl SourceRun<'_> {
             other => bail!("destination answered {} to the offer", other.name()),
         };
         self.summary.prepare_ms = prepare_us as f64 / 1e3;
+        let mut streams = Vec::new();
+        for ch in 0..channels {
+            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
+                .with_context(|| format!("opening data connection {ch}"))?;
+            tune_peer_socket(&s, DEAD_PEER_AFTER)?;
+            set_buffers(&s, DATA_SOCKET_BUFFER);
+            write_msg(
+                &mut s,
+                &Msg::DataHello {
+                    session,
+                    channel: ch,
+                    proof: proof(&self.d.key, &session, ch),
+                },
+            )?;
+            streams.push(s);
+        }
+        // TCP data connections always exist: RDMA falls back onto them without a pause.
         if let Some(mut exp) = export {
             write_msg(self.ctl()?, &Msg::RdmaOffer { blob: exp.offer() })?;
             let outcome = match expect_reply(self.ctl()?, "the RDMA answer")? {
@@ -503,22 +520,6 @@ impl SourceRun<'_> {
                 }
                 Err(reason) => self.summary.transport_reason = format!("auto: {reason}"),
             }
-        }
-        let mut streams = Vec::new();
-        for ch in 0..channels {
-            let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(5))
-                .with_context(|| format!("opening data connection {ch}"))?;
-            tune_peer_socket(&s, DEAD_PEER_AFTER)?;
-            set_buffers(&s, DATA_SOCKET_BUFFER);
-            write_msg(
-                &mut s,
-                &Msg::DataHello {
-                    session,
-                    channel: ch,
-                    proof: proof(&self.d.key, &session, ch),
-                },
-            )?;
-            streams.push(s);
         }
         let mut sender = TcpSender::new(streams, Arc::clone(&vm.mem));
         self.fsm.on(SourceEvent::Accepted)?;
