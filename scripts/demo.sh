@@ -3,16 +3,16 @@
 #
 # Two network namespaces stand in for two hosts ("ferry-demo-a" 10.78.0.1 and
 # "ferry-demo-b" 10.78.0.2, joined by a veth pair). Each runs a `ferry serve`
-# sidecar; host A runs a VM whose guest keeps dirtying memory, host B a VMM waiting
-# for it. `ferry migrate` moves it over TCP with 4 streams, shows progress, prints
+# sidecar; host A runs a real KVM guest (64-bit, 2 vCPUs, CPL3 on /dev/kvm) that keeps
+# dirtying memory and stamping pages, host B a VMM waiting for it. `ferry migrate` moves it over TCP with 4 streams, shows progress, prints
 # the summary, then the demo shows the guest carrying on at B.
 #
 # Options: --mem-mib N (1024)  --rate-mib N (64, guest dirtying rate)
-#          --streams N (4)     --vmm workload|kvm (workload)
+#          --streams N (4)     --vmm kvm|workload (kvm; workload = memfd writer threads)
 # Needs root (network namespaces). Cleans up after itself.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-MEM=1024 RATE=64 STREAMS=4 VMM=workload
+MEM=1024 RATE=64 STREAMS=4 VMM=kvm
 while [ $# -gt 0 ]; do
   case "$1" in
     --mem-mib) MEM=$2; shift 2;;
@@ -58,7 +58,9 @@ done
 for side in a b; do for _ in $(seq 100); do [ -S "$D/$side.sock" ] && break; sleep 0.1; done; done
 
 if [ "$VMM" = kvm ]; then
+  # --rate is pages per second per vCPU: RATE MiB/s over 2 vCPUs.
   ip netns exec $NA "$B/ferry-kvm-vmm" source --sidecar "$D/a.sock" --vm-id vm1 --ram-mib "$MEM" \
+    --vcpus 2 --regions 2 --rate $((RATE * 256 / 2)) \
     --status-file "$D/vm-a.json" --max-runtime-s 900 2>"$D/vmm-a.log" &
   PIDS+=($!)
   ip netns exec $NB "$B/ferry-kvm-vmm" dest --sidecar "$D/b.sock" --vm-id vm1 \
