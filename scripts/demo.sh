@@ -84,7 +84,7 @@ echo "demo: source guest: $(cat "$D/vm-a.json")"
 echo "demo: migrating vm1 from host A (10.78.0.1) to host B (10.78.0.2) over TCP, $STREAMS streams"
 rc=0
 ip netns exec $NA "$B/ferry" migrate vm1 --to 10.78.0.2:7780 --socket "$D/a.sock" \
-  --streams "$STREAMS" --downtime-ms 300 || rc=$?
+  --streams "$STREAMS" --downtime-ms 300 --verify strict || rc=$?
 sleep 1
 echo "demo: destination guest: $(cat "$D/vm-b.json" 2>/dev/null)"
 sleep 1

@@ -83,6 +83,8 @@ fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> 
             streams.to_string(),
             "--downtime-ms".into(),
             "60000".into(),
+            "--verify".into(),
+            "strict".into(),
         ],
     )?;
     let (src1, dst1) = (

@@ -39,9 +39,11 @@ fn bench(c: &mut Criterion) {
             bn.iter(|| ranges_of(black_box(std::slice::from_ref(b))))
         });
         let ranges = ranges_of(std::slice::from_ref(&b));
-        g.bench_with_input(BenchmarkId::new("plan-4-channels", kind), &ranges, |bn, r| {
-            bn.iter(|| plan(black_box(r), 4, DEFAULT_CHUNK_PAGES))
-        });
+        g.bench_with_input(
+            BenchmarkId::new("plan-4-channels", kind),
+            &ranges,
+            |bn, r| bn.iter(|| plan(black_box(r), 4, DEFAULT_CHUNK_PAGES)),
+        );
     }
     g.finish();
 }

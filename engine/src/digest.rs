@@ -1,8 +1,14 @@
 //! Memory digests for end-to-end verification.
 //!
 //! A region's digest is a list of XXH3-128 hashes, one per [`DIGEST_CHUNK_PAGES`] chunk,
-//! so a mismatch names the page ranges that differ instead of just "different".
-//! Per-page hashes (XXH3-64) check each TCP batch.
+//! so a mismatch names the page ranges that differ instead of just "different". A chunk's
+//! hash is taken over the XXH3-64 hashes of its pages (two levels), so the destination
+//! can keep its digest up to date as pages land ([`PageHashes`]: the TCP receiver already
+//! hashes every page to check its batch) and have it ready the moment the last page
+//! arrives, while the source computes the same value from its memory.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::OnceLock;
 
 use crate::plan::PageRange;
 use crate::PAGE_SIZE;
@@ -16,9 +22,19 @@ pub fn page_hash(page: &[u8]) -> u64 {
     xxhash_rust::xxh3::xxh3_64(page)
 }
 
-/// Hash of one digest chunk.
-pub fn chunk_hash(bytes: &[u8]) -> u128 {
-    xxhash_rust::xxh3::xxh3_128(bytes)
+/// Hash of an all-zero page (what a fresh destination page holds).
+pub fn zero_page_hash() -> u64 {
+    static H: OnceLock<u64> = OnceLock::new();
+    *H.get_or_init(|| page_hash(&[0u8; PAGE_SIZE as usize]))
+}
+
+/// Hash of one digest chunk, from the hashes of its pages.
+pub fn chunk_hash(page_hashes: &[u64]) -> u128 {
+    let mut h = xxhash_rust::xxh3::Xxh3::new();
+    for p in page_hashes {
+        h.update(&p.to_le_bytes());
+    }
+    h.digest128()
 }
 
 /// Whether every byte is zero (the page needs no transfer to a fresh destination).
@@ -92,8 +108,61 @@ impl MemoryDigest {
 pub fn region_digest(bytes: &[u8]) -> Vec<u128> {
     bytes
         .chunks((DIGEST_CHUNK_PAGES * PAGE_SIZE) as usize)
-        .map(chunk_hash)
+        .map(|chunk| {
+            let pages: Vec<u64> = chunk.chunks(PAGE_SIZE as usize).map(page_hash).collect();
+            chunk_hash(&pages)
+        })
         .collect()
+}
+
+/// Per-page hashes of a destination's memory, updated as pages land (from any thread).
+/// Every page starts as [`zero_page_hash`]: fresh destination memory is zero.
+#[derive(Debug)]
+pub struct PageHashes {
+    regions: Vec<Vec<AtomicU64>>,
+}
+
+impl PageHashes {
+    /// Hashes for regions of `npages[r]` pages, all zero pages.
+    pub fn new(npages: &[u64]) -> Self {
+        let z = zero_page_hash();
+        Self {
+            regions: npages
+                .iter()
+                .map(|&n| (0..n).map(|_| AtomicU64::new(z)).collect())
+                .collect(),
+        }
+    }
+
+    /// Records the hash of the bytes that landed in `page` of `region` (ignored when
+    /// out of range: callers check bounds before writing memory).
+    pub fn set(&self, region: u32, page: u64, hash: u64) {
+        if let Some(slot) = self
+            .regions
+            .get(region as usize)
+            .and_then(|r| r.get(page as usize))
+        {
+            slot.store(hash, Ordering::Relaxed);
+        }
+    }
+
+    /// The digest of what landed, computed from the page hashes.
+    pub fn digest(&self) -> MemoryDigest {
+        MemoryDigest {
+            regions: self
+                .regions
+                .iter()
+                .map(|r| {
+                    r.chunks(DIGEST_CHUNK_PAGES as usize)
+                        .map(|c| {
+                            let v: Vec<u64> = c.iter().map(|a| a.load(Ordering::Relaxed)).collect();
+                            chunk_hash(&v)
+                        })
+                        .collect()
+                })
+                .collect(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -109,6 +178,22 @@ mod tests {
         v[4000] = 0;
         v[4096 + 2] = 9;
         assert!(!is_zero(&v[1..]));
+    }
+
+    #[test]
+    fn incremental_page_hashes_give_the_same_digest_as_memory() {
+        let npages = DIGEST_CHUNK_PAGES + 7;
+        let mut mem = vec![0u8; (npages * PAGE_SIZE) as usize];
+        let hashes = PageHashes::new(&[npages]);
+        assert_eq!(hashes.digest().regions[0], region_digest(&mem));
+        for p in [0, 3, DIGEST_CHUNK_PAGES + 6] {
+            let page = &mut mem[(p * PAGE_SIZE) as usize..((p + 1) * PAGE_SIZE) as usize];
+            page.fill(p as u8 + 1);
+            hashes.set(0, p, page_hash(page));
+        }
+        assert_eq!(hashes.digest().regions[0], region_digest(&mem));
+        hashes.set(0, 3, zero_page_hash());
+        assert_ne!(hashes.digest().regions[0], region_digest(&mem));
     }
 
     #[test]

@@ -69,6 +69,16 @@ pub enum TransportChoice {
     Rdma = 3,
 }
 
+/// When the memory digests are compared.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum VerifyMode {
+    /// Before the destination resumes: the comparison is part of the downtime.
+    Strict = 1,
+    /// After the destination resumes, while the source VM is still kept (paused): no
+    /// downtime cost; a mismatch is reported loudly and the source VM is kept.
+    AfterResume = 2,
+}
+
 /// Options of one migration, as the CLI passes them to the source sidecar.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MigrateRequest {
@@ -90,6 +100,8 @@ pub struct MigrateRequest {
     pub transport: TransportChoice,
     /// Observation window before round 1, in ms: pages written during it go last.
     pub observe_ms: u32,
+    /// When digests are compared.
+    pub verify: VerifyMode,
 }
 
 /// Where a migration is, for progress display.
@@ -585,7 +597,8 @@ impl Msg {
                     .u64(m.timeout_ms)
                     .u8(m.on_limit as u8)
                     .u8(m.transport as u8)
-                    .u32(m.observe_ms);
+                    .u32(m.observe_ms)
+                    .u8(m.verify as u8);
             }
             Msg::Progress {
                 phase,
@@ -787,6 +800,11 @@ impl Msg {
                     v => return Err(bad("transport", u64::from(v))),
                 },
                 observe_ms: r.u32()?,
+                verify: match r.u8()? {
+                    1 => VerifyMode::Strict,
+                    2 => VerifyMode::AfterResume,
+                    v => return Err(bad("verify", u64::from(v))),
+                },
             }),
             23 => Msg::Progress {
                 phase: match r.u8()? {
@@ -979,6 +997,7 @@ mod tests {
                 on_limit: OnLimit::Force,
                 transport: TransportChoice::Auto,
                 observe_ms: 100,
+                verify: VerifyMode::Strict,
             }),
             Msg::Progress {
                 phase: Phase::Precopy,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 use ferry_engine::commit::{DestAction, DestCommit, DestEvent};
-use ferry_engine::digest::{region_digest, MemoryDigest};
+use ferry_engine::digest::{page_hash, PageHashes};
 use ferry_engine::plan::PageRange;
 use ferry_engine::transport::TransportError;
 use ferry_proto::frame::{read_msg, write_msg};
@@ -69,6 +69,7 @@ fn pull_round(
     ctl: &mut TcpStream,
     puller: &mut RdmaPuller,
     mem: &[GuestRegion],
+    landed: &PageHashes,
     round: u32,
 ) -> anyhow::Result<Msg> {
     let (mut pages, mut bytes) = (0u64, 0u64);
@@ -92,7 +93,21 @@ fn pull_round(
         if failure.is_some() {
             unfinished.extend(list);
         } else {
-            match puller.pull(&ranges, &|_| {}, RDMA_STALL_TIMEOUT) {
+            let result = puller.pull(&ranges, &|_| {}, RDMA_STALL_TIMEOUT);
+            // Hash what was pulled for the end-to-end digest (RC already checked the wire).
+            // Ranges left unfinished are re-sent over TCP, which hashes them again.
+            for x in &ranges {
+                let r = &mem[x.region as usize];
+                for p in x.first..x.end() {
+                    let ptr = r.pages_ptr(p, 1).expect("range checked against the layout");
+                    // SAFETY: this process owns the destination memory until it hands the
+                    // memfds to the VMM; after `pull` returned no READ is in flight (the
+                    // puller destroys failed QPs before returning).
+                    let page = unsafe { std::slice::from_raw_parts(ptr, PAGE) };
+                    landed.set(x.region, p, page_hash(page));
+                }
+            }
+            match result {
                 Ok(st) => {
                     pages += st.pages;
                     bytes += st.bytes;
@@ -397,6 +412,8 @@ fn receive(
         fds.push(fd);
     }
     let mem = Arc::new(mem);
+    let npages: Vec<u64> = mem.iter().map(GuestRegion::npages).collect();
+    let landed = Arc::new(PageHashes::new(&npages));
     let prepare = t.elapsed();
     tracing::info!(%vm_id, ms = prepare.as_millis() as u64, "destination memory prepared");
 
@@ -436,7 +453,7 @@ fn receive(
     d.sessions.lock().expect("lock").remove(&session);
     collected?;
     let streams: Vec<TcpStream> = slots.into_iter().flatten().collect();
-    let receiver = TcpReceiver::start(streams, Arc::clone(&mem))?;
+    let receiver = TcpReceiver::start(streams, Arc::clone(&mem), Arc::clone(&landed))?;
     let mut receiver = Some(receiver);
     let mut puller: Option<RdmaPuller> = None;
     ctl.set_read_timeout(Some(CONTROL_IDLE_TIMEOUT))?;
@@ -475,7 +492,7 @@ fn receive(
             }
             Msg::RoundStart { round, .. } if puller.is_some() => {
                 let p = puller.as_mut().expect("checked is_some");
-                let reply = pull_round(ctl, p, &mem, round)?;
+                let reply = pull_round(ctl, p, &mem, &landed, round)?;
                 if matches!(reply, Msg::RdmaFailed { .. }) {
                     // Deregister now; TCP carries the rest (the source re-sends this round).
                     puller = None;
@@ -523,16 +540,14 @@ fn receive(
                 if fsm.on(DestEvent::Loaded) != DestAction::SendReady {
                     bail!("state machine refused Loaded");
                 }
-                let digest = MemoryDigest {
-                    regions: mem
-                        .iter()
-                        // SAFETY: the VMM loaded the memory but its vCPUs do not run
-                        // until Start (IncomingVm::load must not write guest RAM), and
-                        // the reader threads are gone: nothing writes while we hash.
-                        .map(|r| region_digest(unsafe { r.as_slice() }))
-                        .collect(),
-                };
-                write_msg(ctl, &Msg::Ready { digest })?;
+                // The digest of every page as it landed, kept up to date by the
+                // receivers: ready now, at no cost to the downtime.
+                write_msg(
+                    ctl,
+                    &Msg::Ready {
+                        digest: landed.digest(),
+                    },
+                )?;
             }
             Msg::Commit => {
                 if fsm.on(DestEvent::Commit) != DestAction::StartVm {

@@ -23,7 +23,9 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_proto::frame::{read_msg, write_msg};
-use ferry_proto::msg::{MigrateRequest, Msg, OnLimit, Phase, Role, TransportChoice, MAX_FRAME};
+use ferry_proto::msg::{
+    MigrateRequest, Msg, OnLimit, Phase, Role, TransportChoice, VerifyMode, MAX_FRAME,
+};
 use ferry_proto::VERSION;
 
 #[derive(Parser)]
@@ -41,6 +43,14 @@ struct Cli {
 enum LimitArg {
     Abort,
     Force,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum VerifyArg {
+    /// Compare memory digests before the destination resumes (costs downtime).
+    Strict,
+    /// Compare after the destination resumes, keeping the source VM until then.
+    AfterResume,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -98,6 +108,12 @@ enum Cmd {
         /// Watch writes this long before round 1 and send those pages last (0: off).
         #[arg(long, default_value_t = 0)]
         observe_ms: u32,
+        /// When to compare the memory digests.
+        #[arg(long, value_enum, default_value_t = VerifyArg::AfterResume)]
+        verify: VerifyArg,
+        /// Same as `--verify strict`.
+        #[arg(long)]
+        verify_before_resume: bool,
         /// Print one JSON object instead of the progress bar and summary.
         #[arg(long)]
         json: bool,
@@ -219,6 +235,8 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             on_limit,
             transport,
             observe_ms,
+            verify,
+            verify_before_resume,
             json,
         } => {
             let mut s = connect(&socket)?;
@@ -241,6 +259,10 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                         TransportArg::Rdma => TransportChoice::Rdma,
                     },
                     observe_ms,
+                    verify: match (verify, verify_before_resume) {
+                        (VerifyArg::Strict, _) | (_, true) => VerifyMode::Strict,
+                        (VerifyArg::AfterResume, false) => VerifyMode::AfterResume,
+                    },
                 }),
             )?;
             follow(&mut s, json)

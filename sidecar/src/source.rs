@@ -23,7 +23,7 @@ use ferry_proto::auth::{self, random};
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::mem::GuestRegion;
 use ferry_proto::msg::{
-    MigrateRequest, Msg, OnLimit, Phase, TransportChoice, MAX_FRAME, MAX_PULL_RANGES,
+    MigrateRequest, Msg, OnLimit, Phase, TransportChoice, VerifyMode, MAX_FRAME, MAX_PULL_RANGES,
 };
 use ferry_proto::net::{set_buffers, tune_peer_socket, DEAD_PEER_AFTER};
 use ferry_tcp::TcpSender;
@@ -136,6 +136,22 @@ struct SourceRun<'a> {
     session: Option<[u8; 16]>,
     /// When the VM was asked to pause (downtime starts).
     paused_at: Option<Instant>,
+    /// Set when the digests differed after the destination resumed.
+    mismatch_after_resume: Option<String>,
+}
+
+/// Says which page ranges differ, for the operator.
+fn describe_mismatch(bad: &[PageRange]) -> String {
+    let list: Vec<String> = bad
+        .iter()
+        .take(8)
+        .map(|r| format!("region {} pages {}..{}", r.region, r.first, r.end()))
+        .collect();
+    format!(
+        "memory digest mismatch in {} ranges: {}",
+        bad.len(),
+        list.join(", ")
+    )
 }
 
 /// Delivers a recorded decision on fresh authenticated connections until the
@@ -607,7 +623,10 @@ impl SourceRun<'_> {
         self.fsm.on(SourceEvent::FinalSent)?;
         let t_state = Instant::now();
 
-        // Strict verification: both digests before the destination may resume.
+        // Strict: compare both digests before the destination may resume. After-resume:
+        // commit on the destination's Ready, compare once it runs (this VM stays kept).
+        let strict = req.verify == VerifyMode::Strict;
+        self.summary.verify_mode = if strict { "strict" } else { "after-resume" }.into();
         self.phase("verifying");
         (self.report)(Msg::Progress {
             phase: Phase::Verifying,
@@ -616,28 +635,22 @@ impl SourceRun<'_> {
             round_total: 0,
             total_done: self.total_done.load(Ordering::Relaxed),
         });
-        let ours = digest_of(&vm.mem);
+        // (In strict mode our digest is computed while the destination loads the VM.)
+        let ours = strict.then(|| digest_of(&vm.mem));
         let theirs = match expect_reply(self.ctl()?, "the destination's digest")? {
             Msg::Ready { digest } => digest,
             other => bail!("destination answered {} to the state", other.name()),
         };
         let npages: Vec<u64> = vm.mem.iter().map(GuestRegion::npages).collect();
-        let bad = ours.mismatches(&theirs, &npages);
+        let bad = ours
+            .map(|o| o.mismatches(&theirs, &npages))
+            .unwrap_or_default();
         self.summary.digest_match = bad.is_empty();
         let action = self.fsm.on(SourceEvent::Ready {
             digests_match: bad.is_empty(),
         })?;
         if action != SourceAction::RecordAndSendCommit {
-            let list: Vec<String> = bad
-                .iter()
-                .take(8)
-                .map(|r| format!("region {} pages {}..{}", r.region, r.first, r.end()))
-                .collect();
-            bail!(
-                "memory digest mismatch in {} ranges: {}",
-                bad.len(),
-                list.join(", ")
-            );
+            bail!(describe_mismatch(&bad));
         }
         let t_verified = Instant::now();
         // The commit point: recorded durably, then sent.
@@ -656,8 +669,22 @@ impl SourceRun<'_> {
         };
         let t_running = Instant::now();
         self.fsm.on(SourceEvent::Running)?;
-        if let Err(e) = request_ok(&vm.link, &Msg::Stop) {
-            tracing::warn!("source VMM did not stop cleanly: {e}");
+        if !strict {
+            // The destination runs; this VM is still here, paused and intact.
+            let t = Instant::now();
+            let bad = digest_of(&vm.mem).mismatches(&theirs, &npages);
+            self.summary.verify_after_resume_ms = t.elapsed().as_secs_f64() * 1e3;
+            self.summary.digest_match = bad.is_empty();
+            if !bad.is_empty() {
+                let what = describe_mismatch(&bad);
+                tracing::error!(vm = %req.vm_id, "{what} (after the destination resumed): the source VM is kept paused, not stopped");
+                self.mismatch_after_resume = Some(what);
+            }
+        }
+        if self.mismatch_after_resume.is_none() {
+            if let Err(e) = request_ok(&vm.link, &Msg::Stop) {
+                tracing::warn!("source VMM did not stop cleanly: {e}");
+            }
         }
         let ms = |a: Instant, b: Instant| (b - a).as_secs_f64() * 1e3;
         let s = &mut self.summary;
@@ -694,7 +721,11 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
         vm_id: req.vm_id.clone(),
         destination: req.to.clone(),
         channels: req.channels,
-        verify_mode: "strict".into(),
+        verify_mode: match req.verify {
+            VerifyMode::Strict => "strict",
+            VerifyMode::AfterResume => "after-resume",
+        }
+        .into(),
         ..Summary::default()
     };
     let Some(vm) = d.vms.lock().expect("lock").remove(&req.vm_id) else {
@@ -719,16 +750,27 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
         rdma: None,
         session: None,
         paused_at: None,
+        mismatch_after_resume: None,
     };
     let outcome = run.execute(&vm);
     // Deregister guest RAM from the NIC now (rkeys die), success or failure.
     run.rdma = None;
     let mut keep_vm = true;
     match outcome {
-        Ok(()) => {
-            run.summary.result = "committed".into();
-            keep_vm = false;
-        }
+        Ok(()) => match run.mismatch_after_resume.take() {
+            None => {
+                run.summary.result = "committed".into();
+                keep_vm = false;
+            }
+            Some(what) => {
+                // A failed migration in every figure; nothing is lost: the source VM
+                // stays registered here, paused, for the operator to decide.
+                run.summary.result = "digest-mismatch".into();
+                run.summary.error = format!(
+                    "{what}; found after the destination resumed: the source VM is kept paused for inspection"
+                );
+            }
+        },
         Err(e) => {
             let reason = format!("{e:#}");
             tracing::warn!(vm = %req.vm_id, "migration failed: {reason}");

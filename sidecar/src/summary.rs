@@ -75,8 +75,11 @@ pub struct Summary {
     pub prepare_ms: f64,
     /// Whether the destination's memory digest equals the source's.
     pub digest_match: bool,
-    /// "strict": digests compared before the destination resumed.
+    /// "strict": digests compared before the destination resumed (inside the
+    /// downtime); "after-resume": compared once it ran, with the source VM kept until then.
     pub verify_mode: String,
+    /// Time the after-resume comparison took (outside the downtime).
+    pub verify_after_resume_ms: f64,
     /// Why pre-copy stopped.
     pub stop_reason: String,
     /// What the destination VMM checked and reported.
@@ -130,6 +133,15 @@ impl Summary {
         line("prepare_ms", format!("{:.1}", self.prepare_ms));
         line("digest_match", self.digest_match.to_string());
         line("verify_mode", self.verify_mode.clone());
+        if self.verify_mode == "after-resume" {
+            line(
+                "verified after resume",
+                format!(
+                    "{:.1} ms (source VM kept until then)",
+                    self.verify_after_resume_ms
+                ),
+            );
+        }
         line("stop_reason", self.stop_reason.clone());
         line("guest_continued", self.guest_continued.to_string());
         if !self.guest_detail.is_empty() {

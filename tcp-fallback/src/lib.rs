@@ -43,7 +43,7 @@ use std::thread::JoinHandle;
 use std::time::Duration;
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
-use ferry_engine::digest::{is_zero, page_hash};
+use ferry_engine::digest::{is_zero, page_hash, zero_page_hash, PageHashes};
 use ferry_engine::plan::{PageRange, RangePlan};
 use ferry_engine::transport::{PageSender, RoundStats, TransportError};
 use ferry_proto::data::{DataHeader, DataKind, DATA_HEADER_LEN, MAX_BATCH_PAGES};
@@ -252,6 +252,7 @@ fn read_channel(
     stream: TcpStream,
     mem: Arc<Vec<GuestRegion>>,
     received: Arc<Received>,
+    digest: Arc<PageHashes>,
     events: Sender<ChannelEvent>,
 ) {
     let fd = stream.as_raw_fd();
@@ -335,6 +336,7 @@ fn read_channel(
                         // channel writes in this round (plans give pages to one channel).
                         unsafe { std::ptr::write_bytes(d, 0, PAGE) };
                     }
+                    digest.set(hdr.region, p, zero_page_hash());
                 }
                 stats.pages += hdr.count;
                 stats.zero_pages += hdr.count;
@@ -358,7 +360,9 @@ fn read_channel(
                 for i in 0..n {
                     let mut want = [0u8; 8];
                     want.copy_from_slice(&hashes[i * 8..i * 8 + 8]);
-                    if page_hash(&landed[i * PAGE..(i + 1) * PAGE]) != u64::from_le_bytes(want) {
+                    let got = page_hash(&landed[i * PAGE..(i + 1) * PAGE]);
+                    digest.set(hdr.region, hdr.first + i as u64, got);
+                    if got != u64::from_le_bytes(want) {
                         if stats.torn.len() >= MAX_TORN {
                             return fail(TransportError::Protocol(format!(
                                 "data connection {channel}: more than {MAX_TORN} pages failed their checksum in round {round}"
@@ -378,7 +382,8 @@ fn read_channel(
 
 impl TcpReceiver {
     /// Starts one reader thread per authenticated data connection, writing into `mem`
-    /// (the destination's fresh regions, in layout order).
+    /// (the destination's fresh regions, in layout order) and recording the hash of
+    /// every page that lands in `hashes`.
     ///
     /// # Errors
     ///
@@ -386,6 +391,7 @@ impl TcpReceiver {
     pub fn start(
         streams: Vec<TcpStream>,
         mem: Arc<Vec<GuestRegion>>,
+        hashes: Arc<PageHashes>,
     ) -> Result<Self, TransportError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let received = Arc::new(Received::new(&mem));
@@ -397,8 +403,9 @@ impl TcpReceiver {
                 .map_err(|e| TransportError::PeerGone(format!("clone data socket: {e}")))?;
             kept.push(clone);
             let (mem, received, tx) = (Arc::clone(&mem), Arc::clone(&received), tx.clone());
+            let hashes = Arc::clone(&hashes);
             threads.push(std::thread::spawn(move || {
-                read_channel(i, s, mem, received, tx)
+                read_channel(i, s, mem, received, hashes, tx)
             }));
         }
         Ok(Self {
@@ -482,6 +489,11 @@ mod tests {
         (a, b)
     }
 
+    fn hashes_for(mem: &[GuestRegion]) -> Arc<PageHashes> {
+        let n: Vec<u64> = mem.iter().map(GuestRegion::npages).collect();
+        Arc::new(PageHashes::new(&n))
+    }
+
     fn region(pages: u64) -> GuestRegion {
         GuestRegion::create("t", pages * PAGE as u64)
             .expect("create")
@@ -506,7 +518,8 @@ mod tests {
         let dst = Arc::new(vec![region(1000), region(300)]);
         fill(&src[0], 1);
         fill(&src[1], 2);
-        let rx = TcpReceiver::start(b, Arc::clone(&dst)).expect("start");
+        let landed = hashes_for(&dst);
+        let rx = TcpReceiver::start(b, Arc::clone(&dst), Arc::clone(&landed)).expect("start");
         let mut tx = TcpSender::new(a, Arc::clone(&src));
         let ranges = vec![
             PageRange {
@@ -532,6 +545,13 @@ mod tests {
             // SAFETY: no thread writes either mapping now.
             assert!(unsafe { s.as_slice() == d.as_slice() });
         }
+        // The digest kept as pages landed equals the source memory's digest.
+        let want: Vec<Vec<u128>> = src
+            .iter()
+            // SAFETY: no thread writes the source mapping now.
+            .map(|r| ferry_engine::digest::region_digest(unsafe { r.as_slice() }))
+            .collect();
+        assert_eq!(landed.digest().regions, want);
         // Round 2: a page becomes zero at the source; the marker must clear it.
         // SAFETY: test-owned mapping, single writer.
         unsafe { std::ptr::write_bytes(src[0].pages_ptr(7, 1).expect("page"), 0, PAGE) };
@@ -585,7 +605,7 @@ mod tests {
         ] {
             let (mut a, b) = pairs(1);
             let dst = Arc::new(vec![region(100)]);
-            let rx = TcpReceiver::start(b, dst).expect("start");
+            let rx = TcpReceiver::start(b, Arc::clone(&dst), hashes_for(&dst)).expect("start");
             a[0].write_all(&hdr.encode()).expect("write");
             let err = rx
                 .wait_round(1, Duration::from_secs(10))
@@ -599,17 +619,29 @@ mod tests {
         use std::io::Write;
         let (mut a, b) = pairs(1);
         let dst = Arc::new(vec![region(10)]);
-        let rx = TcpReceiver::start(b, Arc::clone(&dst)).expect("start");
+        let rx = TcpReceiver::start(b, Arc::clone(&dst), hashes_for(&dst)).expect("start");
         // Rounds 1-4 went over RDMA; this channel's first frame is round 5.
         for kind in [DataKind::Zero, DataKind::RoundEnd] {
             let count = 1;
-            let h = DataHeader { kind, round: 5, region: 0, first: 2, count };
+            let h = DataHeader {
+                kind,
+                round: 5,
+                region: 0,
+                first: 2,
+                count,
+            };
             a[0].write_all(&h.encode()).expect("write");
         }
         let got = rx.wait_round(5, Duration::from_secs(10)).expect("round 5");
         assert_eq!(got.pages, 1);
         // A frame of an older round is refused.
-        let h = DataHeader { kind: DataKind::Zero, round: 4, region: 0, first: 0, count: 1 };
+        let h = DataHeader {
+            kind: DataKind::Zero,
+            round: 4,
+            region: 0,
+            first: 0,
+            count: 1,
+        };
         a[0].write_all(&h.encode()).expect("write");
         assert!(matches!(
             rx.wait_round(6, Duration::from_secs(10)),
@@ -622,7 +654,7 @@ mod tests {
         use std::io::Write;
         let (mut a, b) = pairs(1);
         let dst = Arc::new(vec![region(10)]);
-        let rx = TcpReceiver::start(b, Arc::clone(&dst)).expect("start");
+        let rx = TcpReceiver::start(b, Arc::clone(&dst), hashes_for(&dst)).expect("start");
         let hdr = DataHeader {
             kind: DataKind::Pages,
             round: 1,
@@ -651,7 +683,7 @@ mod tests {
     fn a_dead_sender_is_reported() {
         let (a, b) = pairs(2);
         let dst = Arc::new(vec![region(10)]);
-        let rx = TcpReceiver::start(b, dst).expect("start");
+        let rx = TcpReceiver::start(b, Arc::clone(&dst), hashes_for(&dst)).expect("start");
         use std::io::Write;
         let mut s0 = a.into_iter().next().expect("stream");
         let hdr = DataHeader {

@@ -484,6 +484,12 @@ impl Cluster {
         .arg("--socket")
         .arg(self.hosts.path("a.sock"))
         .args(extra)
+        // Tests verify strictly (before the destination resumes) unless they ask.
+        .args(if extra.contains(&"--verify") {
+            &[][..]
+        } else {
+            &["--verify", "strict"][..]
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         Ok(c.spawn()?)

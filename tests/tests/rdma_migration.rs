@@ -114,6 +114,7 @@ impl Loopback {
             ])
             .arg("--socket")
             .arg(self.dir.join("a.sock"))
+            .args(["--verify", "strict"])
             .args(extra)
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::piped())

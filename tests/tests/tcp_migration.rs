@@ -294,3 +294,21 @@ fn a_link_lost_in_the_commit_window_is_settled_by_replaying_the_decision() -> an
     assert!(log_b.contains("replayed Commit"), "{log_b}");
     Ok(())
 }
+
+#[test]
+fn after_resume_verification_keeps_the_digest_out_of_the_downtime() -> anyhow::Result<()> {
+    let _g = serial();
+    let cl = Cluster::start(&ClusterOpts::default())?;
+    let s = cl.migrate(&["--verify", "after-resume"])?;
+    assert!(committed(&s), "{s:#}\n{}", cl.logs());
+    assert_eq!(s["verify_mode"], "after-resume");
+    // Compared after the destination resumed, and it matched.
+    assert_eq!(s["digest_match"], true);
+    assert!(s["verify_after_resume_ms"].as_f64() > Some(0.0), "{s:#}");
+    wait_for(
+        "source stopped after the comparison",
+        Duration::from_secs(10),
+        || cl.vm_a().is_some_and(|v| v.state == "migrated"),
+    )?;
+    Ok(())
+}
