@@ -5,8 +5,12 @@
 //! wrote are zero), lets it run `--warmup-s`, measures its write rate from its status
 //! file, migrates it with `ferry migrate --json` and reads the summary and the source
 //! VMM's dirty-log costs (its status file). The sidecar's default verification mode is
-//! used (strict: digests compared before the destination resumes, so the comparison is
-//! inside the downtime; the output states the mode the summary reports).
+//! used (after-resume: the destination's digest, kept as pages landed, is compared with
+//! the source's once the destination runs, the source VM kept paused meanwhile; the
+//! output states the mode the summary reports, and a mismatch fails the run). The
+//! destination VMM checks the guest's record with `--check-record` (default
+//! `after-start`: counters and generation sums at load, data pages once the guest runs;
+//! the output states the outcome, and a failed check fails the run).
 //!
 //! Dirtying rates: `0` runs the guest on one hot page per vCPU (at most one dirty page
 //! per vCPU per round); `N` MiB/s writes random pages of the guest at N MiB/s over all
@@ -42,9 +46,15 @@ pub struct DowntimeArgs {
     /// Seconds the guest runs before each migration.
     #[arg(long, default_value_t = 2)]
     pub warmup_s: u64,
-    /// Downtime budget passed to `ferry migrate`.
-    #[arg(long, default_value_t = 300)]
+    /// Downtime budget passed to `ferry migrate`: what pre-copy leaves for the final copy
+    /// (switch over once the dirty bytes fit it at the last round's bandwidth). 25 ms
+    /// leaves half of a 50 ms downtime target to pause, state, load and resume.
+    #[arg(long, default_value_t = 25)]
     pub downtime_ms: u32,
+    /// The destination VMM's `--check-record` (at-load puts a read of every data page
+    /// into the downtime).
+    #[arg(long, default_value = "after-start")]
+    pub check_record: String,
     /// Pre-copy round limit passed to `ferry migrate`.
     #[arg(long, default_value_t = 30)]
     pub max_rounds: u32,
@@ -58,6 +68,8 @@ pub struct DowntimeArgs {
 struct VmStatus {
     state: String,
     total: u64,
+    #[serde(default)]
+    record_check: String,
     #[serde(default)]
     dirty_log: Vec<DirtyLogCost>,
 }
@@ -79,6 +91,8 @@ struct Run {
     dirty_log: Vec<DirtyLogCost>,
     write_mib_s: f64,
     verify_mode: String,
+    final_pages: u64,
+    record_check: String,
     error: String,
 }
 
@@ -153,6 +167,8 @@ fn once(a: &DowntimeArgs, mib: u64, dirty: u64, port: u16, tag: &str) -> anyhow:
         "900".into(),
         "--status-file".into(),
         st_b.display().to_string(),
+        "--check-record".into(),
+        a.check_record.clone(),
     ];
     pair.spawn_vmm("ferry-kvm-vmm", "vmm-b", &dst)?;
     pair.wait_ready(Duration::from_secs(60))?;
@@ -191,6 +207,30 @@ fn once(a: &DowntimeArgs, mib: u64, dirty: u64, port: u16, tag: &str) -> anyhow:
             bail!("committed without a verified, continuing guest: {s}");
         }
     }
+    let mut record_check = a.check_record.clone();
+    if committed && a.check_record == "after-start" {
+        // The destination checks the data pages once the guest runs; wait for its outcome.
+        let end = Instant::now() + Duration::from_secs(60);
+        record_check = "after-start: no outcome within 60 s".into();
+        while Instant::now() < end {
+            match read_status(&st_b).map(|s| s.record_check) {
+                Some(c) if c.starts_with("after-start: ok") => {
+                    record_check = c;
+                    break;
+                }
+                Some(c) if c.contains("FAILED") => bail!("destination record check: {c}"),
+                _ => std::thread::sleep(Duration::from_millis(20)),
+            }
+        }
+        if !record_check.starts_with("after-start: ok") {
+            bail!("destination record check: {record_check}");
+        }
+    }
+    let final_pages = s["per_round"]
+        .as_array()
+        .and_then(|r| r.iter().find(|r| r["final_round"] == true))
+        .and_then(|r| r["dirty_pages"].as_u64())
+        .unwrap_or(0);
     let f = |k: &str| s[k].as_f64().unwrap_or(f64::NAN);
     Ok(Run {
         committed,
@@ -201,6 +241,8 @@ fn once(a: &DowntimeArgs, mib: u64, dirty: u64, port: u16, tag: &str) -> anyhow:
         dirty_log,
         write_mib_s,
         verify_mode: s["verify_mode"].as_str().unwrap_or("?").to_owned(),
+        final_pages,
+        record_check,
         error: s["error"].as_str().unwrap_or_default().to_owned(),
     })
 }
@@ -224,8 +266,8 @@ pub fn run(a: &DowntimeArgs) -> anyhow::Result<()> {
         "/dev/kvm is missing: the downtime benchmark needs KVM"
     );
     println!(
-        "ferry-bench downtime: KVM guest ({} vCPUs) over loopback, {} streams, budget {} ms, {} runs per config, warm-up {} s",
-        a.vcpus, a.streams, a.downtime_ms, a.runs, a.warmup_s
+        "ferry-bench downtime: KVM guest ({} vCPUs) over loopback, {} streams, budget {} ms, {} runs per config, warm-up {} s; destination record check {}",
+        a.vcpus, a.streams, a.downtime_ms, a.runs, a.warmup_s, a.check_record
     );
     let mut port = a.port_base;
     let mut headline: Option<f64> = None;
@@ -239,11 +281,12 @@ pub fn run(a: &DowntimeArgs) -> anyhow::Result<()> {
                     once(a, mib, dirty, port, &tag).with_context(|| format!("{label} run {r}"))?;
                 port = port.wrapping_add(2).max(1024);
                 println!(
-                    "  {label} run {r}: {} downtime {:.1} ms (pause {:.1} + final copy {:.1} + state {:.1} + verify {:.1} + restore {:.1}), total {:.0} ms, {} rounds, guest wrote {:.1} MiB/s, verify {}{}",
+                    "  {label} run {r}: {} downtime {:.1} ms (pause {:.1} + final copy {:.1} ({} pages) + state {:.1} + verify {:.1} + restore {:.1}), total {:.0} ms, {} rounds, guest wrote {:.1} MiB/s, verify {}, record check {}{}",
                     if run.committed { "committed" } else { "ABORTED" },
                     run.downtime_ms,
                     run.parts[0],
                     run.parts[1],
+                    run.final_pages,
                     run.parts[2],
                     run.parts[3],
                     run.parts[4],
@@ -251,6 +294,7 @@ pub fn run(a: &DowntimeArgs) -> anyhow::Result<()> {
                     run.rounds,
                     run.write_mib_s,
                     run.verify_mode,
+                    run.record_check,
                     if run.error.is_empty() { String::new() } else { format!(" ({})", run.error) }
                 );
                 runs.push(run);
@@ -266,10 +310,11 @@ pub fn run(a: &DowntimeArgs) -> anyhow::Result<()> {
             let pages: Vec<f64> = logs.iter().map(|l| l.pages as f64).collect();
             let modes: Vec<&str> = ok.iter().map(|r| r.verify_mode.as_str()).collect();
             println!(
-                "{label}: {}/{} committed (verify {}); downtime p50 {:.1} p90 {:.1} ms; total p50 {:.0} p90 {:.0} ms; p50 parts: pause {:.1} + final copy {:.1} + state {:.1} + verify {:.1} + restore {:.1} ms; dirty log per read ({} reads): get p50 {:.0} us, clear p50 {:.0} us p90 {:.0} us, pages p50 {:.0}; guest wrote p50 {:.1} MiB/s",
+                "{label}: {}/{} committed (verify {}, record check {}); downtime p50 {:.1} p90 {:.1} ms; total p50 {:.0} p90 {:.0} ms; p50 parts: pause {:.1} + final copy {:.1} + state {:.1} + verify {:.1} + restore {:.1} ms; dirty log per read ({} reads): get p50 {:.0} us, clear p50 {:.0} us p90 {:.0} us, pages p50 {:.0}; guest wrote p50 {:.1} MiB/s",
                 ok.len(),
                 runs.len(),
                 modes.first().copied().unwrap_or("?"),
+                a.check_record,
                 pct(&down, 50.0),
                 pct(&down, 90.0),
                 pct(&total, 50.0),

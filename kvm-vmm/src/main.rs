@@ -11,7 +11,7 @@ use ferry_kvm_glue::dirty::DirtyModeRequest;
 use ferry_kvm_glue::endpoint::{ServeEnd, SidecarLink};
 use ferry_kvm_vmm::guest::{self, GuestConfig, Pattern};
 use ferry_kvm_vmm::machine::{Machine, RunOptions};
-use ferry_kvm_vmm::migrate::{migrate_local, DestVm, SourceVm};
+use ferry_kvm_vmm::migrate::{migrate_local, DestVm, RecordCheck, SourceVm};
 use ferry_kvm_vmm::status::StatusFile;
 use ferry_proto::msg::RegionInfo;
 
@@ -71,6 +71,11 @@ enum Cmd {
         /// compatibility check, e.g. GenuineIntel on an AMD host).
         #[arg(long)]
         pretend_cpu_vendor: Option<String>,
+        /// When to check the incoming guest's data pages: at load (inside the downtime),
+        /// after start (while it runs, outcome in the status file's record_check) or off.
+        /// Counters and generation sums are checked at load in every case.
+        #[arg(long, value_enum, default_value_t = RecordCheck::AtLoad)]
+        check_record: RecordCheck,
         #[command(flatten)]
         process: ProcessArgs,
     },
@@ -203,6 +208,7 @@ fn main() -> Result<()> {
             verify_after_s,
             refuse_load,
             pretend_cpu_vendor,
+            check_record,
             process,
         } => {
             let status = process.status()?;
@@ -216,6 +222,7 @@ fn main() -> Result<()> {
             );
             vm.refuse_load = refuse_load;
             vm.host_vendor = pretend_cpu_vendor;
+            vm.check = check_record;
             vm.prepare()?;
             dest(vm, &sidecar, &vm_id, verify_after_s)
         }

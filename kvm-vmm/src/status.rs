@@ -5,13 +5,15 @@
 //!
 //! ```json
 //! {"state":"running","pid":123,"counters":[5120,4992],"total":10112,
-//!  "detail":"...","dirty_log":[{"final_round":false,"pages":51000,"get_us":14,"clear_us":1139}]}
+//!  "detail":"...","dirty_log":[{"final_round":false,"pages":51000,"get_us":14,"clear_us":1139}],
+//!  "record_check":""}
 //! ```
 //!
 //! `state` is one of `starting`, `running`, `paused`, `migrated`, `waiting`, `loaded`;
 //! `counters` are the guest's per-vCPU `writes` counters, read from guest memory (see
 //! [`crate::guest`]); `dirty_log` lists the cost of each dirty-log read of the last
-//! migration attempt (source side). Same shape as `ferry-workload-vmm`'s status file, so
+//! migration attempt (source side); `record_check` is the outcome of a destination's
+//! `--check-record after-start` check (empty otherwise). Same shape as `ferry-workload-vmm`'s status file, so
 //! the same test support reads both.
 //!
 //! # Threads
@@ -59,6 +61,7 @@ struct Inner {
     /// Counters to show when no probe is set (e.g. after the VM left).
     frozen: Vec<u64>,
     dirty_log: Vec<DirtyLogCost>,
+    record_check: String,
 }
 
 #[derive(Serialize)]
@@ -69,6 +72,7 @@ struct Json<'a> {
     total: u64,
     detail: &'a str,
     dirty_log: &'a [DirtyLogCost],
+    record_check: &'a str,
 }
 
 /// A handle on the status file (cheap to clone; a no-op without a path).
@@ -146,6 +150,12 @@ impl StatusFile {
         i.frozen.clear();
     }
 
+    /// Sets the outcome of the destination's record check and writes the file now.
+    pub fn record_check(&self, line: impl Into<String>) {
+        self.lock().record_check = line.into();
+        self.write();
+    }
+
     /// Records one dirty-log read.
     pub fn dirty_log(&self, cost: DirtyLogCost) {
         self.lock().dirty_log.push(cost);
@@ -172,6 +182,7 @@ impl StatusFile {
                 counters: &counters,
                 detail: &i.detail,
                 dirty_log: &i.dirty_log,
+                record_check: &i.record_check,
             })
         };
         let Ok(mut json) = json else { return };
