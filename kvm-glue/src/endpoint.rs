@@ -257,9 +257,9 @@ impl SidecarLink {
             };
             let reply = match msg {
                 Msg::StartDirtyLog => vm.start_dirty_log().map(|()| Msg::Ok),
-                Msg::TakeDirty { final_round } => {
-                    vm.take_dirty(final_round).map(|bitmaps| Msg::Dirty { bitmaps })
-                }
+                Msg::TakeDirty { final_round } => vm
+                    .take_dirty(final_round)
+                    .map(|bitmaps| Msg::Dirty { bitmaps }),
                 Msg::Pause => vm.pause().map(|d| {
                     paused = true;
                     Msg::Paused {
