@@ -92,6 +92,8 @@ struct Run {
     write_mib_s: f64,
     verify_mode: String,
     final_pages: u64,
+    /// The destination VMM's own load timing ("VM built in .., record checked in ..").
+    load: String,
     record_check: String,
     error: String,
 }
@@ -242,6 +244,11 @@ fn once(a: &DowntimeArgs, mib: u64, dirty: u64, port: u16, tag: &str) -> anyhow:
         write_mib_s,
         verify_mode: s["verify_mode"].as_str().unwrap_or("?").to_owned(),
         final_pages,
+        load: s["guest_detail"]
+            .as_str()
+            .and_then(|d| d.rsplit_once("load: "))
+            .map_or("?", |(_, l)| l)
+            .to_owned(),
         record_check,
         error: s["error"].as_str().unwrap_or_default().to_owned(),
     })
@@ -281,7 +288,7 @@ pub fn run(a: &DowntimeArgs) -> anyhow::Result<()> {
                     once(a, mib, dirty, port, &tag).with_context(|| format!("{label} run {r}"))?;
                 port = port.wrapping_add(2).max(1024);
                 println!(
-                    "  {label} run {r}: {} downtime {:.1} ms (pause {:.1} + final copy {:.1} ({} pages) + state {:.1} + verify {:.1} + restore {:.1}), total {:.0} ms, {} rounds, guest wrote {:.1} MiB/s, verify {}, record check {}{}",
+                    "  {label} run {r}: {} downtime {:.1} ms (pause {:.1} + final copy {:.1} ({} pages) + state {:.1} + verify {:.1} (destination VMM load: {}) + restore {:.1}), total {:.0} ms, {} rounds, guest wrote {:.1} MiB/s, verify {}, record check {}{}",
                     if run.committed { "committed" } else { "ABORTED" },
                     run.downtime_ms,
                     run.parts[0],
@@ -289,6 +296,7 @@ pub fn run(a: &DowntimeArgs) -> anyhow::Result<()> {
                     run.final_pages,
                     run.parts[2],
                     run.parts[3],
+                    run.load,
                     run.parts[4],
                     run.total_ms,
                     run.rounds,

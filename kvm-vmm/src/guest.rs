@@ -495,10 +495,11 @@ pub fn check_counters(ram: &GuestRam, cfg: &GuestConfig) -> Result<VerifyReport>
 /// What [`verify_running`] checked.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct RunningReport {
-    /// Data pages whose migrated stamp and fill were checked against the table.
+    /// Data pages whose stamp and fill were checked against the table (the migrated
+    /// content, or what the guest wrote over it since it started: both must match).
     pub checked: u64,
-    /// Data pages the guest was writing while they were read (their migrated content is
-    /// gone or going; the guest never reads it, so there is nothing left to check).
+    /// Data pages the guest was writing while they were read (skipped: their migrated
+    /// content is being replaced, and the guest never reads it).
     pub rewritten: u64,
 }
 

@@ -329,7 +329,7 @@ fn spawn_running_check(status: &StatusFile, m: &Machine) {
             let t = Instant::now();
             let line = match guest::verify_running(&ram, &cfg) {
                 Ok(r) => format!(
-                    "after-start: ok: {} data pages at their generation, {} rewritten by the guest first, in {:?}",
+                    "after-start: ok: {} data pages at their generation, {} skipped as the guest was writing them, in {:?}",
                     r.checked,
                     r.rewritten,
                     t.elapsed()
