@@ -1,10 +1,12 @@
 //! `ferry-bench`: end-to-end benchmarks of Ferry, each reported against a reference
 //! measured in the same run on the same link (this machine is shared and noisy).
 //!
+//! - `ferry-bench coldfirst`: bytes saved by the cold-first round-1 order.
 //! - `ferry-bench tcp`: full-copy throughput over loopback vs iperf3, CPU s/GiB.
 //! - `ferry-bench downtime`: downtime p50/p90 and total time of a running KVM guest
 //!   (1 and 4 GiB, dirtying 0/64/256 MiB/s) over loopback, with dirty-log cost per read.
 
+mod coldfirst;
 mod downtime;
 mod local;
 mod tcp;
@@ -20,6 +22,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
+    /// Bytes saved by sending recently written pages last in round 1 (hot-set guest).
+    Coldfirst(coldfirst::ColdFirstArgs),
     /// Full-copy throughput of a random-filled region over loopback, vs iperf3.
     Tcp(tcp::TcpArgs),
     /// Downtime and total time of a running KVM guest migrated over loopback, per guest
@@ -30,6 +34,7 @@ enum Cmd {
 fn main() -> anyhow::Result<()> {
     match Cli::parse().cmd {
         Cmd::Tcp(a) => tcp::run(&a),
+        Cmd::Coldfirst(a) => coldfirst::run(&a),
         Cmd::Downtime(a) => downtime::run(&a),
     }
 }
