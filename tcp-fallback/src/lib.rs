@@ -4,7 +4,9 @@
 //! connection; the destination's reader threads place them straight into its guest RAM.
 //! Pages go from the source's guest mapping to the socket (`writev` with `iovec`s into
 //! the mapping) and from the socket into the destination's mapping (`read` into it): no
-//! user-space copy of the payload on either side. Each batch carries one XXH3-64 hash
+//! user-space copy of the payload on either side. Runs of small frames (scattered dirty
+//! pages, as in the final round) are gathered into one `writev` of up to 340 frames or
+//! 1 MiB, so they leave in a few TCP segments rather than one each. Each batch carries one XXH3-64 hash
 //! per page, computed by the source over a private copy of the page and checked by the
 //! destination over the bytes that landed. A mismatch in a pre-copy round means the
 //! guest wrote the page while it was sent (the write is in the next round's dirty log,
@@ -66,6 +68,60 @@ impl TcpSender {
     }
 }
 
+/// Most frames gathered into one `writev`: three iovecs each (header, hashes, pages)
+/// keeps a flush within one `UIO_MAXIOV` (1024) call.
+const MAX_GATHERED_FRAMES: usize = 340;
+
+/// Payload gathered before a flush: one full batch ([`MAX_BATCH_PAGES`] = 1 MiB) goes out
+/// on its own as before; only runs of small frames (scattered dirty pages, typical of the
+/// final round) share a `writev` and so a few TCP segments instead of one each.
+const MAX_GATHERED_BYTES: usize = 1 << 20;
+
+/// Frames of one channel waiting for one `writev`: their headers and hashes are owned
+/// here, their pages stay in the guest mapping.
+#[derive(Default)]
+struct Gathered {
+    headers: Vec<[u8; DATA_HEADER_LEN]>,
+    /// The frames' page hashes, little-endian, one frame's after the other's.
+    hashes: Vec<u8>,
+    /// Per frame: its number of hashes in `hashes`, its pages and their length.
+    frames: Vec<(usize, *const u8, usize)>,
+    bytes: usize,
+}
+
+impl Gathered {
+    fn full(&self) -> bool {
+        self.frames.len() >= MAX_GATHERED_FRAMES || self.bytes >= MAX_GATHERED_BYTES
+    }
+
+    /// Writes every gathered frame, in order, with one `writev` (more if the socket takes
+    /// them in pieces).
+    fn flush(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+        if self.frames.is_empty() {
+            return Ok(());
+        }
+        let mut iov = Vec::with_capacity(self.frames.len() * 3);
+        let mut h = 0;
+        for (hdr, &(nhash, pages, len)) in self.headers.iter().zip(&self.frames) {
+            iov.push(iovec(hdr.as_ptr(), DATA_HEADER_LEN));
+            if len > 0 {
+                iov.push(iovec(self.hashes[h * 8..].as_ptr(), nhash * 8));
+                iov.push(iovec(pages, len));
+            }
+            h += nhash;
+        }
+        // SAFETY: the headers and hashes live in `self` until the call returns; each
+        // page pointer covers `len` bytes of a region that stays mapped while the
+        // sender's `mem` is borrowed (checked by `pages_ptr` when gathered).
+        unsafe { writev_all(fd, &mut iov)? };
+        self.headers.clear();
+        self.hashes.clear();
+        self.frames.clear();
+        self.bytes = 0;
+        Ok(())
+    }
+}
+
 /// Sends one channel's share of a round.
 fn send_share(
     stream: &TcpStream,
@@ -78,6 +134,8 @@ fn send_share(
     let mut stats = RoundStats::default();
     let mut bounce = Box::new([0u8; PAGE]);
     let mut hashes: Vec<u64> = Vec::with_capacity(MAX_BATCH_PAGES as usize);
+    let mut out = Gathered::default();
+    let mut unreported = 0u64;
     for r in ranges {
         let region = mem
             .get(r.region as usize)
@@ -117,27 +175,35 @@ fn send_share(
                 count,
             }
             .encode();
-            let hash_bytes: Vec<u8> = hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
-            let mut iov = vec![iovec(hdr.as_ptr(), DATA_HEADER_LEN)];
-            if !zero {
+            out.headers.push(hdr);
+            if zero {
+                out.frames.push((0, std::ptr::null(), 0));
+            } else {
                 let src = region
                     .pages_ptr(start, count)
                     .expect("range checked against the region");
-                iov.push(iovec(hash_bytes.as_ptr(), hash_bytes.len()));
-                iov.push(iovec(src, count as usize * PAGE));
+                out.hashes
+                    .extend(hashes.iter().flat_map(|h| h.to_le_bytes()));
+                out.frames.push((hashes.len(), src, count as usize * PAGE));
+                out.bytes += count as usize * PAGE;
             }
-            // SAFETY: the header and hash buffers live on this frame; `src` covers
-            // `count` mapped pages of a region that stays mapped while `mem` is borrowed.
-            unsafe { writev_all(fd, &mut iov)? };
             stats.pages += count;
             if zero {
                 stats.zero_pages += count;
             } else {
                 let b = count * PAGE as u64;
                 stats.bytes += b;
-                progress(b);
+                unreported += b;
+            }
+            if out.full() {
+                out.flush(fd)?;
+                progress(std::mem::take(&mut unreported));
             }
         }
+    }
+    out.flush(fd)?;
+    if unreported > 0 {
+        progress(unreported);
     }
     let end = DataHeader {
         kind: DataKind::RoundEnd,
