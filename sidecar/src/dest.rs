@@ -311,6 +311,22 @@ fn settle_outcome(
     res
 }
 
+/// Runs a committed VM and remembers the session as running here (so a replayed
+/// `Commit` whose `PeerRunning` got lost is answered). Returns the VMM's line.
+fn start_vm(d: &Daemon, vmm: &WaitingVmm, vm_id: &str, session: [u8; 16]) -> String {
+    let detail = match request(&vmm.link, &Msg::Start, &[]) {
+        Ok(Msg::Running { detail }) => detail,
+        Ok(other) => format!("VMM answered {} to Start", other.name()),
+        Err(e) => format!("VMM failed to start the committed VM: {e}"),
+    };
+    tracing::info!(%vm_id, %detail, "VM runs here");
+    d.running
+        .lock()
+        .expect("lock")
+        .insert(session, detail.clone());
+    detail
+}
+
 /// Settles a held VM with the source's replayed decision.
 ///
 /// # Errors
@@ -368,16 +384,8 @@ pub fn settle(
     };
     let HeldVm { vm_id, vmm } = held;
     if commit {
-        let detail = match request(&vmm.link, &Msg::Start, &[]) {
-            Ok(Msg::Running { detail }) => detail,
-            Ok(other) => format!("VMM answered {} to Start", other.name()),
-            Err(e) => format!("VMM failed to start the committed VM: {e}"),
-        };
-        tracing::info!(%vm_id, %detail, "replayed Commit: the VM runs here");
-        d.running
-            .lock()
-            .expect("lock")
-            .insert(session, detail.clone());
+        let detail = start_vm(d, &vmm, &vm_id, session);
+        tracing::info!(%vm_id, "the replayed Commit was carried out");
         write_msg(&mut ctl, &Msg::PeerRunning { detail })?;
     } else {
         request(&vmm.link, &Msg::Discard, &[])?;
@@ -553,16 +561,7 @@ fn receive(
                 if fsm.on(DestEvent::Commit) != DestAction::StartVm {
                     bail!("Commit before the VM was loaded");
                 }
-                let detail = match request(&vmm.link, &Msg::Start, &[]) {
-                    Ok(Msg::Running { detail }) => detail,
-                    Ok(other) => format!("VMM answered {} to Start", other.name()),
-                    Err(e) => format!("VMM failed to start the committed VM: {e}"),
-                };
-                tracing::info!(%vm_id, %detail, "VM runs here");
-                d.running
-                    .lock()
-                    .expect("lock")
-                    .insert(session, detail.clone());
+                let detail = start_vm(d, vmm, vm_id, session);
                 write_msg(ctl, &Msg::PeerRunning { detail })?;
                 return Ok(());
             }

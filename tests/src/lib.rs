@@ -495,6 +495,23 @@ impl Cluster {
         Ok(c.spawn()?)
     }
 
+    /// Slows host A's link to 200 Mbit/s (round 1 of a 256 MiB guest then takes ~8 s),
+    /// starts a migration, and returns once round 1 is under way at the destination:
+    /// the window fault tests strike in.
+    ///
+    /// # Errors
+    ///
+    /// When shaping fails or round 1 does not start within 20 s.
+    pub fn spawn_slow_migration(&self) -> anyhow::Result<Child> {
+        self.hosts.limit_rate(0, "200mbit")?;
+        let child = self.spawn_migrate(&[])?;
+        wait_for("round 1 under way", Duration::from_secs(20), || {
+            self.ferry_status(1)
+                .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
+        })?;
+        Ok(child)
+    }
+
     /// Runs a migration to completion and parses its JSON summary.
     ///
     /// # Errors

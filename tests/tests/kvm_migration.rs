@@ -112,13 +112,8 @@ fn killing_the_destination_sidecar_in_round_one_keeps_the_kvm_guest_running() ->
 {
     let _g = serial();
     let mut cl = Cluster::start(&kvm(256, 32))?;
-    // 200 Mbit/s: round 1 of ~250 MiB takes ~10 s, a wide window to kill in.
-    cl.hosts.limit_rate(0, "200mbit")?;
-    let child = cl.spawn_migrate(&["--streams", "4"])?;
-    wait_for("round 1 under way", Duration::from_secs(20), || {
-        cl.ferry_status(1)
-            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
-    })?;
+    // 4 streams (the default) over 200 Mbit/s: a wide window to strike in.
+    let child = cl.spawn_slow_migration()?;
     std::thread::sleep(Duration::from_millis(800));
     let before = cl.vm_a().expect("source status").counters;
     cl.procs[SIDECAR_B].kill9();
@@ -157,12 +152,8 @@ fn killing_the_destination_sidecar_while_the_kvm_guest_is_paused_resumes_it() ->
 fn a_cut_link_aborts_and_the_kvm_guest_keeps_running() -> anyhow::Result<()> {
     let _g = serial();
     let cl = Cluster::start(&kvm(256, 32))?;
-    cl.hosts.limit_rate(0, "200mbit")?;
-    let child = cl.spawn_migrate(&["--streams", "4"])?;
-    wait_for("round 1 under way", Duration::from_secs(20), || {
-        cl.ferry_status(1)
-            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
-    })?;
+    // 4 streams (the default) over 200 Mbit/s: a wide window to strike in.
+    let child = cl.spawn_slow_migration()?;
     std::thread::sleep(Duration::from_millis(500));
     let before = cl.vm_a().expect("source status").counters;
     cl.hosts.cut()?;
@@ -235,12 +226,8 @@ fn killing_the_source_sidecar_never_lets_the_destination_run_a_partial_kvm_guest
 ) -> anyhow::Result<()> {
     let _g = serial();
     let mut cl = Cluster::start(&kvm(256, 32))?;
-    cl.hosts.limit_rate(0, "200mbit")?;
-    let _child = cl.spawn_migrate(&["--streams", "4"])?;
-    wait_for("round 1 under way", Duration::from_secs(20), || {
-        cl.ferry_status(1)
-            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
-    })?;
+    // 4 streams (the default) over 200 Mbit/s: a wide window to strike in.
+    let _child = cl.spawn_slow_migration()?;
     std::thread::sleep(Duration::from_millis(500));
     let before = cl.vm_a().expect("source status").counters;
     cl.procs[SIDECAR_A].kill9();

@@ -58,13 +58,7 @@ fn migrates_a_dirtying_vm_between_two_hosts() -> anyhow::Result<()> {
 fn killing_the_destination_in_round_one_keeps_the_source_running() -> anyhow::Result<()> {
     let _g = serial();
     let mut cl = Cluster::start(&ClusterOpts::default())?;
-    // 200 Mbit/s: round 1 of ~190 MiB takes ~8 s, a wide window to kill in.
-    cl.hosts.limit_rate(0, "200mbit")?;
-    let child = cl.spawn_migrate(&[])?;
-    wait_for("round 1 under way", Duration::from_secs(20), || {
-        cl.ferry_status(1)
-            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
-    })?;
+    let child = cl.spawn_slow_migration()?;
     std::thread::sleep(Duration::from_millis(800));
     cl.procs[SIDECAR_B].kill9();
     let s = summary_of(child)?;
@@ -102,12 +96,7 @@ fn killing_the_destination_during_stop_and_copy_resumes_the_source() -> anyhow::
 fn a_cut_link_aborts_and_the_source_keeps_running() -> anyhow::Result<()> {
     let _g = serial();
     let cl = Cluster::start(&ClusterOpts::default())?;
-    cl.hosts.limit_rate(0, "200mbit")?;
-    let child = cl.spawn_migrate(&[])?;
-    wait_for("round 1 under way", Duration::from_secs(20), || {
-        cl.ferry_status(1)
-            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
-    })?;
+    let child = cl.spawn_slow_migration()?;
     std::thread::sleep(Duration::from_millis(500));
     cl.hosts.cut()?;
     let t = std::time::Instant::now();
@@ -215,12 +204,7 @@ fn hostile_peers_get_errors_and_the_sidecar_still_migrates() -> anyhow::Result<(
 fn killing_the_source_sidecar_never_lets_the_destination_run_a_partial_vm() -> anyhow::Result<()> {
     let _g = serial();
     let mut cl = Cluster::start(&ClusterOpts::default())?;
-    cl.hosts.limit_rate(0, "200mbit")?;
-    let _child = cl.spawn_migrate(&[])?;
-    wait_for("round 1 under way", Duration::from_secs(20), || {
-        cl.ferry_status(1)
-            .is_some_and(|s| s["migrating"]["vm1"] == "receiving")
-    })?;
+    let _child = cl.spawn_slow_migration()?;
     std::thread::sleep(Duration::from_millis(500));
     cl.procs[SIDECAR_A].kill9();
     // The destination notices, discards, and its VMM waits again; nothing runs there.
