@@ -7,13 +7,12 @@
 //! does), so fewer of them are dirtied again. Same guest, same link, same run: the
 //! difference in bytes moved is the saving.
 //!
-//! What it showed when written (2026-11-22, 2 runs, 1 GiB, 128 MiB hot set, 256 MiB/s):
-//! no saving (-0.4 %). Ferry clears the dirty log once per round, before sending it, so
-//! round 2 holds every page written during round 1 whatever order round 1 used: a hot
-//! page sent last in round 1 was already written earlier in the round and is sent again.
-//! The order pays off only when each range's dirty bits are cleared just before that
-//! range is sent (KVM_CLEAR_DIRTY_LOG on sub-ranges, which manual-protect mode allows);
-//! that is not implemented yet. The benchmark stays to measure it when it is.
+//! The order only pays because the source reads (and clears) the dirty log right before
+//! each 64 MiB window of a round (sidecar `WINDOW_PAGES`): a hot page sent in the last
+//! window carries every write made before that window, so only writes made after it
+//! count for round 2. (With one read per round, round 2 held every page written during
+//! round 1 whatever the order: measured -0.4 %.) The observation window must be long
+//! enough to see most of the hot set written; pages it misses are sent in address order.
 
 use std::time::Duration;
 
@@ -34,7 +33,7 @@ pub struct ColdFirstArgs {
     #[arg(long, default_value_t = 256)]
     pub rate_mib: u64,
     /// Observation window for the cold-first order, ms.
-    #[arg(long, default_value_t = 300)]
+    #[arg(long, default_value_t = 1000)]
     pub observe_ms: u32,
     /// Runs per order (alternating); medians reported.
     #[arg(long, default_value_t = 3)]
@@ -165,9 +164,6 @@ pub fn run(a: &ColdFirstArgs) -> anyhow::Result<()> {
         "cold-first saved {} MiB ({:.1} % of address order)",
         saved >> 20,
         saved as f64 * 100.0 / p.max(1) as f64
-    );
-    println!(
-        "note: the dirty log is cleared once per round, so pages written before they were sent in round 1 are sent again in round 2 in either order; see the module doc"
     );
     Ok(())
 }

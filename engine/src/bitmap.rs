@@ -95,6 +95,21 @@ impl DirtyBitmap {
         }
     }
 
+    /// Marks `count` pages from `first` clean (clamped to the region).
+    pub fn clear_range(&mut self, first: u64, count: u64) {
+        let end = first.saturating_add(count).min(self.npages);
+        let mut p = first;
+        while p < end {
+            if p % 64 == 0 && end - p >= 64 {
+                self.words[(p / 64) as usize] = 0;
+                p += 64;
+            } else {
+                self.words[(p / 64) as usize] &= !(1 << (p % 64));
+                p += 1;
+            }
+        }
+    }
+
     /// Whether `page` is dirty.
     pub fn get(&self, page: u64) -> bool {
         page < self.npages && self.words[(page / 64) as usize] & (1 << (page % 64)) != 0
@@ -229,6 +244,11 @@ mod tests {
         assert_eq!(a.runs().collect::<Vec<_>>(), vec![(10, 90)]);
         a.set_range(290, 100);
         assert_eq!(a.count(), 100);
+        let mut f = DirtyBitmap::full(300);
+        f.clear_range(3, 200);
+        assert_eq!(f.runs().collect::<Vec<_>>(), vec![(0, 3), (203, 97)]);
+        f.clear_range(250, 1000);
+        assert_eq!(f.runs().collect::<Vec<_>>(), vec![(0, 3), (203, 47)]);
     }
 
     #[test]

@@ -111,6 +111,41 @@ pub fn plan(ranges: &[PageRange], channels: usize, chunk_pages: u64) -> RangePla
     out
 }
 
+/// Cuts `ranges` (in order) into consecutive windows of at most `max_pages` pages,
+/// splitting a range where a window fills up.
+///
+/// # Panics
+///
+/// Panics if `max_pages` is 0.
+pub fn windows(ranges: &[PageRange], max_pages: u64) -> Vec<Vec<PageRange>> {
+    assert!(max_pages > 0, "windows need a non-zero size");
+    let mut out: Vec<Vec<PageRange>> = Vec::new();
+    let mut cur: Vec<PageRange> = Vec::new();
+    let mut room = max_pages;
+    for r in ranges {
+        let mut first = r.first;
+        let end = r.end();
+        while first < end {
+            let count = room.min(end - first);
+            cur.push(PageRange {
+                region: r.region,
+                first,
+                count,
+            });
+            first += count;
+            room -= count;
+            if room == 0 {
+                out.push(std::mem::take(&mut cur));
+                room = max_pages;
+            }
+        }
+    }
+    if !cur.is_empty() || out.is_empty() {
+        out.push(cur);
+    }
+    out
+}
+
 /// Orders ranges so that pages in `recently_written` go last (least recently used
 /// memory first): a page the guest keeps writing is likely to be dirty again by the
 /// next round, so sending it early is wasted.
@@ -187,6 +222,22 @@ mod tests {
             ranges_of(&[a, b]),
             vec![r(0, 3, 4), r(0, 50, 1), r(1, 0, 10)]
         );
+    }
+
+    #[test]
+    fn windows_keep_order_and_size() {
+        let w = windows(&[r(0, 0, 10), r(1, 5, 3)], 4);
+        assert_eq!(
+            w,
+            vec![
+                vec![r(0, 0, 4)],
+                vec![r(0, 4, 4)],
+                vec![r(0, 8, 2), r(1, 5, 2)],
+                vec![r(1, 7, 1)]
+            ]
+        );
+        assert_eq!(windows(&[], 4), vec![Vec::<PageRange>::new()]);
+        assert_eq!(windows(&[r(0, 0, 8)], 4).len(), 2);
     }
 
     #[test]
