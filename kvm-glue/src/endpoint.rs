@@ -20,6 +20,8 @@
 //! VMM (destination)                 sidecar
 //!   Hello, AwaitIncoming{vm_id} ->
 //!                            <---   Ok
+//!                            <---   CheckCompat{cpu_profile} (before accepting)
+//!   Ok | Error{reason}       --->
 //!                            <---   Load{regions, blob}+memfds
 //!   Loaded | Error           --->
 //!                            <---   Start            | Discard
@@ -94,6 +96,19 @@ pub trait MigratableVm {
 
 /// What a destination VMM does with an incoming VM.
 pub trait IncomingVm {
+    /// Says whether this host can run a VM whose source VMM registered `cpu_profile`;
+    /// asked before the destination accepts a migration, so an incompatible host
+    /// refuses before any memory moves. The default accepts everything (a VMM without
+    /// CPU state, such as a memory-only workload).
+    ///
+    /// # Errors
+    ///
+    /// The reason this host cannot run the VM; it reaches the operator.
+    fn check_compat(&mut self, cpu_profile: &[u8]) -> Result<(), VmError> {
+        let _ = cpu_profile;
+        Ok(())
+    }
+
     /// Takes the migrated RAM (one memfd per region, same layout as the source) and the
     /// state blob; loads but does not run. Verification of the VM's own records
     /// belongs here.
@@ -365,6 +380,12 @@ impl SidecarLink {
                         }
                     }
                 }
+                Msg::CheckCompat { cpu_profile } => match vm.check_compat(&cpu_profile) {
+                    Ok(()) => Msg::Ok,
+                    Err(e) => Msg::Error {
+                        message: e.to_string(),
+                    },
+                },
                 Msg::Start if loaded => match vm.start() {
                     Ok(detail) => {
                         self.send(&Msg::Running {

@@ -349,6 +349,16 @@ fn spawn_running_check(status: &StatusFile, m: &Machine) {
 }
 
 impl IncomingVm for DestVm {
+    fn check_compat(&mut self, cpu_profile: &[u8]) -> Result<(), VmError> {
+        let guest = ferry_kvm_glue::cpu::CpuProfile::decode(cpu_profile)
+            .map_err(|e| format!("the source's CPU profile does not decode: {e}"))?;
+        let host = self.host_cpu().map_err(|e| format!("{e:#}"))?;
+        guest
+            .check_runs_on(&host)
+            .map_err(|e| format!("the guest's CPU cannot run on this host: {e}"))?;
+        Ok(())
+    }
+
     fn load(
         &mut self,
         vm_id: &str,

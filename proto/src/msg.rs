@@ -194,6 +194,12 @@ pub enum Msg {
         /// The state blob from the source.
         blob: Vec<u8>,
     },
+    /// Sidecar to a waiting VMM, before anything is accepted: can this host run a VM
+    /// with this CPU profile (the source VMM's registration blob)? `Ok` or `Error`.
+    CheckCompat {
+        /// The source VMM's CPU compatibility blob.
+        cpu_profile: Vec<u8>,
+    },
     /// VMM: loaded; vCPUs not running.
     Loaded,
     /// Sidecar to VMM: run the loaded VM.
@@ -463,6 +469,7 @@ impl Msg {
             Msg::PullRanges { .. } => 47,
             Msg::RdmaFailed { .. } => 48,
             Msg::Decision { .. } => 49,
+            Msg::CheckCompat { .. } => 50,
         }
     }
 
@@ -515,6 +522,7 @@ impl Msg {
             Msg::PullRanges { .. } => "PullRanges",
             Msg::RdmaFailed { .. } => "RdmaFailed",
             Msg::Decision { .. } => "Decision",
+            Msg::CheckCompat { .. } => "CheckCompat",
         }
     }
 
@@ -680,6 +688,9 @@ impl Msg {
                 proof,
             } => {
                 w.fixed(session).u16(*channel).fixed(proof);
+            }
+            Msg::CheckCompat { cpu_profile } => {
+                w.bytes(cpu_profile);
             }
             Msg::Decision { session, commit } => {
                 w.fixed(session).u8(u8::from(*commit));
@@ -923,6 +934,9 @@ impl Msg {
                 confirmed_pages: r.u64()?,
                 unfinished: get_ranges(&mut r, MAX_UNFINISHED)?,
             },
+            50 => Msg::CheckCompat {
+                cpu_profile: r.bytes(MAX_BLOB)?.to_vec(),
+            },
             49 => Msg::Decision {
                 session: r.array()?,
                 commit: bool8(&mut r, "commit")?,
@@ -1057,6 +1071,9 @@ mod tests {
             Msg::Decision {
                 session: [4; 16],
                 commit: true,
+            },
+            Msg::CheckCompat {
+                cpu_profile: vec![1, 2, 3],
             },
             Msg::RdmaOffer { blob: vec![1, 2] },
             Msg::RdmaAnswer { blob: vec![3] },

@@ -217,7 +217,7 @@ pub fn run(d: &Arc<Daemon>, mut ctl: TcpStream, offer: Msg) -> anyhow::Result<()
         regions,
         channels,
         transports: _,
-        cpu_profile: _,
+        cpu_profile,
         session,
     } = offer
     else {
@@ -241,6 +241,14 @@ pub fn run(d: &Arc<Daemon>, mut ctl: TcpStream, offer: Msg) -> anyhow::Result<()
             format!("no VMM on this host waits for VM {vm_id}"),
         ));
     };
+    // The waiting VMM decides whether this host can run the VM, before any memory moves.
+    if let Err(e) = request(&vmm.link, &Msg::CheckCompat { cpu_profile }, &[]) {
+        d.waiting.lock().expect("lock").insert(vm_id, vmm);
+        return Err(refuse(
+            &mut ctl,
+            format!("the destination cannot run this VM: {e}"),
+        ));
+    }
     d.active
         .lock()
         .expect("lock")
