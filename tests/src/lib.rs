@@ -512,6 +512,29 @@ impl Cluster {
         Ok(child)
     }
 
+    /// Waits until the destination sidecar has dropped an interrupted incoming migration
+    /// and its VMM waits again, and returns the destination VMM's status (which must say
+    /// it waits: nothing runs there).
+    ///
+    /// # Errors
+    ///
+    /// When that does not happen within 90 s, or the VMM is not waiting.
+    pub fn destination_discarded(&self) -> anyhow::Result<VmStatus> {
+        wait_for("destination discards", Duration::from_secs(90), || {
+            self.ferry_status(1).is_some_and(|s| {
+                s["migrating"].as_object().is_some_and(|m| m.is_empty())
+                    && s["waiting_incoming"]
+                        .as_array()
+                        .is_some_and(|a| !a.is_empty())
+            })
+        })?;
+        let b = self.vm_b().context("destination status")?;
+        if b.state != "waiting" {
+            bail!("destination VMM is {:?}, not waiting: {b:?}", b.state);
+        }
+        Ok(b)
+    }
+
     /// Runs a migration to completion and parses its JSON summary.
     ///
     /// # Errors

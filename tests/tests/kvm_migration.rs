@@ -236,16 +236,7 @@ fn killing_the_source_sidecar_never_lets_the_destination_run_a_partial_kvm_guest
     let before = cl.vm_a().expect("source status").counters;
     cl.procs[SIDECAR_A].kill9();
     // The destination notices, discards, and its VMM waits again; nothing runs there.
-    wait_for("destination discards", Duration::from_secs(90), || {
-        cl.ferry_status(1).is_some_and(|s| {
-            s["migrating"].as_object().is_some_and(|m| m.is_empty())
-                && s["waiting_incoming"]
-                    .as_array()
-                    .is_some_and(|a| !a.is_empty())
-        })
-    })?;
-    let b = cl.vm_b().expect("destination status");
-    assert_eq!(b.state, "waiting", "{b:?}");
+    let b = cl.destination_discarded()?;
     assert!(b.counters.is_empty(), "no guest exists there: {b:?}");
     assert!(
         !cl.procs[VMM_B].log_text().contains("dest: running"),
