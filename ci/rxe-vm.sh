@@ -71,7 +71,7 @@ log() { echo "[rxe-vm $(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 126; }
 
 # Host packages: qemu + what the initramfs is assembled from.
-HOST_PKGS="qemu-system-x86 busybox-static kmod cpio zstd iproute2 libibverbs1 ibverbs-providers ibverbs-utils libgcc-s1 libstdc++6 coreutils"
+HOST_PKGS="qemu-system-x86 busybox-static kmod cpio zstd iproute2 libibverbs1 ibverbs-providers ibverbs-utils perftest libgcc-s1 libstdc++6 coreutils"
 
 ensure_host_pkgs() {
   local missing="" p
@@ -88,8 +88,9 @@ ensure_host_pkgs() {
 
 # Kernel modules the guest loads (dependencies resolved with modprobe --show-depends).
 GUEST_MODS="rdma_rxe ib_uverbs crc32_generic 9p 9pnet_virtio virtio_pci"
-# Host binaries copied into the guest (plus their shared-library closure).
-GUEST_BINS="/usr/bin/bash /usr/bin/env /usr/bin/timeout /usr/bin/rdma /usr/bin/ip /usr/bin/ibv_devices /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong"
+# Host binaries copied into the guest (plus their shared-library closure);
+# ib_read_bw (perftest) is the reference `ferry-bench rdma` measures against.
+GUEST_BINS="/usr/bin/bash /usr/bin/env /usr/bin/timeout /usr/bin/rdma /usr/bin/ip /usr/bin/ibv_devices /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong /usr/bin/ib_read_bw"
 # Libraries for host-built binaries run from the share (Rust test binaries link
 # libibverbs, libgcc_s, libc, libm; librxe is dlopened by libibverbs).
 MULTIARCH=/usr/lib/x86_64-linux-gnu

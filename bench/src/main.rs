@@ -3,12 +3,15 @@
 //!
 //! - `ferry-bench coldfirst`: bytes saved by the cold-first round-1 order.
 //! - `ferry-bench tcp`: full-copy throughput over loopback vs iperf3, CPU s/GiB.
+//! - `ferry-bench rdma`: RDMA READ pull throughput vs ib_read_bw (1/2/4 queue pairs), source
+//!   CPU s/GiB over RDMA vs TCP; boots the SoftRoCE guest when the host has no RDMA device.
 //! - `ferry-bench downtime`: downtime p50/p90 and total time of a running KVM guest
 //!   (1 and 4 GiB, dirtying 0/64/256 MiB/s) over loopback, with dirty-log cost per read.
 
 mod coldfirst;
 mod downtime;
 mod local;
+mod rdma;
 mod tcp;
 
 use clap::{Parser, Subcommand};
@@ -29,6 +32,9 @@ enum Cmd {
     /// Downtime and total time of a running KVM guest migrated over loopback, per guest
     /// size and dirtying rate (strict verification, the sidecar's default).
     Downtime(downtime::DowntimeArgs),
+    /// RDMA READ pull throughput vs ib_read_bw per queue-pair count, and source CPU per
+    /// GiB over RDMA vs TCP (in the SoftRoCE guest when this host has no RDMA device).
+    Rdma(rdma::RdmaArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -36,5 +42,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Tcp(a) => tcp::run(&a),
         Cmd::Coldfirst(a) => coldfirst::run(&a),
         Cmd::Downtime(a) => downtime::run(&a),
+        Cmd::Rdma(a) => rdma::run(&a),
     }
 }
