@@ -288,10 +288,10 @@ struct IbSample {
     failed: Vec<String>,
 }
 
-/// Runs ib_read_bw server and client on 127.0.0.1; `Ok(None)` when it reported no
-/// bandwidth (no completed iteration, or perftest's CPU-clock calibration failing under
-/// TCG, which it reports as 0).
-fn ib_read_bw_once(args: &RdmaArgs, qps: u16, size: u64) -> anyhow::Result<Option<f64>> {
+/// Runs ib_read_bw server and client on 127.0.0.1; `Ok(Err(why))` when it gave no
+/// bandwidth: a timeout, a failed exit, or 0 Gb/s (no completed iteration, or perftest's
+/// CPU-clock calibration failing under TCG, which it reports as 0 Gb/s).
+fn ib_read_bw_once(args: &RdmaArgs, qps: u16, size: u64) -> anyhow::Result<Result<f64, String>> {
     let port = (18_600 + qps).to_string();
     let iters = (IB_TOTAL_BYTES / size / u64::from(qps)).max(16).to_string();
     let common = |c: &mut Command| {
@@ -309,22 +309,32 @@ fn ib_read_bw_once(args: &RdmaArgs, qps: u16, size: u64) -> anyhow::Result<Optio
     std::thread::sleep(Duration::from_millis(1500));
     let mut cc = Command::new("ib_read_bw");
     common(&mut cc);
+    // Its output is a few KiB: it fits the pipes until it exits.
     let mut client = Kid(cc
         .arg("127.0.0.1")
         .stdout(Stdio::piped())
-        .stderr(Stdio::null())
+        .stderr(Stdio::piped())
         .spawn()?);
     let end = Instant::now() + Duration::from_secs(25);
-    while client.0.try_wait()?.is_none() {
+    let status = loop {
+        if let Some(st) = client.0.try_wait()? {
+            break st;
+        }
         if Instant::now() > end {
-            return Ok(None); // Kid's drop kills it.
+            return Ok(Err("timed out after 25 s".into())); // Kid's drop kills it.
         }
         std::thread::sleep(Duration::from_millis(50));
-    }
+    };
     drop(server);
-    let mut out = String::new();
+    let (mut out, mut err) = (String::new(), String::new());
     if let Some(mut o) = client.0.stdout.take() {
         std::io::Read::read_to_string(&mut o, &mut out)?;
+    }
+    if let Some(mut e) = client.0.stderr.take() {
+        std::io::Read::read_to_string(&mut e, &mut err)?;
+    }
+    if !status.success() {
+        return Ok(Err(format!("client {status}")));
     }
     // " #bytes  #iterations  BW peak[Gb/sec]  BW average[Gb/sec]  MsgRate[Mpps]"
     let avg = out.lines().find_map(|l| {
@@ -333,7 +343,14 @@ fn ib_read_bw_once(args: &RdmaArgs, qps: u16, size: u64) -> anyhow::Result<Optio
             .then(|| f[3].parse::<f64>().ok())
             .flatten()
     });
-    Ok(avg.filter(|g| *g > 0.0))
+    Ok(match avg {
+        Some(g) if g > 0.0 => Ok(g),
+        Some(_) if err.contains("Correlation coefficient") => {
+            Err("0 Gb/s: perftest's CPU clock calibration failed (r^2 < 0.9 under TCG)".into())
+        }
+        Some(_) => Err("0 Gb/s (no completed iteration)".into()),
+        None => Err("no result line".into()),
+    })
 }
 
 /// The largest message size (from 1 MiB down) that gives a result, two attempts each.
@@ -341,10 +358,10 @@ fn ib_read_bw(args: &RdmaArgs, qps: u16) -> anyhow::Result<IbSample> {
     let mut failed = Vec::new();
     for size in IB_SIZES {
         for attempt in 1..=2 {
-            if let Some(gbps) = ib_read_bw_once(args, qps, size)? {
-                return Ok(IbSample { gbps, size, failed });
+            match ib_read_bw_once(args, qps, size)? {
+                Ok(gbps) => return Ok(IbSample { gbps, size, failed }),
+                Err(why) => failed.push(format!("{} KiB attempt {attempt}: {why}", size >> 10)),
             }
-            failed.push(format!("{} KiB attempt {attempt}", size >> 10));
         }
     }
     bail!("ib_read_bw -q {qps} gave no result at any size ({failed:?})")
@@ -395,7 +412,7 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
         );
         if ib.size != FERRY_READ_BYTES || !ib.failed.is_empty() {
             notes.push(format!(
-                "qps={n}: ib_read_bw used {} KiB messages (Ferry: {} KiB); no result from: {}",
+                "qps={n}: ib_read_bw used {} KiB messages (Ferry: {} KiB); before that: {}",
                 ib.size >> 10,
                 FERRY_READ_BYTES >> 10,
                 ib.failed.join(", ")
