@@ -287,3 +287,28 @@ fn after_resume_verification_keeps_the_digest_out_of_the_downtime() -> anyhow::R
     )?;
     Ok(())
 }
+
+#[test]
+fn a_source_vmm_killed_mid_migration_aborts_and_nothing_runs_at_the_destination(
+) -> anyhow::Result<()> {
+    let _g = serial();
+    let mut cl = Cluster::start(&ClusterOpts::default())?;
+    let child = cl.spawn_slow_migration()?;
+    std::thread::sleep(Duration::from_millis(500));
+    cl.procs[VMM_A].kill9();
+    let s = summary_of(child)?;
+    assert_eq!(s["result"], "aborted", "{s:#}");
+    assert!(
+        s["error"].as_str().is_some_and(|e| e.contains("VMM")),
+        "the operator must learn the VMM is gone: {s:#}"
+    );
+    // The destination discarded the partial VM; its VMM waits again, running nothing.
+    cl.destination_discarded()?;
+    // The source sidecar survives and reports no VM stuck in a migration.
+    let st = cl.ferry_status(0).expect("source sidecar answers");
+    assert!(
+        st["migrating"].as_object().is_some_and(|m| m.is_empty()),
+        "{st}"
+    );
+    Ok(())
+}
