@@ -238,6 +238,11 @@ pub enum Msg {
     },
     /// CLI: what is registered and running.
     Status,
+    /// CLI: deliver a VM's recorded but unconfirmed commit decision now.
+    Recover {
+        /// The VM whose decision to replay.
+        vm_id: String,
+    },
     /// Sidecar to CLI: status as a JSON object.
     StatusReport {
         /// JSON text.
@@ -470,6 +475,7 @@ impl Msg {
             Msg::RdmaFailed { .. } => 48,
             Msg::Decision { .. } => 49,
             Msg::CheckCompat { .. } => 50,
+            Msg::Recover { .. } => 51,
         }
     }
 
@@ -523,6 +529,7 @@ impl Msg {
             Msg::RdmaFailed { .. } => "RdmaFailed",
             Msg::Decision { .. } => "Decision",
             Msg::CheckCompat { .. } => "CheckCompat",
+            Msg::Recover { .. } => "Recover",
         }
     }
 
@@ -691,6 +698,9 @@ impl Msg {
             }
             Msg::CheckCompat { cpu_profile } => {
                 w.bytes(cpu_profile);
+            }
+            Msg::Recover { vm_id } => {
+                w.str(vm_id);
             }
             Msg::Decision { session, commit } => {
                 w.fixed(session).u8(u8::from(*commit));
@@ -934,6 +944,9 @@ impl Msg {
                 confirmed_pages: r.u64()?,
                 unfinished: get_ranges(&mut r, MAX_UNFINISHED)?,
             },
+            51 => Msg::Recover {
+                vm_id: r.str(MAX_STR)?,
+            },
             50 => Msg::CheckCompat {
                 cpu_profile: r.bytes(MAX_BLOB)?.to_vec(),
             },
@@ -1074,6 +1087,9 @@ mod tests {
             },
             Msg::CheckCompat {
                 cpu_profile: vec![1, 2, 3],
+            },
+            Msg::Recover {
+                vm_id: "vm1".into(),
             },
             Msg::RdmaOffer { blob: vec![1, 2] },
             Msg::RdmaAnswer { blob: vec![3] },

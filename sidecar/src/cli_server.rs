@@ -43,6 +43,16 @@ pub fn handle(d: &Arc<Daemon>, mut s: UnixStream) -> anyhow::Result<()> {
             write_msg(&mut s, &Msg::Summary { json })?;
             Ok(())
         }
+        Msg::Recover { vm_id } => {
+            let reply = match crate::source::recover(d, &vm_id) {
+                Ok(detail) => Msg::Running { detail },
+                Err(e) => Msg::Error {
+                    message: format!("{e:#}"),
+                },
+            };
+            write_msg(&mut s, &reply)?;
+            Ok(())
+        }
         Msg::Status => {
             let vms: Vec<serde_json::Value> = d
                 .vms

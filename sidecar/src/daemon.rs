@@ -56,6 +56,9 @@ pub struct Daemon {
     pub key: Key,
     /// Where decisions are recorded.
     pub state_dir: PathBuf,
+    /// How long a source keeps replaying a commit decision the link lost before it
+    /// leaves it to `ferry recover`.
+    pub replay_window: Duration,
     /// Registered VMs by id (taken out while migrating).
     pub vms: Mutex<HashMap<String, RegisteredVm>>,
     /// VMMs waiting for incoming VMs, by id.
@@ -86,6 +89,8 @@ pub struct ServeConfig {
     pub key_file: PathBuf,
     /// State directory.
     pub state_dir: PathBuf,
+    /// How long a source keeps replaying a commit decision the link lost.
+    pub replay_window: Duration,
 }
 
 /// Runs the daemon until killed.
@@ -106,6 +111,7 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     let d = Arc::new(Daemon {
         key,
         state_dir: cfg.state_dir,
+        replay_window: cfg.replay_window,
         vms: Mutex::default(),
         waiting: Mutex::default(),
         active: Mutex::default(),

@@ -5,6 +5,7 @@
 //! - `ferry migrate <vm> --to <host:port>` asks the local daemon to live-migrate a
 //!   registered VM, shows progress, and prints a summary (`--json`: one JSON object).
 //! - `ferry status` prints what the daemon holds.
+//! - `ferry recover <vm>` delivers a recorded commit decision the link lost.
 //! - `ferry devices` lists RDMA devices (TCP is used when there are none).
 //! - `ferry keygen <file>` writes a fresh random shared key.
 
@@ -76,6 +77,19 @@ enum Cmd {
         /// Where commit decisions are recorded.
         #[arg(long, default_value = "/var/lib/ferry")]
         state_dir: PathBuf,
+        /// How long a committed migration whose link broke keeps replaying its decision
+        /// before leaving it to `ferry recover` (the source VM stays paused meanwhile).
+        #[arg(long, default_value_t = 120)]
+        replay_window_s: u64,
+    },
+    /// Deliver a VM's recorded but unconfirmed commit decision (after a link failure in
+    /// the commit window), then stop the paused source VM for good.
+    Recover {
+        /// VM id.
+        vm: String,
+        /// The local daemon's socket.
+        #[arg(long, default_value = "/run/ferry/ferry.sock")]
+        socket: PathBuf,
     },
     /// Live-migrate a registered VM to another sidecar.
     Migrate {
@@ -173,6 +187,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             listen,
             key_file,
             state_dir,
+            replay_window_s,
         } => {
             if let Some(dir) = socket.parent() {
                 std::fs::create_dir_all(dir)?;
@@ -182,6 +197,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 listen,
                 key_file,
                 state_dir,
+                replay_window: std::time::Duration::from_secs(replay_window_s),
             })?;
             Ok(ExitCode::SUCCESS)
         }
@@ -214,6 +230,21 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 .with_context(|| format!("creating {}", file.display()))?;
             writeln!(f, "{hex}")?;
             Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Recover { vm, socket } => {
+            let mut s = connect(&socket)?;
+            write_msg(&mut s, &Msg::Recover { vm_id: vm })?;
+            match read_msg(&mut s, MAX_FRAME)? {
+                Msg::Running { detail } => {
+                    println!("recovered: {detail}");
+                    Ok(ExitCode::SUCCESS)
+                }
+                Msg::Error { message } | Msg::Refused { reason: message } => {
+                    eprintln!("ferry: recovery failed: {message}");
+                    Ok(ExitCode::from(1))
+                }
+                other => anyhow::bail!("sidecar answered {}", other.name()),
+            }
         }
         Cmd::Status { socket } => {
             let mut s = connect(&socket)?;

@@ -49,13 +49,87 @@ const PEER_STEP_TIMEOUT: Duration = Duration::from_secs(300);
 /// path full (bandwidth-delay product 1.25 MB) with room to spare.
 const DATA_SOCKET_BUFFER: i32 = 4 << 20;
 
-/// How long the source keeps trying to deliver a recorded `Commit` when the link broke
-/// in the commit window. The VM stays paused meanwhile: it must not run twice.
-const REPLAY_WINDOW: Duration = Duration::from_secs(120);
-
 /// Fault injection for tests: after recording the commit decision, drop the control
-/// connection instead of sending `Commit` (the link breaking in the commit window).
+/// connection instead of sending `Commit` (the link breaking in the commit window), then
+/// wait the variable's value in milliseconds before replaying.
 const DROP_COMMIT_ENV: &str = "FERRY_TEST_DROP_COMMIT";
+
+/// Where a VM's commit decision is recorded.
+fn decision_path(d: &Daemon, vm_id: &str) -> std::path::PathBuf {
+    d.state_dir.join(format!("{vm_id}.decision"))
+}
+
+/// Records (durably) that the migration of `vm_id` in `session` to `to` is `state`:
+/// "committed" (decided, not yet confirmed by the destination) or "confirmed".
+fn write_decision(
+    d: &Daemon,
+    vm_id: &str,
+    state: &str,
+    session: &[u8; 16],
+    to: &str,
+) -> anyhow::Result<()> {
+    let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
+    let path = decision_path(d, vm_id);
+    let tmp = path.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)
+        .with_context(|| format!("recording the commit decision in {}", tmp.display()))?;
+    writeln!(f, "{state} session={hex} to={to}")?;
+    f.sync_all().context("syncing the commit decision")?;
+    std::fs::rename(&tmp, &path).context("recording the commit decision")?;
+    Ok(())
+}
+
+/// Reads a recorded decision: (state, session, destination).
+fn read_decision(d: &Daemon, vm_id: &str) -> anyhow::Result<(String, [u8; 16], String)> {
+    let path = decision_path(d, vm_id);
+    let text = std::fs::read_to_string(&path)
+        .with_context(|| format!("no decision is recorded for {vm_id} ({})", path.display()))?;
+    let mut words = text.split_whitespace();
+    let state = words.next().context("empty decision file")?.to_owned();
+    let mut session = None;
+    let mut to = None;
+    for w in words {
+        if let Some(h) = w.strip_prefix("session=") {
+            let mut s = [0u8; 16];
+            anyhow::ensure!(h.len() == 32, "bad session in {}", path.display());
+            for (i, b) in s.iter_mut().enumerate() {
+                *b = u8::from_str_radix(&h[2 * i..2 * i + 2], 16)?;
+            }
+            session = Some(s);
+        } else if let Some(t) = w.strip_prefix("to=") {
+            to = Some(t.to_owned());
+        }
+    }
+    Ok((
+        state,
+        session.context("decision file without a session")?,
+        to.context("decision file without a destination")?,
+    ))
+}
+
+/// `ferry recover`: delivers a recorded, unconfirmed commit decision, then stops the
+/// paused source VM for good. Returns what the destination VMM reported.
+///
+/// # Errors
+///
+/// No decision recorded, or the destination still unreachable or refusing.
+pub fn recover(d: &Daemon, vm_id: &str) -> anyhow::Result<String> {
+    let (state, session, to) = read_decision(d, vm_id)?;
+    if state == "confirmed" {
+        return Ok(format!(
+            "the migration of {vm_id} to {to} was already confirmed"
+        ));
+    }
+    anyhow::ensure!(state == "committed", "unknown decision state {state:?}");
+    let detail = replay_commit(d, &to, session)?;
+    write_decision(d, vm_id, "confirmed", &session, &to)?;
+    if let Some(vm) = d.vms.lock().expect("lock").remove(vm_id) {
+        if let Err(e) = request_ok(&vm.link, &Msg::Stop) {
+            tracing::warn!(%vm_id, "source VMM did not stop cleanly: {e}");
+        }
+    }
+    Ok(detail)
+}
 
 /// Pages sent between two reads of the dirty log within a round: 64 MiB. Each window's
 /// dirty bits are read and cleared right before the window is sent, so a page written
@@ -175,9 +249,10 @@ fn describe_mismatch(bad: &[PageRange]) -> String {
 }
 
 /// Delivers a recorded decision on fresh authenticated connections until the
-/// destination answers or [`REPLAY_WINDOW`] passes. Returns the destination VMM's line.
+/// destination answers or the daemon's replay window passes. Returns the destination
+/// VMM's line.
 fn replay_commit(d: &Daemon, to: &str, session: [u8; 16]) -> anyhow::Result<String> {
-    let end = Instant::now() + REPLAY_WINDOW;
+    let end = Instant::now() + d.replay_window;
     let mut last = anyhow::anyhow!("no attempt made");
     while Instant::now() < end {
         let attempt = || -> anyhow::Result<String> {
@@ -734,12 +809,13 @@ impl SourceRun<'_> {
         }
         let t_verified = Instant::now();
         // The commit point: recorded durably, then sent.
-        self.record_decision(&session)?;
-        if std::env::var_os(DROP_COMMIT_ENV).is_some() {
+        write_decision(self.d, &req.vm_id, "committed", &session, &req.to)?;
+        if let Ok(v) = std::env::var(DROP_COMMIT_ENV) {
             tracing::warn!("test fault injection: dropping the link instead of sending Commit");
             if let Some(c) = self.ctl.take() {
                 let _ = c.shutdown(std::net::Shutdown::Both);
             }
+            std::thread::sleep(Duration::from_millis(v.parse().unwrap_or(0)));
             bail!("control link lost after the commit decision (test fault injection)");
         }
         write_msg(self.ctl()?, &Msg::Commit)?;
@@ -749,6 +825,7 @@ impl SourceRun<'_> {
         };
         let t_running = Instant::now();
         self.fsm.on(SourceEvent::Running)?;
+        write_decision(self.d, &req.vm_id, "confirmed", &session, &req.to)?;
         if !strict {
             // The destination runs; this VM is still here, paused and intact.
             let t = Instant::now();
@@ -778,19 +855,6 @@ impl SourceRun<'_> {
         s.downtime_breakdown.restore_ms = ms(t_verified, t_running);
         Ok(())
     }
-
-    fn record_decision(&self, session: &[u8; 16]) -> anyhow::Result<()> {
-        let hex: String = session.iter().map(|b| format!("{b:02x}")).collect();
-        let path = self
-            .d
-            .state_dir
-            .join(format!("{}.decision", self.req.vm_id));
-        let mut f = std::fs::File::create(&path)
-            .with_context(|| format!("recording the commit decision in {}", path.display()))?;
-        writeln!(f, "committed session={hex} to={}", self.req.to)?;
-        f.sync_all().context("syncing the commit decision")?;
-        Ok(())
-    }
 }
 
 /// Runs a migration of `req.vm_id`; always returns a summary (result "aborted" with the
@@ -808,6 +872,17 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
         .into(),
         ..Summary::default()
     };
+    // A committed, unconfirmed migration owns this VM: migrating it again could make it
+    // run in two places once the first destination gets its decision.
+    if let Ok((state, _, to)) = read_decision(d, &req.vm_id) {
+        if state == "committed" {
+            summary.error = format!(
+                "VM {} has a committed, unconfirmed migration to {to}: run `ferry recover {}` first",
+                req.vm_id, req.vm_id
+            );
+            return summary;
+        }
+    }
     let Some(vm) = d.vms.lock().expect("lock").remove(&req.vm_id) else {
         summary.error = format!("no VM {} is registered with this sidecar", req.vm_id);
         return summary;
@@ -864,6 +939,11 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
                     match replay_commit(d, &req.to, session) {
                         Ok(detail) => {
                             tracing::info!(vm = %req.vm_id, "replayed Commit delivered; the VM runs at the destination");
+                            if let Err(e) =
+                                write_decision(d, &req.vm_id, "confirmed", &session, &req.to)
+                            {
+                                tracing::warn!("recording the confirmation: {e:#}");
+                            }
                             let _ = run.fsm.on(SourceEvent::Running);
                             if let Err(e) = request_ok(&vm.link, &Msg::Stop) {
                                 tracing::warn!("source VMM did not stop cleanly: {e}");
@@ -880,7 +960,7 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
                         Err(e) => {
                             run.summary.result = "committed-unconfirmed".into();
                             run.summary.error = format!(
-                                "{reason}; replaying the recorded Commit failed ({e:#}): the source VM stays paused (never resumed) and the destination holds the loaded VM"
+                                "{reason}; replaying the recorded Commit failed ({e:#}): the source VM stays paused (never resumed) and the destination holds the loaded VM; run `ferry recover {}` when the destination is reachable", req.vm_id
                             );
                         }
                     }

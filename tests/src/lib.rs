@@ -153,6 +153,18 @@ impl TwoHosts {
         Ok(())
     }
 
+    /// Brings a cut link back up.
+    ///
+    /// # Errors
+    ///
+    /// When `ip` fails.
+    pub fn restore(&self) -> anyhow::Result<()> {
+        for i in 0..2 {
+            sh(&["ip", "-n", &self.ns[i], "link", "set", &self.veth[i], "up"])?;
+        }
+        Ok(())
+    }
+
     /// A command run inside host `i`.
     pub fn cmd(&self, i: usize, program: &Path) -> Command {
         let mut c = Command::new("ip");
@@ -305,6 +317,8 @@ pub struct ClusterOpts {
     pub vmm: VmmKind,
     /// Environment for the source sidecar (fault injection).
     pub source_env: Vec<(String, String)>,
+    /// Extra `ferry serve` arguments for the source sidecar.
+    pub source_sidecar_args: Vec<String>,
 }
 
 impl Default for ClusterOpts {
@@ -316,6 +330,7 @@ impl Default for ClusterOpts {
             dest_vmm_args: Vec::new(),
             vmm: VmmKind::Workload,
             source_env: Vec::new(),
+            source_sidecar_args: Vec::new(),
         }
     }
 }
@@ -373,6 +388,7 @@ impl Cluster {
                         .iter()
                         .map(|(k, v)| (k.as_str(), v.as_str())),
                 );
+                c.args(&opts.source_sidecar_args);
             }
             procs.push(Proc::spawn(
                 &format!("sidecar-{side}"),

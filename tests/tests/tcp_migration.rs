@@ -312,3 +312,78 @@ fn a_source_vmm_killed_mid_migration_aborts_and_nothing_runs_at_the_destination(
     );
     Ok(())
 }
+
+#[test]
+fn an_unconfirmed_commit_is_delivered_later_by_ferry_recover() -> anyhow::Result<()> {
+    let _g = serial();
+    // The link dies right after the source records its Commit decision and stays down
+    // past the source's replay window: the migration ends "committed-unconfirmed" with
+    // the source VM paused (never resumed) and the destination holding the loaded VM
+    // (not running). Once the link is back, `ferry recover` delivers the decision.
+    let cl = Cluster::start(&ClusterOpts {
+        source_env: vec![("FERRY_TEST_DROP_COMMIT".into(), "2000".into())],
+        source_sidecar_args: vec!["--replay-window-s".into(), "2".into()],
+        ..ClusterOpts::default()
+    })?;
+    let child = cl.spawn_migrate(&[])?;
+    wait_for(
+        "the commit decision recorded and the link dropped",
+        Duration::from_secs(60),
+        || {
+            cl.procs[SIDECAR_A]
+                .log_text()
+                .contains("dropping the link instead of sending Commit")
+        },
+    )?;
+    cl.hosts.cut()?;
+    let s = summary_of(child)?;
+    assert_eq!(s["result"], "committed-unconfirmed", "{s:#}\n{}", cl.logs());
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("ferry recover")),
+        "{s:#}"
+    );
+    // Neither side runs the VM now, and a new migration of it is refused.
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(cl.vm_a().map(|v| v.state), Some("paused".into()));
+    assert_ne!(cl.vm_b().map(|v| v.state), Some("running".into()));
+    let again = cl.migrate(&[])?;
+    assert_eq!(again["result"], "aborted", "{again:#}");
+    assert!(
+        again["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("unconfirmed")),
+        "{again:#}"
+    );
+    cl.hosts.restore()?;
+    let recover = || {
+        cl.hosts
+            .cmd(0, &bin("ferry"))
+            .args(["recover", "vm1", "--socket"])
+            .arg(cl.hosts.path("a.sock"))
+            .output()
+    };
+    let out = recover()?;
+    assert!(
+        out.status.success(),
+        "ferry recover failed: {}{}\n{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+        cl.logs()
+    );
+    wait_for("destination running", Duration::from_secs(10), || {
+        cl.vm_b().is_some_and(|v| v.state == "running")
+    })?;
+    wait_for("source stopped for good", Duration::from_secs(10), || {
+        cl.vm_a().is_some_and(|v| v.state == "migrated")
+    })?;
+    // A second recover has nothing left to do and says so.
+    let out = recover()?;
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("already confirmed"),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    Ok(())
+}
