@@ -17,9 +17,9 @@ use crate::PAGE_SIZE;
 /// on the wire) and a mismatch is located to 2 MiB.
 pub const DIGEST_CHUNK_PAGES: u64 = 512;
 
-/// Hash of one page, as carried in a TCP batch.
+/// Hash of one page (XXH3-64), as carried in a TCP batch and kept per landed page.
 pub fn page_hash(page: &[u8]) -> u64 {
-    xxhash_rust::xxh3::xxh3_64(page)
+    twox_hash::XxHash3_64::oneshot(page)
 }
 
 /// Hash of an all-zero page (what a fresh destination page holds).
@@ -168,6 +168,17 @@ impl PageHashes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn page_hash_is_standard_xxh3() {
+        // The wire carries XXH3-64; any implementation must agree with the reference.
+        let page: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+        assert_eq!(page_hash(&page), xxhash_rust::xxh3::xxh3_64(&page));
+        assert_eq!(
+            page_hash(&[0u8; 4096]),
+            xxhash_rust::xxh3::xxh3_64(&[0u8; 4096])
+        );
+    }
 
     #[test]
     fn zero_detection() {
