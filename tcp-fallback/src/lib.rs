@@ -77,6 +77,9 @@ const MAX_GATHERED_FRAMES: usize = 340;
 /// final round) share a `writev` and so a few TCP segments instead of one each.
 const MAX_GATHERED_BYTES: usize = 1 << 20;
 
+/// Pages a receiver lands with one read before hashing them: 64 KiB stays in L2.
+const RECV_SLICE_PAGES: usize = 16;
+
 /// Frames of one channel waiting for one `writev`: their headers and hashes are owned
 /// here, their pages stay in the guest mapping.
 #[derive(Default)]
@@ -411,31 +414,41 @@ fn read_channel(
                 let n = hdr.count as usize;
                 let len = n * PAGE;
                 // SAFETY: `hashes` holds MAX_BATCH_PAGES * 8 bytes and n <= MAX_BATCH_PAGES
-                // (checked by decode); `dst` covers n pages of our mapping (checked above)
-                // that no one else accesses during this round.
-                let res = unsafe {
-                    read_exact_raw(fd, hashes.as_mut_ptr(), n * 8)
-                        .and_then(|()| read_exact_raw(fd, dst, len))
-                };
-                if let Err(e) = res {
+                // (checked by decode).
+                if let Err(e) = unsafe { read_exact_raw(fd, hashes.as_mut_ptr(), n * 8) } {
                     return fail(gone(e));
                 }
-                // SAFETY: the destination owns this memory exclusively until it hands the
-                // memfds to its VMM, and this channel alone writes these pages now.
-                let landed = unsafe { std::slice::from_raw_parts(dst, len) };
-                for i in 0..n {
-                    let mut want = [0u8; 8];
-                    want.copy_from_slice(&hashes[i * 8..i * 8 + 8]);
-                    let got = page_hash(&landed[i * PAGE..(i + 1) * PAGE]);
-                    digest.set(hdr.region, hdr.first + i as u64, got);
-                    if got != u64::from_le_bytes(want) {
-                        if stats.torn.len() >= MAX_TORN {
-                            return fail(TransportError::Protocol(format!(
-                                "data connection {channel}: more than {MAX_TORN} pages failed their checksum in round {round}"
-                            )));
-                        }
-                        stats.torn.push((hdr.region, hdr.first + i as u64));
+                // Land the pages a slice at a time and hash each slice while it is still
+                // in cache (a whole 1 MiB batch would be out of L2 again by then).
+                let mut i = 0;
+                while i < n {
+                    let k = RECV_SLICE_PAGES.min(n - i);
+                    // SAFETY: pages i..i+k of `dst` lie within the n pages checked above,
+                    // which no one else accesses during this round.
+                    let slice = unsafe { dst.add(i * PAGE) };
+                    // SAFETY: as above; `slice` is valid for k pages.
+                    if let Err(e) = unsafe { read_exact_raw(fd, slice, k * PAGE) } {
+                        return fail(gone(e));
                     }
+                    // SAFETY: the destination owns this memory exclusively until it hands
+                    // the memfds to its VMM, and this channel alone writes these pages now.
+                    let landed = unsafe { std::slice::from_raw_parts(slice, k * PAGE) };
+                    for j in 0..k {
+                        let at = i + j;
+                        let mut want = [0u8; 8];
+                        want.copy_from_slice(&hashes[at * 8..at * 8 + 8]);
+                        let got = page_hash(&landed[j * PAGE..(j + 1) * PAGE]);
+                        digest.set(hdr.region, hdr.first + at as u64, got);
+                        if got != u64::from_le_bytes(want) {
+                            if stats.torn.len() >= MAX_TORN {
+                                return fail(TransportError::Protocol(format!(
+                                    "data connection {channel}: more than {MAX_TORN} pages failed their checksum in round {round}"
+                                )));
+                            }
+                            stats.torn.push((hdr.region, hdr.first + at as u64));
+                        }
+                    }
+                    i += k;
                 }
                 received.mark(region_ix, hdr.first, hdr.count);
                 stats.pages += hdr.count;
