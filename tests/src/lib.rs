@@ -254,6 +254,9 @@ pub struct VmStatus {
     pub total: u64,
     /// What the VMM last said.
     pub detail: String,
+    /// KVM VMM only: outcome of a record check run after the guest resumed.
+    #[serde(default)]
+    pub record_check: String,
 }
 
 /// Reads a status file (None while it does not exist or is being replaced).

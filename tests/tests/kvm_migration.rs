@@ -246,3 +246,32 @@ fn killing_the_source_sidecar_never_lets_the_destination_run_a_partial_kvm_guest
     cl.source_continues_from(Some(&before))?;
     Ok(())
 }
+
+#[test]
+fn the_guest_record_checked_after_start_verifies_while_the_guest_runs() -> anyhow::Result<()> {
+    let _g = serial();
+    // The downtime benchmark's setting: only the cheap counter check at load, every data
+    // page checked once the guest runs again, with after-resume digest comparison.
+    let cl = Cluster::start(&ClusterOpts {
+        dest_vmm_args: vec!["--check-record".into(), "after-start".into()],
+        ..kvm(256, 32)
+    })?;
+    let s = cl.migrate(&["--verify", "after-resume"])?;
+    assert_eq!(s["result"], "committed", "{s:#}\n{}", cl.logs());
+    assert_eq!(s["verify_mode"], "after-resume");
+    assert_eq!(s["digest_match"], true);
+    assert_eq!(s["guest_continued"], true, "{s:#}");
+    wait_for(
+        "the after-start record check",
+        Duration::from_secs(60),
+        || {
+            cl.vm_b()
+                .is_some_and(|v| v.record_check.starts_with("after-start: ok"))
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}: {:?}", cl.vm_b()))?;
+    let b = cl.vm_b().expect("destination status");
+    assert!(!b.record_check.contains("FAILED"), "{b:?}");
+    assert_eq!(b.state, "running", "{b:?}");
+    Ok(())
+}
