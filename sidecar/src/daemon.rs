@@ -155,7 +155,8 @@ pub fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn refuse(s: &mut impl Write, reason: String) -> anyhow::Error {
+/// Tells the peer why (best effort) and returns the same reason as an error.
+pub(crate) fn refuse(s: &mut impl Write, reason: String) -> anyhow::Error {
     let _ = write_msg(
         s,
         &Msg::Refused {

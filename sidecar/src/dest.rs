@@ -17,7 +17,7 @@ use ferry_proto::msg::{Msg, RegionInfo, MAX_FRAME, MAX_UNFINISHED};
 use ferry_tcp::TcpReceiver;
 use ferry_verbs::RdmaPuller;
 
-use crate::daemon::{Daemon, HeldVm, WaitingVmm};
+use crate::daemon::{refuse, Daemon, HeldVm, WaitingVmm};
 use crate::vmm::request;
 
 /// Most data channels a peer may ask for: far above what fills any link (8 streams
@@ -42,17 +42,19 @@ const SETTLE_WAIT: Duration = Duration::from_secs(30);
 /// Fault injection for tests: fail RDMA queue pair 0 after this many bytes pulled.
 const FAIL_RDMA_ENV: &str = "FERRY_TEST_FAIL_RDMA_AFTER_BYTES";
 
-/// Checks ranges a peer asked for against the layout.
-fn checked_ranges(list: &[(u32, u64, u64)], mem: &[GuestRegion]) -> anyhow::Result<Vec<PageRange>> {
+/// Checks page ranges a peer named (a pull list, or ranges handed back unfinished)
+/// against the VM's layout before anything touches memory.
+pub(crate) fn checked_ranges(
+    list: &[(u32, u64, u64)],
+    mem: &[GuestRegion],
+) -> anyhow::Result<Vec<PageRange>> {
     list.iter()
         .map(|&(region, first, count)| {
             let ok = mem.get(region as usize).is_some_and(|r| {
                 count > 0 && first.checked_add(count).is_some_and(|e| e <= r.npages())
             });
             if !ok {
-                bail!(
-                    "the source asked for pages {first}+{count} of region {region}, outside the VM"
-                );
+                bail!("the peer named pages {first}+{count} of region {region}, outside the VM");
             }
             Ok(PageRange {
                 region,
@@ -223,15 +225,6 @@ pub fn run(d: &Arc<Daemon>, mut ctl: TcpStream, offer: Msg) -> anyhow::Result<()
     else {
         bail!("not an offer");
     };
-    let refuse = |ctl: &mut TcpStream, reason: String| {
-        let _ = write_msg(
-            ctl,
-            &Msg::Refused {
-                reason: reason.clone(),
-            },
-        );
-        anyhow::anyhow!(reason)
-    };
     if let Err(reason) = check_offer(page_size, &regions, channels) {
         return Err(refuse(&mut ctl, reason));
     }
@@ -351,14 +344,10 @@ pub fn settle(
             write_msg(&mut ctl, &Msg::PeerRunning { detail })?;
             return Ok(());
         }
-        let reason = "the VM of that session already runs here".to_string();
-        let _ = write_msg(
+        return Err(refuse(
             &mut ctl,
-            &Msg::Refused {
-                reason: reason.clone(),
-            },
-        );
-        bail!(reason);
+            "the VM of that session already runs here".into(),
+        ));
     }
     // The replay may arrive before this side noticed the old link die (a half-open
     // connection can look alive for minutes): cut it, then wait for its handler to
@@ -381,14 +370,7 @@ pub fn settle(
         std::thread::sleep(Duration::from_millis(20));
     };
     let Some(held) = held else {
-        let reason = "no VM is held for that session".to_string();
-        let _ = write_msg(
-            &mut ctl,
-            &Msg::Refused {
-                reason: reason.clone(),
-            },
-        );
-        bail!(reason);
+        return Err(refuse(&mut ctl, "no VM is held for that session".into()));
     };
     let HeldVm { vm_id, vmm } = held;
     if commit {

@@ -37,6 +37,7 @@ use ferry_tcp::TcpSender;
 use ferry_verbs::RdmaExport;
 
 use crate::daemon::{proof, Daemon, RegisteredVm};
+use crate::dest::checked_ranges;
 use crate::summary::{RoundSummary, Summary, GUEST_CONTINUED_MARKER};
 use crate::vmm::{request, request_ok};
 
@@ -292,28 +293,6 @@ fn replay_commit(d: &Daemon, to: &str, session: [u8; 16]) -> anyhow::Result<Stri
     Err(last)
 }
 
-/// Turns page ranges a peer sent back into checked [`PageRange`]s.
-fn ranges_from_peer(
-    list: &[(u32, u64, u64)],
-    mem: &[GuestRegion],
-) -> anyhow::Result<Vec<PageRange>> {
-    list.iter()
-        .map(|&(region, first, count)| {
-            let ok = mem.get(region as usize).is_some_and(|r| {
-                count > 0 && first.checked_add(count).is_some_and(|e| e <= r.npages())
-            });
-            if !ok {
-                bail!("peer named pages {first}+{count} of region {region}, outside the VM");
-            }
-            Ok(PageRange {
-                region,
-                first,
-                count,
-            })
-        })
-        .collect()
-}
-
 impl SourceRun<'_> {
     fn ctl(&mut self) -> anyhow::Result<&mut TcpStream> {
         self.ctl.as_mut().context("no control connection")
@@ -399,7 +378,7 @@ impl SourceRun<'_> {
                 Ok(stats) => stats,
                 Err((confirmed, unfinished)) => {
                     // RDMA is gone: the rest of this round, and every later one, over TCP.
-                    let unfinished = ranges_from_peer(&unfinished, mem)?;
+                    let unfinished = checked_ranges(&unfinished, mem)?;
                     let mut rest = self.tcp_round(sender, round, final_round, &unfinished)?;
                     rest.pages += confirmed;
                     rest.bytes += confirmed * PAGE_SIZE;
