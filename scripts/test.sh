@@ -6,7 +6,7 @@
 #  3. checks formatting, clippy -D warnings and rustdoc -D warnings
 #  4. runs every test on the host: unit tests, /dev/kvm tests, end-to-end tests
 #     (real sidecars and VMMs in network namespaces)
-#  5. runs the RDMA tests inside a SoftRoCE guest (ci/rdma-tests.sh), reusing the
+#  5. runs the RDMA tests inside a SoftRoCE guest (scripts/rdma-tests.sh), reusing the
 #     host's build over 9p
 # Ends with one line "tests: N passed, N failed" summing every libtest result.
 set -uo pipefail
@@ -33,7 +33,7 @@ cargo test --release --locked --workspace 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || fail=1
 
 step "RDMA tests in the SoftRoCE guest"
-ci/rdma-tests.sh 2>&1 | tee -a "$LOG"
+scripts/rdma-tests.sh 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || fail=1
 
 passed=$(grep -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$4} END {print s+0}')

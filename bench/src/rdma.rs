@@ -3,7 +3,7 @@
 //! sidecar's CPU seconds per GiB over RDMA and over TCP.
 //!
 //! Without an RDMA device on this host (`/sys/class/infiniband` empty or missing) the
-//! benchmark boots the SoftRoCE guest (`ci/rxe-vm.sh`, repository shared at the same
+//! benchmark boots the SoftRoCE guest (`scripts/rxe-vm.sh`, repository shared at the same
 //! path) and runs itself there with `--in-guest`, using the binaries built on the host.
 //!
 //! The source CPU is sampled every 25 ms; the round-1 figure is the CPU spent between
@@ -66,16 +66,16 @@ fn repo_root() -> anyhow::Result<PathBuf> {
     let exe = std::env::current_exe()?;
     let from_exe = exe
         .ancestors()
-        .find(|d| d.join("ci/rxe-vm.sh").is_file())
+        .find(|d| d.join("scripts/rxe-vm.sh").is_file())
         .map(Path::to_path_buf);
     let built = Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     from_exe
-        .or_else(|| built.join("ci/rxe-vm.sh").is_file().then_some(built))
-        .context("cannot find the repository (ci/rxe-vm.sh) for the SoftRoCE guest")
+        .or_else(|| built.join("scripts/rxe-vm.sh").is_file().then_some(built))
+        .context("cannot find the repository (scripts/rxe-vm.sh) for the SoftRoCE guest")
 }
 
 /// Runs the benchmark in the SoftRoCE guest; stdout and stderr are passed through, the
-/// ratio line is printed last (after `ci/rxe-vm.sh`'s own log lines).
+/// ratio line is printed last (after `scripts/rxe-vm.sh`'s own log lines).
 fn run_in_guest(args: &RdmaArgs) -> anyhow::Result<()> {
     let root = repo_root()?.canonicalize()?;
     let exe = std::env::current_exe()?.canonicalize()?;
@@ -88,11 +88,11 @@ fn run_in_guest(args: &RdmaArgs) -> anyhow::Result<()> {
     }
     println!(
         "ferry-bench rdma: no RDMA device on this host; running in the SoftRoCE guest \
-         (ci/rxe-vm.sh, timeout {} s)",
+         (scripts/rxe-vm.sh, timeout {} s)",
         args.guest_timeout_s
     );
     let qps: Vec<String> = args.qps.iter().map(u16::to_string).collect();
-    let mut child = Command::new(root.join("ci/rxe-vm.sh"))
+    let mut child = Command::new(root.join("scripts/rxe-vm.sh"))
         .arg("--timeout")
         .arg(args.guest_timeout_s.to_string())
         .arg("--")
@@ -106,7 +106,7 @@ fn run_in_guest(args: &RdmaArgs) -> anyhow::Result<()> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
-        .context("starting ci/rxe-vm.sh")?;
+        .context("starting scripts/rxe-vm.sh")?;
     let err = child.stderr.take().context("stderr")?;
     let err_thread = std::thread::spawn(move || {
         for l in BufReader::new(err).lines().map_while(Result::ok) {
@@ -127,7 +127,7 @@ fn run_in_guest(args: &RdmaArgs) -> anyhow::Result<()> {
     let status = child.wait()?;
     let _ = err_thread.join();
     if !status.success() {
-        bail!("guest run failed: ci/rxe-vm.sh exited {status}");
+        bail!("guest run failed: scripts/rxe-vm.sh exited {status}");
     }
     println!("{}", ratio.context("the guest run printed no ratio line")?);
     Ok(())

@@ -14,8 +14,6 @@
 //! - [`endpoint`]: the VMM side of the sidecar protocol (traits the VMM implements and the
 //!   socket loop).
 //! - [`ioctls`]: the raw KVM calls `kvm-ioctls` lacks, in one place.
-//! - [`cpl3`]: a minimal 64-bit CPL3 guest environment (memfd RAM, page tables, user
-//!   segments) for tests and test VMMs: the only guest mode that runs natively under PVM.
 //!
 //! # Quick start
 //!
@@ -83,12 +81,10 @@
 //!   logging leaves the slots logging; that is harmless but costs write faults).
 //! - Dirty-ring mappings are unmapped when the tracker is dropped, in any order relative to
 //!   the vCPU fds (the kernel keeps the ring pages until both are gone).
-//! - [`cpl3::GuestRam`] unmaps guest RAM on drop: drop the VM (and its vCPUs) first.
 //! - A [`vcpu::VcpuThread`] detaches on drop; [`vcpu::VcpuControl::stop`] waits for every
 //!   vCPU thread to detach.
 
 mod codec;
-pub mod cpl3;
 pub mod cpu;
 pub mod dirty;
 pub mod endpoint;

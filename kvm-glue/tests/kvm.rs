@@ -6,7 +6,7 @@ use std::collections::BTreeSet;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use ferry_kvm_glue::cpl3::{self, GuestRam, FREE_GPA};
+use ferry_cpl3_guest::{self as cpl3, GuestRam, FREE_GPA};
 use ferry_kvm_glue::dirty::{DirtyMode, DirtyModeRequest, DirtyTracker};
 use ferry_kvm_glue::state::VmState;
 use ferry_kvm_glue::vcpu::{RunState, VcpuControl};

@@ -14,7 +14,7 @@ use ferry_engine::transport::TransportError;
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::mem::{GuestRegion, PAGE};
 use ferry_proto::msg::{Msg, RegionInfo, MAX_FRAME, MAX_UNFINISHED};
-use ferry_tcp::TcpReceiver;
+use ferry_tcp_fallback::TcpReceiver;
 use ferry_verbs::RdmaPuller;
 
 use crate::daemon::{refuse, Daemon, HeldVm, WaitingVmm};

@@ -33,7 +33,7 @@ use ferry_proto::msg::{
     MigrateRequest, Msg, OnLimit, Phase, TransportChoice, VerifyMode, MAX_FRAME, MAX_PULL_RANGES,
 };
 use ferry_proto::net::{set_buffers, tune_peer_socket, DEAD_PEER_AFTER};
-use ferry_tcp::TcpSender;
+use ferry_tcp_fallback::TcpSender;
 use ferry_verbs::RdmaExport;
 
 use crate::daemon::{proof, Daemon, RegisteredVm};

@@ -19,7 +19,7 @@
 //! # fn demo(streams: Vec<std::net::TcpStream>, mem: std::sync::Arc<Vec<ferry_proto::mem::GuestRegion>>,
 //! #         plan: ferry_engine::plan::RangePlan) -> Result<(), ferry_engine::transport::TransportError> {
 //! use ferry_engine::transport::PageSender;
-//! let mut tx = ferry_tcp::TcpSender::new(streams, mem);
+//! let mut tx = ferry_tcp_fallback::TcpSender::new(streams, mem);
 //! let stats = tx.send_round(1, &plan, &|_bytes| {})?;
 //! # Ok(()) }
 //! ```

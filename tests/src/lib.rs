@@ -82,7 +82,7 @@ impl TwoHosts {
         let tag = format!("{}{}", std::process::id() % 100_000, n);
         let ns = [format!("ferry-{tag}-a"), format!("ferry-{tag}-b")];
         let veth = [format!("fa{tag}"), format!("fb{tag}")];
-        let dir = std::env::temp_dir().join(format!("ferry-e2e-{tag}"));
+        let dir = std::env::temp_dir().join(format!("ferry-tests-{tag}"));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
         let h = Self { ns, veth, dir };

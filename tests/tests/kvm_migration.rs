@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use ferry_e2e::*;
+use ferry_tests::*;
 
 fn kvm(mem_mib: u64, rate_mib: u64) -> ClusterOpts {
     require_kvm();

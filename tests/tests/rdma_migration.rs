@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_e2e::{bin, serial, status, summary_of, wait_for, Proc};
+use ferry_tests::{bin, serial, status, summary_of, wait_for, Proc};
 
 /// Fails the test unless this run has an RDMA device.
 fn require_rdma() {

@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::time::Duration;
 
-use ferry_e2e::*;
+use ferry_tests::*;
 
 fn committed(s: &serde_json::Value) -> bool {
     s["result"] == "committed"

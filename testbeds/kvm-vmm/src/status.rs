@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
-use ferry_kvm_glue::cpl3::GuestRam;
+use ferry_cpl3_guest::GuestRam;
 use serde::Serialize;
 
 use crate::guest;

@@ -29,7 +29,7 @@ use std::ptr::NonNull;
 use kvm_bindings::{kvm_segment, kvm_userspace_memory_region, KVM_MAX_CPUID_ENTRIES};
 use kvm_ioctls::{Kvm, VcpuFd, VmFd};
 
-use crate::dirty::MemorySlot;
+use ferry_kvm_glue::dirty::MemorySlot;
 
 /// Guest-physical address of the GDT.
 pub const GDT_GPA: u64 = 0x1000;

@@ -6,7 +6,7 @@ use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
-use ferry_kvm_glue::cpl3::GuestRam;
+use ferry_cpl3_guest::GuestRam;
 use ferry_kvm_glue::cpu::CpuProfile;
 use ferry_kvm_glue::endpoint::{IncomingVm, MigratableVm, VmError};
 use ferry_proto::msg::RegionInfo;

@@ -68,7 +68,7 @@ fn hot_pattern_dirty_ring() {
 
 #[test]
 fn a_skipped_final_round_is_caught_by_verification() {
-    use ferry_kvm_glue::cpl3::GuestRam;
+    use ferry_cpl3_guest::GuestRam;
     use ferry_kvm_glue::endpoint::{IncomingVm, MigratableVm};
     use ferry_kvm_vmm::migrate::{copy_pages, DestVm};
     use ferry_proto::msg::RegionInfo;

@@ -1,17 +1,17 @@
 #!/bin/bash
-# ci/rdma-tests.sh - run ferry-verbs' tests against a real RDMA device.
+# scripts/rdma-tests.sh - run ferry-verbs' tests against a real RDMA device.
 #
 # 1. Builds the ferry-verbs test binaries and the end-to-end RDMA migration test
 #    (with the ferry and workload VMM binaries it starts) on the HOST (release, --locked):
 #    the guest is TCG-emulated and ~50x slower, so nothing is compiled there.
-# 2. Boots the SoftRoCE guest (ci/rxe-vm.sh: rxe0 on lo, repo shared at the
+# 2. Boots the SoftRoCE guest (scripts/rxe-vm.sh: rxe0 on lo, repo shared at the
 #    same path) and runs every test binary there with FERRY_REQUIRE_RDMA=1,
 #    so a missing device is a failure, never a skip.
 # Prints each test's name and libtest's `test result:` lines, the wall time
 # of each phase, and exits non-zero if any test (or the guest) failed.
 #
-# Usage: ci/rdma-tests.sh [extra libtest args, e.g. a test name filter]
-# Env:   FERRY_RXE_CACHE, FERRY_RXE_TIMEOUT (see ci/rxe-vm.sh).
+# Usage: scripts/rdma-tests.sh [extra libtest args, e.g. a test name filter]
+# Env:   FERRY_RXE_CACHE, FERRY_RXE_TIMEOUT (see scripts/rxe-vm.sh).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd -P)
@@ -27,7 +27,7 @@ trap 'rm -f "$JSON"' EXIT
 cargo test --release --locked -p ferry-verbs --no-run --message-format=json-render-diagnostics > "$JSON"
 # The end-to-end RDMA migration test starts the real binaries: build them too.
 cargo build --release --locked -p ferry-sidecar -p ferry-workload-vmm
-cargo test --release --locked -p ferry-e2e --test rdma_migration --no-run \
+cargo test --release --locked -p ferry-tests --test rdma_migration --no-run \
   --message-format=json-render-diagnostics >> "$JSON"
 # Test executables of ferry-verbs are the only artifacts with an "executable"
 # (dependencies are libraries). Keep paths under the shared repo.
@@ -59,7 +59,7 @@ exit $failed
 '
 T_GUEST=$(now)
 set +e
-"$ROOT/ci/rxe-vm.sh" --share "$ROOT" --timeout "${FERRY_RXE_TIMEOUT:-300}" -- \
+"$ROOT/scripts/rxe-vm.sh" --share "$ROOT" --timeout "${FERRY_RXE_TIMEOUT:-300}" -- \
   bash -c "export EXTRA_ARGS='$*'; $GUEST_SCRIPT" rdma-tests "${EXES[@]}"
 RC=$?
 set -e

@@ -8,7 +8,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, ensure, Context, Result};
-use ferry_kvm_glue::cpl3::{self, GuestRam};
+use ferry_cpl3_guest::{self as cpl3, GuestRam};
 use ferry_kvm_glue::cpu::CpuProfile;
 use ferry_kvm_glue::dirty::{DirtyLog, DirtyModeRequest, DirtyTracker};
 use ferry_kvm_glue::state::VmState;

@@ -25,7 +25,7 @@
 //! `out` the vCPU thread sleeps as needed for the configured rate.
 
 use anyhow::{bail, ensure, Context, Result};
-use ferry_kvm_glue::cpl3::{GuestRam, FREE_GPA};
+use ferry_cpl3_guest::{GuestRam, FREE_GPA};
 
 /// Page size.
 pub const PAGE: u64 = 4096;

@@ -1,5 +1,5 @@
 #!/bin/bash
-# ci/rxe-vm.sh - run one command inside a throw-away QEMU (TCG) guest that has a
+# scripts/rxe-vm.sh - run one command inside a throw-away QEMU (TCG) guest that has a
 # real SoftRoCE device, and exit with that command's status.
 #
 # Why a guest: the hosts Ferry is developed and tested on have no RDMA in their
@@ -18,9 +18,9 @@
 # Rust binary dynamically linked to Debian's libibverbs runs as is.
 #
 # Usage:
-#   ci/rxe-vm.sh [options] -- CMD [ARGS...]   run CMD (exec'd by bash, as root)
-#   ci/rxe-vm.sh [options] -- 'shell snippet' a single argument is a bash script
-#   ci/rxe-vm.sh --build-only                 build/refresh the cached image only
+#   scripts/rxe-vm.sh [options] -- CMD [ARGS...]   run CMD (exec'd by bash, as root)
+#   scripts/rxe-vm.sh [options] -- 'shell snippet' a single argument is a bash script
+#   scripts/rxe-vm.sh --build-only                 build/refresh the cached image only
 # Options:
 #   --share DIR     host directory shared at the same path (default: repo root)
 #   --timeout SECS  wall-clock limit for the whole guest run (default 600, or
