@@ -255,7 +255,7 @@ fn once(a: &DowntimeArgs, mib: u64, dirty: u64, port: u16, tag: &str) -> anyhow:
 }
 
 fn size_label(mib: u64) -> String {
-    if mib % 1024 == 0 {
+    if mib.is_multiple_of(1024) {
         format!("{}GiB", mib / 1024)
     } else {
         format!("{mib}MiB")

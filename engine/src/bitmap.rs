@@ -85,7 +85,7 @@ impl DirtyBitmap {
         let end = first.saturating_add(count).min(self.npages);
         let mut p = first;
         while p < end {
-            if p % 64 == 0 && end - p >= 64 {
+            if p.is_multiple_of(64) && end - p >= 64 {
                 self.words[(p / 64) as usize] = u64::MAX;
                 p += 64;
             } else {
@@ -100,7 +100,7 @@ impl DirtyBitmap {
         let end = first.saturating_add(count).min(self.npages);
         let mut p = first;
         while p < end {
-            if p % 64 == 0 && end - p >= 64 {
+            if p.is_multiple_of(64) && end - p >= 64 {
                 self.words[(p / 64) as usize] = 0;
                 p += 64;
             } else {
@@ -260,7 +260,7 @@ mod tests {
             x ^= x << 13;
             x ^= x >> 7;
             x ^= x << 17;
-            if x % 3 == 0 {
+            if x.is_multiple_of(3) {
                 b.set(p);
             }
         }

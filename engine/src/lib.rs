@@ -1,32 +1,31 @@
 //! Ferry's deterministic migration core.
 //!
-//! This crate decides what a live migration sends and when: dirty bitmaps become
-//! coalesced page ranges ([`plan`]), ranges are spread over channels ([`plan::plan`]),
-//! pre-copy rounds go on until the dirty set fits the downtime budget
-//! ([`precopy::PrecopyController`]), and the commit/abort state machines
-//! ([`commit`]) guarantee that exactly one VM runs. [`digest`] verifies the result.
+//! This crate decides what a live migration sends and when, and what may happen to the VM
+//! on either host. Dirty bitmaps become coalesced page ranges ([`plan`]), ranges are spread
+//! over channels ([`plan::plan`]), pre-copy rounds go on until the dirty set fits the
+//! downtime budget ([`precopy::PrecopyController`]), and the two sessions
+//! ([`session::SourceSession`], [`session::DestSession`]) run one migration each: windows,
+//! log reads, transport fallback, verification ([`digest`]), the commit point and replay.
 //!
 //! It does no I/O and reads no clock: time, dirty bitmaps and transfer results come in as
-//! arguments, decisions go out. So the whole protocol can be exercised over a simulated
-//! link ([`sim`]) of any bandwidth and latency, fast and repeatably.
+//! events, commands go out. So the whole protocol runs over a simulated link ([`sim`]) of
+//! any bandwidth and latency, fast and repeatably, with the same sessions the sidecar runs.
 //!
 //! # Quick start
 //!
 //! ```
 //! use std::time::Duration;
-//! use ferry_engine::bitmap::DirtyBitmap;
-//! use ferry_engine::plan::{plan, ranges_of};
-//! use ferry_engine::precopy::{ConvergencePolicy, PrecopyController, RoundRecord, Step};
+//! use ferry_engine::session::{SourceCommand, SourceConfig, SourceEvent, SourceSession, TransportKind};
 //!
-//! let mut dirty = DirtyBitmap::new(1024);
-//! dirty.set_range(100, 300);
-//! let work = plan(&ranges_of(&[dirty]), 4, 64);
-//! assert_eq!(work.pages(), 300);
-//!
-//! let mut ctl = PrecopyController::new(ConvergencePolicy::default());
-//! ctl.round_finished(RoundRecord { round: 1, pages: 300, bytes: 300 * 4096, zero_pages: 0,
-//!                                  elapsed: Duration::from_millis(1) });
-//! assert!(matches!(ctl.next_step(Duration::from_millis(2), 4096), Step::StopAndCopy(_)));
+//! // A 1 MiB VM (256 pages) in one region, migrated over one TCP channel.
+//! let mut s = SourceSession::new(SourceConfig::new(vec![256]));
+//! assert_eq!(s.poll(), Some(SourceCommand::Negotiate));
+//! s.handle(Duration::ZERO, SourceEvent::Negotiated(vec![(TransportKind::Tcp, 1)]));
+//! assert_eq!(s.poll(), Some(SourceCommand::StartDirtyLog));
+//! s.handle(Duration::ZERO, SourceEvent::DirtyLogStarted);
+//! // Round 1 sends every page, in one window.
+//! let Some(SourceCommand::SendWindow(w)) = s.poll() else { panic!("a window") };
+//! assert_eq!((w.round, w.plan.pages()), (1, 256));
 //! ```
 //!
 //! # Threads
@@ -38,10 +37,10 @@
 //! Nothing here holds a resource beyond memory.
 
 pub mod bitmap;
-pub mod commit;
 pub mod digest;
 pub mod plan;
 pub mod precopy;
+pub mod session;
 pub mod sim;
 pub mod transport;
 

@@ -67,7 +67,7 @@ impl RoundRecord {
 }
 
 /// Why pre-copy ended.
-#[derive(Clone, Copy, Debug, PartialEq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum StopReason {
     /// The dirty bytes fit the budget at the measured bandwidth.
     Converged {

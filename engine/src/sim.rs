@@ -1,27 +1,31 @@
 //! A simulated link and guest, for the engine's unit tests and benchmarks only.
 //!
-//! The simulation runs a whole pre-copy migration with the real [`PrecopyController`],
-//! planner and [`SourceCommit`] over a link of a given bandwidth and latency, with a
-//! guest that writes pages at a given rate. Every page carries a version; a page copied
-//! while the guest writes it gets the version of the moment it was copied. At the end,
-//! the destination's versions must equal the source's: that checks the dirty-log order
-//! rule (get-and-clear first, then send), which [`LogOrder::ClearAfterSend`] breaks on
-//! purpose to show what it protects against.
+//! The simulator is one more driver of the real [`SourceSession`]: it carries out the
+//! session's commands against a guest that writes pages at a given rate and a link of a
+//! given bandwidth and latency, so the windows, the log reads, convergence, verification
+//! and the commit sequence are the ones the sidecar runs. Every page carries a version; a
+//! page copied while the guest writes it gets the version of the moment it was copied. At
+//! the end the destination's versions must equal the source's: that checks the dirty-log
+//! order rule (get-and-clear first, then send), which [`LogOrder::ClearAfterSend`] breaks
+//! on purpose to show what it protects against.
 
 use std::time::Duration;
 
 use crate::bitmap::DirtyBitmap;
-use crate::commit::{SourceAction, SourceCommit, SourceEvent};
-use crate::plan::{plan, ranges_of};
-use crate::precopy::{ConvergencePolicy, PrecopyController, RoundRecord, Step};
-use crate::PAGE_SIZE;
+use crate::digest::{chunk_hash, MemoryDigest, DIGEST_CHUNK_PAGES};
+use crate::precopy::ConvergencePolicy;
+use crate::session::{
+    Failure, FailureKind, RoundReport, SourceCommand, SourceConfig, SourceEvent, SourceOutcome,
+    SourceSession, TransportKind, VerifyMode,
+};
+use crate::transport::{RoundStats, WindowOutcome};
 
-/// When the dirty log is cleared relative to sending a round.
+/// When the dirty log is cleared relative to sending.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogOrder {
     /// Get-and-clear, then send (correct).
     ClearBeforeSend,
-    /// Send, then clear (loses writes made during the send).
+    /// Read, send, then clear (loses writes made during the send).
     ClearAfterSend,
 }
 
@@ -36,7 +40,7 @@ pub struct SimConfig {
     pub working_set: u64,
     /// Link bandwidth in bytes per second.
     pub bandwidth: u64,
-    /// One-way latency added to each round's confirmation.
+    /// One-way latency added to each window's confirmation.
     pub latency: Duration,
     /// Channels the plan spreads over.
     pub channels: usize,
@@ -44,6 +48,8 @@ pub struct SimConfig {
     pub policy: ConvergencePolicy,
     /// Dirty-log order.
     pub order: LogOrder,
+    /// Pages per window of a pre-copy round.
+    pub window_pages: u64,
     /// Break the link when this round starts (simulates a dead peer).
     pub fail_in_round: Option<u32>,
 }
@@ -51,14 +57,18 @@ pub struct SimConfig {
 /// How a simulated migration ended.
 #[derive(Clone, Debug, PartialEq)]
 pub struct SimOutcome {
-    /// The source's last phase action: commit, or abort with resume.
-    pub final_action: SourceAction,
+    /// The session's outcome.
+    pub outcome: SourceOutcome,
+    /// Whether the source VM runs at the end (never paused, or resumed).
+    pub source_runs: bool,
     /// Rounds run, pre-copy and final.
-    pub rounds: Vec<RoundRecord>,
-    /// Simulated downtime (final round + latency).
+    pub rounds: Vec<RoundReport>,
+    /// Simulated downtime (pause to the destination running).
     pub downtime: Duration,
     /// Pages whose version differs between source and destination at the end.
     pub stale_pages: u64,
+    /// Reads of the dirty log.
+    pub log_reads: u32,
 }
 
 /// Deterministic guest writes: a xorshift stream over the working set.
@@ -72,170 +82,211 @@ struct Guest {
 }
 
 impl Guest {
-    /// Runs the guest for `dt`; the callback sees each written page and the fraction of
-    /// `dt` at which it was written.
-    fn run(&mut self, dt: Duration, mut on_write: impl FnMut(u64, f64)) {
+    /// Runs the guest for `dt`; returns each written page and the fraction of `dt` at
+    /// which it was written.
+    fn run(&mut self, dt: Duration) -> Vec<(u64, f64)> {
         self.carry += self.rate * dt.as_secs_f64();
         let n = self.carry as u64;
         self.carry -= n as f64;
-        for i in 0..n {
-            self.rng ^= self.rng << 13;
-            self.rng ^= self.rng >> 7;
-            self.rng ^= self.rng << 17;
-            let p = self.rng % self.working_set.max(1);
-            self.versions[p as usize] += 1;
-            self.log.set(p);
-            on_write(p, (i as f64 + 0.5) / n as f64);
-        }
+        (0..n)
+            .map(|i| {
+                self.rng ^= self.rng << 13;
+                self.rng ^= self.rng >> 7;
+                self.rng ^= self.rng << 17;
+                let p = self.rng % self.working_set.max(1);
+                self.versions[p as usize] += 1;
+                self.log.set(p);
+                (p, (i as f64 + 0.5) / n.max(1) as f64)
+            })
+            .collect()
     }
 }
 
-/// Runs one simulated migration.
-pub fn run(cfg: &SimConfig) -> SimOutcome {
-    let mut guest = Guest {
-        versions: vec![1; cfg.pages as usize],
-        log: DirtyBitmap::new(cfg.pages),
-        rng: 0x2545_f491_4f6c_dd1d,
-        working_set: cfg.working_set.min(cfg.pages),
-        carry: 0.0,
-        rate: cfg.writes_per_sec as f64,
-    };
-    let mut dest = vec![0u64; cfg.pages as usize];
-    let mut ctl = PrecopyController::new(cfg.policy);
-    let mut fsm = SourceCommit::new();
-    let mut now = Duration::ZERO;
-    let mut to_send = DirtyBitmap::full(cfg.pages);
-    let mut paused = false;
-    let mut downtime = Duration::ZERO;
-    fsm.on(SourceEvent::Accepted).expect("negotiating accepts");
-    loop {
-        let round = ctl.rounds().len() as u32 + 1;
-        if cfg.fail_in_round == Some(round) {
-            let action = fsm.on(SourceEvent::Failed).expect("failure always allowed");
-            return finish(action, &ctl, downtime, &guest.versions, &dest);
+/// The digest of a list of page versions (stands in for page contents).
+fn digest_of(versions: &[u64]) -> MemoryDigest {
+    MemoryDigest {
+        regions: vec![versions
+            .chunks(DIGEST_CHUNK_PAGES as usize)
+            .map(chunk_hash)
+            .collect()],
+    }
+}
+
+struct Sim<'a> {
+    cfg: &'a SimConfig,
+    guest: Guest,
+    dest: Vec<u64>,
+    now: Duration,
+    paused: bool,
+    pause_asked: Option<Duration>,
+    downtime: Duration,
+    log_reads: u32,
+}
+
+impl Sim<'_> {
+    /// Moves one window's pages; the guest keeps writing unless paused.
+    fn send(&mut self, w: &crate::transport::Window) -> SourceEvent {
+        if self.cfg.fail_in_round == Some(w.round) {
+            return SourceEvent::Failed(Failure::new(
+                FailureKind::PeerLost,
+                "simulated link failure",
+            ));
         }
-        let work = plan(
-            &ranges_of(std::slice::from_ref(&to_send)),
-            cfg.channels,
-            256,
-        );
-        let bytes = work.bytes();
-        let elapsed = Duration::from_secs_f64(bytes as f64 / cfg.bandwidth as f64) + cfg.latency;
-        // Position of each page in the send order, as a fraction of the round.
-        let mut send_at = vec![f64::NAN; cfg.pages as usize];
-        // Channels run in parallel: a page's moment is its offset within its channel.
-        for ch in &work.channels {
+        let bytes = w.plan.bytes();
+        let elapsed =
+            Duration::from_secs_f64(bytes as f64 / self.cfg.bandwidth as f64) + self.cfg.latency;
+        // A page's moment is its offset within its channel (channels run in parallel).
+        let mut order: Vec<(f64, u64)> = Vec::new();
+        for ch in &w.plan.channels {
+            let total: u64 = ch.iter().map(|r| r.count).sum();
             let mut done = 0f64;
-            let ch_pages: u64 = ch.iter().map(|r| r.count).sum();
             for r in ch {
                 for p in r.first..r.end() {
-                    send_at[p as usize] = done / ch_pages.max(1) as f64;
+                    order.push((done / total.max(1) as f64, p));
                     done += 1.0;
                 }
             }
         }
-        // Copy each page as of its moment; writes before that moment are included.
-        let snapshot = guest.versions.clone();
-        let mut copied = snapshot.clone();
-        if !paused {
-            let mut late_writes: Vec<(u64, f64)> = Vec::new();
-            guest.run(elapsed, |p, t| late_writes.push((p, t)));
-            // Versions at each page's send moment: start snapshot plus earlier writes.
-            let mut v = snapshot;
-            let mut writes = late_writes;
-            writes.sort_by(|a, b| a.1.total_cmp(&b.1));
-            let mut order: Vec<u64> = to_send.runs().flat_map(|(f, c)| f..f + c).collect();
-            order.sort_by(|&a, &b| send_at[a as usize].total_cmp(&send_at[b as usize]));
-            let mut wi = 0;
-            for p in order {
-                let t = send_at[p as usize];
-                while wi < writes.len() && writes[wi].1 <= t {
-                    v[writes[wi].0 as usize] += 1;
-                    wi += 1;
-                }
-                copied[p as usize] = v[p as usize];
+        order.sort_by(|a, b| a.0.total_cmp(&b.0));
+        let mut versions = self.guest.versions.clone();
+        let writes = if self.paused {
+            Vec::new()
+        } else {
+            self.guest.run(elapsed)
+        };
+        let mut wi = 0;
+        for (t, p) in order {
+            while wi < writes.len() && writes[wi].1 <= t {
+                versions[writes[wi].0 as usize] += 1;
+                wi += 1;
             }
+            self.dest[p as usize] = versions[p as usize];
         }
-        for (p, _) in to_send
-            .runs()
-            .flat_map(|(f, c)| (f..f + c).map(|p| (p, ())))
-        {
-            dest[p as usize] = copied[p as usize];
+        self.now += elapsed;
+        if self.cfg.order == LogOrder::ClearAfterSend {
+            // The wrong order: the log is cleared after the send, losing its writes.
+            self.guest.log = DirtyBitmap::new(self.cfg.pages);
         }
-        now += elapsed;
-        ctl.round_finished(RoundRecord {
-            round,
-            pages: work.pages(),
+        SourceEvent::WindowSent(WindowOutcome::Done(RoundStats {
+            pages: w.plan.pages(),
             bytes,
             zero_pages: 0,
-            elapsed,
-        });
-        if paused {
-            downtime += elapsed;
-            fsm.on(SourceEvent::FinalSent).expect("after pause");
-            let stale = guest
-                .versions
-                .iter()
-                .zip(&dest)
-                .filter(|(a, b)| a != b)
-                .count();
-            let action = fsm
-                .on(SourceEvent::Ready {
-                    digests_match: stale == 0,
-                })
-                .expect("awaiting ready");
-            return finish(action, &ctl, downtime, &guest.versions, &dest);
+            torn: Vec::new(),
+        }))
+    }
+
+    fn take_dirty(&mut self, delay: Duration) -> SourceEvent {
+        if !self.paused && delay > Duration::ZERO {
+            self.guest.run(delay);
+            self.now += delay;
         }
-        // The next dirty set: with the correct order the log was cleared at the round's
-        // start, so it holds every write made during the round. With the wrong order the
-        // log is cleared now, after sending: writes made during the send are lost.
-        to_send = match cfg.order {
+        self.log_reads += 1;
+        let log = match self.cfg.order {
             LogOrder::ClearBeforeSend => {
-                std::mem::replace(&mut guest.log, DirtyBitmap::new(cfg.pages))
+                std::mem::replace(&mut self.guest.log, DirtyBitmap::new(self.cfg.pages))
             }
-            LogOrder::ClearAfterSend => {
-                guest.log = DirtyBitmap::new(cfg.pages);
-                let mut late = DirtyBitmap::new(cfg.pages);
-                guest.run(cfg.latency, |p, _| late.set(p));
-                guest.log = DirtyBitmap::new(cfg.pages);
-                late
-            }
+            LogOrder::ClearAfterSend => self.guest.log.clone(),
         };
-        let dirty_bytes = to_send.count() * PAGE_SIZE;
-        match ctl.next_step(now, dirty_bytes) {
-            Step::Precopy { .. } => {}
-            Step::StopAndCopy(_) => {
-                paused = true;
-                fsm.on(SourceEvent::Paused).expect("precopy pauses");
-                if cfg.order == LogOrder::ClearBeforeSend {
-                    to_send
-                        .union_with(&std::mem::replace(
-                            &mut guest.log,
-                            DirtyBitmap::new(cfg.pages),
-                        ))
-                        .expect("same size");
+        SourceEvent::Dirty(vec![log])
+    }
+
+    fn execute(&mut self, cmd: SourceCommand) -> SourceEvent {
+        use SourceCommand as C;
+        use SourceEvent as E;
+        match cmd {
+            C::Negotiate => E::Negotiated(vec![(TransportKind::Tcp, self.cfg.channels)]),
+            C::StartDirtyLog => {
+                self.guest.log = DirtyBitmap::new(self.cfg.pages);
+                E::DirtyLogStarted
+            }
+            C::TakeDirty { delay, .. } => self.take_dirty(delay),
+            C::SendWindow(w) => self.send(&w),
+            C::Pause => {
+                self.paused = true;
+                self.pause_asked = Some(self.now);
+                E::Paused(Duration::ZERO)
+            }
+            C::SaveState => E::StateSaved(Vec::new()),
+            C::SendState(_) => {
+                self.now += self.cfg.latency;
+                E::StateSent
+            }
+            C::HashSource => E::SourceHashed(digest_of(&self.guest.versions)),
+            C::AwaitReady => {
+                self.now += self.cfg.latency;
+                E::PeerReady(digest_of(&self.dest))
+            }
+            C::Fence => E::Fenced,
+            C::Record(_) => E::Recorded,
+            C::SendCommit | C::ReplayCommit => {
+                self.now += self.cfg.latency * 2;
+                if let Some(t) = self.pause_asked {
+                    self.downtime = self.now - t;
                 }
+                E::PeerRunning("simulated destination runs".into())
             }
-            Step::Abort(_) => {
-                let action = fsm.on(SourceEvent::Failed).expect("abort allowed");
-                return finish(action, &ctl, downtime, &guest.versions, &dest);
+            C::AskDiscard => E::PeerDiscarded,
+            C::Sleep(d) => {
+                self.now += d;
+                E::Slept
             }
+            C::AbortPeer(_) => E::PeerTold,
+            C::Resume => {
+                self.paused = false;
+                E::Resumed
+            }
+            C::Stop => E::Stopped,
         }
     }
 }
 
-fn finish(
-    final_action: SourceAction,
-    ctl: &PrecopyController,
-    downtime: Duration,
-    src: &[u64],
-    dst: &[u64],
-) -> SimOutcome {
+/// Runs one simulated migration (strict verification: the digests are compared before
+/// the simulated destination resumes).
+pub fn run(cfg: &SimConfig) -> SimOutcome {
+    let mut sim = Sim {
+        cfg,
+        guest: Guest {
+            versions: vec![1; cfg.pages as usize],
+            log: DirtyBitmap::new(cfg.pages),
+            rng: 0x2545_f491_4f6c_dd1d,
+            working_set: cfg.working_set.min(cfg.pages),
+            carry: 0.0,
+            rate: cfg.writes_per_sec as f64,
+        },
+        dest: vec![0; cfg.pages as usize],
+        now: Duration::ZERO,
+        paused: false,
+        pause_asked: None,
+        downtime: Duration::ZERO,
+        log_reads: 0,
+    };
+    let mut scfg = SourceConfig::new(vec![cfg.pages]);
+    scfg.policy = cfg.policy;
+    scfg.verify = VerifyMode::Strict;
+    scfg.window_pages = cfg.window_pages;
+    let mut session = SourceSession::new(scfg);
+    while let Some(cmd) = session.poll() {
+        let event = sim.execute(cmd);
+        session.handle(sim.now, event);
+    }
+    let outcome = session
+        .outcome()
+        .cloned()
+        .expect("a session with no command left is done");
+    let stale_pages = sim
+        .guest
+        .versions
+        .iter()
+        .zip(&sim.dest)
+        .filter(|(a, b)| a != b)
+        .count() as u64;
     SimOutcome {
-        final_action,
-        rounds: ctl.rounds().to_vec(),
-        downtime,
-        stale_pages: src.iter().zip(dst).filter(|(a, b)| a != b).count() as u64,
+        outcome,
+        source_runs: !sim.paused && !matches!(session.outcome(), Some(SourceOutcome::Committed)),
+        rounds: session.report().rounds.clone(),
+        downtime: sim.downtime,
+        stale_pages,
+        log_reads: sim.log_reads,
     }
 }
 
@@ -259,6 +310,7 @@ mod tests {
                 on_limit: LimitAction::Abort,
             },
             order: LogOrder::ClearBeforeSend,
+            window_pages: 16_384,
             fail_in_round: None,
         }
     }
@@ -266,10 +318,12 @@ mod tests {
     #[test]
     fn converges_and_commits_with_every_page_current() {
         let out = run(&base());
-        assert_eq!(out.final_action, SourceAction::RecordAndSendCommit);
+        assert_eq!(out.outcome, SourceOutcome::Committed, "{out:?}");
         assert_eq!(out.stale_pages, 0);
         assert!(out.rounds.len() >= 2, "{:?}", out.rounds);
         assert!(out.downtime <= Duration::from_millis(50) + Duration::from_millis(10));
+        // Round 1 has four windows: a log read before each of the last three, one after.
+        assert!(out.log_reads >= 4, "{out:?}");
     }
 
     #[test]
@@ -279,7 +333,8 @@ mod tests {
             ..base()
         });
         assert!(out.stale_pages > 0, "the wrong order must lose writes");
-        assert_eq!(out.final_action, SourceAction::AbortAndResume);
+        assert_eq!(out.outcome, SourceOutcome::Aborted);
+        assert!(out.source_runs, "a failed check resumes the source");
     }
 
     #[test]
@@ -290,11 +345,12 @@ mod tests {
         cfg.working_set = 65_536;
         cfg.policy.max_rounds = 5;
         let out = run(&cfg);
-        assert_eq!(out.final_action, SourceAction::AbortRunning);
+        assert_eq!(out.outcome, SourceOutcome::Aborted);
+        assert!(out.source_runs);
         assert_eq!(out.rounds.len(), 5);
         cfg.policy.on_limit = LimitAction::ForceStopAndCopy;
         let forced = run(&cfg);
-        assert_eq!(forced.final_action, SourceAction::RecordAndSendCommit);
+        assert_eq!(forced.outcome, SourceOutcome::Committed);
         assert_eq!(forced.stale_pages, 0);
         assert!(forced.downtime > cfg.policy.downtime_budget);
     }
@@ -306,7 +362,8 @@ mod tests {
         cfg.policy.downtime_budget = Duration::from_millis(5);
         cfg.fail_in_round = Some(2);
         let out = run(&cfg);
-        assert_eq!(out.final_action, SourceAction::AbortRunning);
+        assert_eq!(out.outcome, SourceOutcome::Aborted);
+        assert!(out.source_runs);
         assert_eq!(out.rounds.len(), 1);
     }
 
@@ -317,7 +374,8 @@ mod tests {
             fail_in_round: Some(2),
             ..base()
         });
-        assert_eq!(out.final_action, SourceAction::AbortAndResume);
+        assert_eq!(out.outcome, SourceOutcome::Aborted);
+        assert!(out.source_runs, "the paused source must be resumed");
     }
 
     #[test]
@@ -327,7 +385,32 @@ mod tests {
             ..base()
         });
         assert_eq!(out.rounds.len(), 2);
-        assert_eq!(out.rounds[1].pages, 0);
+        assert_eq!(out.rounds[1].stats.pages, 0);
         assert_eq!(out.stale_pages, 0);
+    }
+
+    #[test]
+    fn per_window_log_reads_send_fewer_pages_again() {
+        // A guest writing all over RAM: pages written before their window went out are
+        // sent once, in round 1, when the log is read before each window; with one read
+        // per round they are sent again in round 2.
+        let mut cfg = base();
+        cfg.working_set = 65_536;
+        cfg.writes_per_sec = 60_000;
+        cfg.policy.max_rounds = 3;
+        cfg.policy.on_limit = LimitAction::ForceStopAndCopy;
+        cfg.policy.downtime_budget = Duration::from_millis(1);
+        let windowed = run(&cfg);
+        cfg.window_pages = u64::MAX;
+        let whole = run(&cfg);
+        assert_eq!(windowed.stale_pages, 0);
+        assert_eq!(whole.stale_pages, 0);
+        let r2 = |o: &SimOutcome| o.rounds[1].stats.pages;
+        assert!(
+            r2(&windowed) < r2(&whole),
+            "round 2: {} pages with windows, {} with one read per round",
+            r2(&windowed),
+            r2(&whole)
+        );
     }
 }

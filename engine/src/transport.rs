@@ -1,12 +1,30 @@
-//! The seam between the engine and the data transports (TCP streams, RDMA queue pairs).
+//! The seam between the sessions and the data transports (TCP streams, RDMA queue pairs,
+//! the simulator's link, the test VMM's in-process copy).
 //!
-//! Both transports take the same work, a [`RangePlan`] for a round, and report the same
-//! [`RoundStats`]. A failure that means "cannot continue on this transport" carries the
-//! ranges not confirmed, so the caller can re-plan them on another transport.
+//! Every transport takes the same work, a [`Window`] the source session planned, and
+//! returns the same [`WindowOutcome`]: done, with what was moved, or the ranges it could
+//! not confirm (which the session re-plans on the next transport). A transport that cannot
+//! go on at all returns a [`TransportError`].
 
 use crate::plan::{PageRange, RangePlan};
+use crate::session::TransportKind;
 
-/// What one channel or one whole round moved.
+/// One window of a round: the pages a transport moves between two reads of the dirty log.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Window {
+    /// Round number on the wire (one per window; the destination confirms each).
+    pub wire_round: u32,
+    /// The pre-copy round (or the final round) this window belongs to.
+    pub round: u32,
+    /// Whether the VM is paused (the final round).
+    pub final_round: bool,
+    /// Which transport the session planned this window for.
+    pub transport: TransportKind,
+    /// The pages, one share per channel.
+    pub plan: RangePlan,
+}
+
+/// What one channel, one window or one whole round moved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoundStats {
     /// Pages accounted for (payload and zero markers).
@@ -15,8 +33,8 @@ pub struct RoundStats {
     pub bytes: u64,
     /// Pages found all-zero and sent as a marker.
     pub zero_pages: u64,
-    /// Pages whose checksum did not match at the receiver: (region, page).
-    pub torn: Vec<(u32, u64)>,
+    /// Pages whose checksum did not match at the receiver (single-page ranges).
+    pub torn: Vec<PageRange>,
 }
 
 impl RoundStats {
@@ -29,7 +47,24 @@ impl RoundStats {
     }
 }
 
-/// Why a transport stopped.
+/// How a window ended on a transport.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum WindowOutcome {
+    /// Every page of the window is confirmed at the destination.
+    Done(RoundStats),
+    /// The transport stopped part-way and cannot go on (an RDMA queue pair failed); the
+    /// pages in `unfinished` were not confirmed, the rest were.
+    Unfinished {
+        /// What was confirmed.
+        confirmed: RoundStats,
+        /// Ranges not confirmed, to be re-sent on another transport.
+        unfinished: Vec<PageRange>,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Why a transport stopped for good.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The transport cannot work here (no device, operation not supported): use another.
@@ -52,21 +87,21 @@ pub enum TransportError {
 }
 
 /// The source side of a data transport.
-pub trait PageSender: Send {
-    /// Transport name for summaries ("tcp", "rdma").
-    fn name(&self) -> &'static str;
-    /// Channels in use.
+pub trait Transport {
+    /// Which transport this is.
+    fn kind(&self) -> TransportKind;
+    /// Channels in use (TCP connections, queue pairs).
     fn channels(&self) -> usize;
-    /// Moves every range of `plan` (one share per channel) for `round`. `progress` is
-    /// called from the channel threads with payload bytes as they go.
+    /// Moves every page of `window` and waits until the destination confirmed them.
+    /// `progress` is called (from any thread) with payload bytes as they go.
     ///
     /// # Errors
     ///
-    /// [`TransportError`]; the round did not complete.
-    fn send_round(
+    /// [`TransportError`] when nothing more can be moved on this transport and no page
+    /// is known to be confirmed; [`WindowOutcome::Unfinished`] is not an error.
+    fn send_window(
         &mut self,
-        round: u32,
-        plan: &RangePlan,
+        window: &Window,
         progress: &(dyn Fn(u64) + Sync),
-    ) -> Result<RoundStats, TransportError>;
+    ) -> Result<WindowOutcome, TransportError>;
 }

@@ -1,5 +1,5 @@
-//! Little-endian blob writer and bounds-checked reader shared by the state and CPU-profile
-//! encodings. Every read checks the remaining length and every count is capped by the
+//! The state and CPU-profile encodings' view of the workspace codec (`ferry_proto::codec`):
+//! KVM structs as bytes, and field names in errors. Every read checks the remaining length and every count is capped by the
 //! caller before anything is allocated from it; nothing here panics on hostile input.
 
 use crate::error::{Error, Result};
@@ -35,30 +35,30 @@ pub(crate) fn pod_from<T: Pod>(what: &'static str, b: &[u8]) -> Result<T> {
     Ok(unsafe { std::ptr::read_unaligned(b.as_ptr().cast::<T>()) })
 }
 
-/// Appends little-endian fields to a byte vector.
-#[derive(Debug, Default)]
+/// Appends little-endian fields: the workspace codec (`ferry_proto::codec::Writer`) with
+/// the shapes the state and CPU-profile blobs use.
+#[derive(Default)]
 pub(crate) struct Writer {
-    pub buf: Vec<u8>,
+    inner: ferry_proto::codec::Writer,
 }
 
 impl Writer {
     pub fn u8(&mut self, v: u8) {
-        self.buf.push(v);
+        self.inner.u8(v);
     }
     pub fn u32(&mut self, v: u32) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.inner.u32(v);
     }
     pub fn u64(&mut self, v: u64) {
-        self.buf.extend_from_slice(&v.to_le_bytes());
+        self.inner.u64(v);
     }
     pub fn raw(&mut self, b: &[u8]) {
-        self.buf.extend_from_slice(b);
+        self.inner.fixed(b);
     }
     /// A `u32` length, then the bytes. Lengths are bounded by the caps the reader applies,
     /// all far below `u32::MAX`.
     pub fn bytes(&mut self, b: &[u8]) {
-        self.u32(u32::try_from(b.len()).unwrap_or(u32::MAX));
-        self.raw(b);
+        self.inner.bytes(b);
     }
     pub fn pod<T: Pod>(&mut self, v: &T) {
         self.bytes(pod_bytes(v));
@@ -67,51 +67,58 @@ impl Writer {
     pub fn count(&mut self, n: usize) {
         self.u32(u32::try_from(n).unwrap_or(u32::MAX));
     }
+    pub fn finish(self) -> Vec<u8> {
+        self.inner.finish()
+    }
 }
 
-/// Reads little-endian fields from a byte slice, failing (never panicking) on truncation.
-#[derive(Debug)]
+/// Reads what [`Writer`] wrote, with the workspace codec (`ferry_proto::codec::Reader`),
+/// naming the field in every error; fails (never panics) on truncation.
 pub(crate) struct Reader<'a> {
-    buf: &'a [u8],
+    inner: ferry_proto::codec::Reader<'a>,
 }
 
 impl<'a> Reader<'a> {
     pub fn new(buf: &'a [u8]) -> Self {
-        Self { buf }
+        Self {
+            inner: ferry_proto::codec::Reader::new(buf, "blob"),
+        }
     }
 
     pub fn remaining(&self) -> usize {
-        self.buf.len()
+        self.inner.remaining()
     }
 
     pub fn take(&mut self, what: &'static str, n: usize) -> Result<&'a [u8]> {
-        if self.buf.len() < n {
-            return Err(Error::Truncated {
-                what,
-                need: n,
-                have: self.buf.len(),
-            });
-        }
-        let (head, tail) = self.buf.split_at(n);
-        self.buf = tail;
-        Ok(head)
-    }
-
-    fn array<const N: usize>(&mut self, what: &'static str) -> Result<[u8; N]> {
-        let b = self.take(what, N)?;
-        let mut a = [0u8; N];
-        a.copy_from_slice(b);
-        Ok(a)
+        let have = self.remaining();
+        self.inner.raw(n).map_err(|_| Error::Truncated {
+            what,
+            need: n,
+            have,
+        })
     }
 
     pub fn u8(&mut self, what: &'static str) -> Result<u8> {
-        Ok(self.array::<1>(what)?[0])
+        Ok(self.take(what, 1)?[0])
     }
     pub fn u32(&mut self, what: &'static str) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.array(what)?))
+        let b = self.take(what, 4)?;
+        Ok(u32::from_le_bytes([b[0], b[1], b[2], b[3]]))
     }
     pub fn u64(&mut self, what: &'static str) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.array(what)?))
+        let b = self.take(what, 8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_le_bytes(a))
+    }
+
+    /// A presence flag: 0 or 1.
+    pub fn flag(&mut self, what: &'static str) -> Result<bool> {
+        match self.u8(what)? {
+            0 => Ok(false),
+            1 => Ok(true),
+            value => Err(Error::BadFlag { what, value }),
+        }
     }
 
     /// A `u32` count, refused above `max`.
@@ -141,11 +148,11 @@ impl<'a> Reader<'a> {
 
     /// Fails unless every byte was consumed.
     pub fn finish(&self) -> Result<()> {
-        if self.buf.is_empty() {
+        if self.inner.end().is_ok() {
             Ok(())
         } else {
             Err(Error::TrailingBytes {
-                bytes: self.buf.len(),
+                bytes: self.remaining(),
             })
         }
     }

@@ -312,7 +312,7 @@ impl CpuProfile {
             w.u8(f.reg as u8);
             w.u32(f.value);
         }
-        w.buf
+        w.finish()
     }
 
     /// Decodes [`encode`](Self::encode)'s output.

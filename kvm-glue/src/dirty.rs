@@ -560,12 +560,14 @@ impl DirtyTracker {
                     let buf = &mut inner.scratch[i];
                     buf.fill(0);
                     let t = Instant::now();
-                    ioctls::get_dirty_log_into(vm, s.slot, buf).map_err(|source| {
-                        Error::GetDirtyLog {
+                    // SAFETY: `DirtyTracker::new`'s caller guarantees every slot is registered
+                    // with KVM with exactly these values, so `memory_size / 4096` is the
+                    // slot's page count as the kernel knows it.
+                    unsafe { ioctls::get_dirty_log_into(vm, s.slot, s.memory_size / 4096, buf) }
+                        .map_err(|source| Error::GetDirtyLog {
                             slot: s.slot,
                             source,
-                        }
-                    })?;
+                        })?;
                     stats.get += t.elapsed();
                     if self.mode == DirtyMode::ManualProtect {
                         clear_in_pieces(vm, s, buf, &mut stats)?;

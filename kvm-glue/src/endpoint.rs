@@ -1,51 +1,70 @@
-//! The VMM side of Ferry's sidecar protocol: link this and a VMM is migratable.
+//! The VMM side of Ferry's VMM protocol: link this and a VMM is migratable.
 //!
-//! A source VMM connects to the sidecar's Unix socket, registers its VM (RAM regions as
-//! memfds over `SCM_RIGHTS`) and then serves the sidecar's requests from a thread of its
-//! own ([`SidecarLink::serve`]), implementing [`MigratableVm`]. A destination VMM waits
-//! with [`SidecarLink::await_incoming`] and [`SidecarLink::receive`], implementing
-//! [`IncomingVm`].
+//! A source VMM keeps one [`SourceEndpoint`] for its VM's lifetime and calls
+//! [`SourceEndpoint::serve`] in a loop: each call connects to the sidecar's Unix socket,
+//! registers the VM (RAM regions as memfds over `SCM_RIGHTS`) and answers the sidecar's
+//! requests through [`MigratableVm`] until the link ends. A destination VMM keeps one
+//! [`IncomingEndpoint`] and calls [`IncomingEndpoint::receive`] in a loop until a VM runs.
+//! The byte-level protocol is in `docs/vmm-protocol.md`.
 //!
 //! ```text
 //! VMM (source)                      sidecar
-//!   Hello{version, Vmm}      --->
+//!   Hello{version}           --->
 //!                            <---   Welcome{version}
-//!   RegisterVm{...}+memfds   --->
+//!   RegisterVm{.., fence}+memfds ->
 //!                            <---   Ok
 //!                            <---   StartDirtyLog | TakeDirty | Pause | SaveState
 //!   Ok | Dirty | Paused | State ->
-//!                            <---   Resume (migration failed: run on, logging off)
-//!                            <---   Stop   (destination runs the VM: stop for good)
+//!                            <---   Fence{session, to}  (a commit decision may follow)
+//!   Ok                       --->
+//!                            <---   Resume (failed or rolled back: run on, logging off)
+//!                            <---   Stop   (the destination runs the VM: stop for good)
 //!
 //! VMM (destination)                 sidecar
-//!   Hello, AwaitIncoming{vm_id} ->
+//!   Hello, AwaitIncoming{vm_id, held} ->
 //!                            <---   Ok
 //!                            <---   CheckCompat{cpu_profile} (before accepting)
 //!   Ok | Error{reason}       --->
-//!                            <---   Load{regions, blob}+memfds
+//!                            <---   Load{vm_id, session, regions, blob}+memfds
 //!   Loaded | Error           --->
 //!                            <---   Start            | Discard
-//!   Running{detail}          --->   | Ok (wait for the next Load)
+//!   Running{detail} | Error  --->   | Ok (wait for the next Load)
 //! ```
 //!
+//! # Exactly one VM
+//!
+//! - A paused source VMM whose sidecar link breaks resumes on its own only when it was
+//!   never fenced: the sidecar fences before it records a commit decision, so an unfenced
+//!   VMM knows no decision exists. A fenced one stays paused, reconnects, and registers
+//!   naming the fence; the sidecar reads its decision record and answers `Resume` (no
+//!   decision) or `Stop` (the destination runs the VM).
+//! - A destination VMM that loses its link while holding a loaded VM keeps it (not
+//!   running), reconnects and names the session in `AwaitIncoming`; the sidecar starts it
+//!   or discards it when the source's decision arrives.
+//! - [`IncomingVm::start`] failing must leave the VM not running.
+//!
 //! Requests are answered in order; a failing request is answered with
-//! [`Msg::Error`] and the link stays up, so the sidecar decides what follows (it
-//! resumes the VM on any failure before the commit point).
+//! [`VmmMsg::Error`] and the link stays up, so the sidecar decides what follows.
 
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use ferry_engine::session::SessionId;
+use ferry_proto::common::{Message, RegionInfo, MAX_FRAME};
 use ferry_proto::frame::{recv_with_fds, send_with_fds};
-use ferry_proto::msg::{Msg, RegionInfo, Role, MAX_FRAME};
-use ferry_proto::{unexpected, ProtoError, VERSION};
+use ferry_proto::vmm::{unexpected, Fence, VmmMsg};
+use ferry_proto::{ProtoError, VERSION};
 
 /// An error a VMM callback returns; its text goes to the sidecar and the operator.
 pub type VmError = Box<dyn std::error::Error + Send + Sync>;
 
+/// How long the sidecar may take to answer the hello and the registration.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
 /// What a source VMM does for a migration. Called from the thread running
-/// [`SidecarLink::serve`], one call at a time.
+/// [`SourceEndpoint::serve`], one call at a time.
 pub trait MigratableVm {
     /// Switches dirty logging on (and clears any earlier log).
     ///
@@ -56,8 +75,8 @@ pub trait MigratableVm {
 
     /// Gets and clears the dirty log: one bitmap per registered region (LSB-first
     /// words, bit i = page i), KVM's log ORed with the VMM's own writes. The bits
-    /// returned must be cleared before this returns (DESIGN.md: get-and-clear first,
-    /// then send). `final_round` is set when the VM is paused.
+    /// returned must be cleared before this returns (`docs/design.md`: get-and-clear
+    /// first, then send). `final_round` is set when the VM is paused.
     ///
     /// # Errors
     ///
@@ -79,7 +98,8 @@ pub trait MigratableVm {
     /// When state cannot be saved; the migration aborts and the VM is resumed.
     fn save_state(&mut self) -> Result<Vec<u8>, VmError>;
 
-    /// The migration failed: switch dirty logging off and run (again) if paused.
+    /// The migration failed (or was rolled back): switch dirty logging off and run
+    /// (again) if paused.
     ///
     /// # Errors
     ///
@@ -92,6 +112,13 @@ pub trait MigratableVm {
     ///
     /// Reported to the sidecar; the destination runs regardless.
     fn stop(&mut self) -> Result<(), VmError>;
+
+    /// The sidecar fenced the VM (a commit decision may be recorded from now on), or a
+    /// sidecar link broke while fenced (`lost`): the VM stays paused. For status displays;
+    /// the endpoint enforces the rule.
+    fn fenced(&mut self, fence: &Fence, lost: bool) {
+        let _ = (fence, lost);
+    }
 }
 
 /// What a destination VMM does with an incoming VM.
@@ -127,23 +154,27 @@ pub trait IncomingVm {
     ///
     /// # Errors
     ///
-    /// When the VM cannot start.
+    /// When the VM cannot start. The VM must then not be running (stop its vCPUs again if
+    /// they were started): the sidecar reports a failed start and both copies are kept
+    /// for the operator.
     fn start(&mut self) -> Result<String, VmError>;
 
     /// Throws the loaded VM away (the source keeps it).
     fn discard(&mut self);
 }
 
-/// How a [`SidecarLink::serve`] loop ended.
+/// How a [`SourceEndpoint::serve`] call ended.
 #[derive(Debug, PartialEq, Eq)]
 pub enum ServeEnd {
     /// The VM runs on the destination; this VMM stopped it.
     MigratedAway,
-    /// The sidecar closed the link; the VM keeps running here.
+    /// The sidecar closed the link. The VM runs here, unless it is paused under a fence
+    /// ([`SourceEndpoint::fence`]): then it waits for the next sidecar to say what became
+    /// of the migration.
     SidecarGone,
 }
 
-/// Errors of the VMM side of the sidecar protocol.
+/// Errors of the VMM side of the protocol.
 #[derive(Debug, thiserror::Error)]
 pub enum EndpointError {
     /// The sidecar's socket could not be reached.
@@ -174,193 +205,293 @@ pub enum EndpointError {
     },
 }
 
-/// A VMM's connection to its sidecar.
-pub struct SidecarLink {
-    sock: UnixStream,
-}
-
 fn proto(during: &'static str) -> impl FnOnce(ProtoError) -> EndpointError {
     move |source| EndpointError::Protocol { during, source }
 }
 
-impl SidecarLink {
-    /// Connects and says hello.
-    ///
-    /// # Errors
-    ///
-    /// [`EndpointError::Connect`], or the sidecar refusing this protocol version.
-    pub fn connect(path: &Path) -> Result<Self, EndpointError> {
+fn refused(during: &'static str, got: VmmMsg) -> EndpointError {
+    match unexpected("Ok", got) {
+        ProtoError::Refused { reason } => EndpointError::Refused { during, reason },
+        e => EndpointError::Protocol { during, source: e },
+    }
+}
+
+/// A connected, greeted link.
+struct Link {
+    sock: UnixStream,
+}
+
+impl Link {
+    fn connect(path: &Path) -> Result<Self, EndpointError> {
         let sock = UnixStream::connect(path).map_err(|source| EndpointError::Connect {
             path: path.display().to_string(),
             source,
         })?;
         let link = Self { sock };
-        link.send(&Msg::Hello {
-            version: VERSION,
-            role: Role::Vmm,
-        })
-        .map_err(proto("saying hello"))?;
+        link.sock
+            .set_read_timeout(Some(HANDSHAKE_TIMEOUT))
+            .map_err(|e| proto("saying hello")(ProtoError::io("set timeout")(e)))?;
+        link.send(&VmmMsg::Hello { version: VERSION }, &[])
+            .map_err(proto("saying hello"))?;
         match link.recv().map_err(proto("saying hello"))?.0 {
-            Msg::Welcome { .. } => Ok(link),
+            VmmMsg::Welcome { .. } => Ok(link),
             other => Err(refused("hello", other)),
         }
     }
 
-    fn send(&self, m: &Msg) -> Result<(), ProtoError> {
-        send_with_fds(&self.sock, m, &[])
+    fn send(&self, m: &VmmMsg, fds: &[std::os::fd::RawFd]) -> Result<(), ProtoError> {
+        send_with_fds(&self.sock, m, fds)
     }
 
-    fn recv(&self) -> Result<(Msg, Vec<OwnedFd>), ProtoError> {
+    fn recv(&self) -> Result<(VmmMsg, Vec<OwnedFd>), ProtoError> {
         recv_with_fds(&self.sock, MAX_FRAME)
     }
 
-    /// Registers a VM: its RAM regions with their memfds (same order) and the CPU
-    /// compatibility blob the destination checks before accepting.
-    ///
-    /// # Errors
-    ///
-    /// Protocol errors, or the sidecar refusing (e.g. an id already registered).
-    pub fn register(
-        &mut self,
-        vm_id: &str,
-        regions: &[RegionInfo],
-        memfds: &[BorrowedFd<'_>],
-        cpu_profile: Vec<u8>,
+    /// Sends `m`, expects `Ok`, then waits without a timeout (the link idles between
+    /// migrations).
+    fn request_ok(
+        &self,
+        m: &VmmMsg,
+        fds: &[std::os::fd::RawFd],
+        during: &'static str,
     ) -> Result<(), EndpointError> {
-        let fds: Vec<_> = memfds.iter().map(|f| f.as_raw_fd()).collect();
-        send_with_fds(
-            &self.sock,
-            &Msg::RegisterVm {
-                vm_id: vm_id.to_owned(),
-                regions: regions.to_vec(),
-                cpu_profile,
-            },
-            &fds,
-        )
-        .map_err(proto("registering"))?;
-        match self.recv().map_err(proto("registering"))?.0 {
-            Msg::Ok => Ok(()),
-            other => Err(refused("registration", other)),
+        self.send(m, fds).map_err(proto(during))?;
+        match self.recv().map_err(proto(during))?.0 {
+            VmmMsg::Ok => {
+                self.sock
+                    .set_read_timeout(None)
+                    .map_err(|e| proto(during)(ProtoError::io("clear timeout")(e)))?;
+                Ok(())
+            }
+            other => Err(refused(during, other)),
+        }
+    }
+}
+
+/// A source VM's standing with its sidecar, kept across links for the VM's lifetime.
+#[derive(Debug)]
+pub struct SourceEndpoint {
+    socket: PathBuf,
+    vm_id: String,
+    regions: Vec<RegionInfo>,
+    cpu_profile: Vec<u8>,
+    paused: bool,
+    fence: Option<Fence>,
+}
+
+impl SourceEndpoint {
+    /// A VM `vm_id` with these regions (in memfd order) and CPU-compatibility blob, to be
+    /// registered with the sidecar at `socket`.
+    pub fn new(socket: &Path, vm_id: &str, regions: Vec<RegionInfo>, cpu_profile: Vec<u8>) -> Self {
+        Self {
+            socket: socket.to_owned(),
+            vm_id: vm_id.to_owned(),
+            regions,
+            cpu_profile,
+            paused: false,
+            fence: None,
         }
     }
 
-    /// Serves migration requests until the VM is migrated away or the sidecar leaves.
-    /// A failed migration (`Resume`) does not end the loop: the VM stays migratable.
+    /// The fence the VM is paused under, if any.
+    pub fn fence(&self) -> Option<&Fence> {
+        self.fence.as_ref()
+    }
+
+    /// Whether a migration paused the VM (and nothing resumed it yet).
+    pub fn is_paused(&self) -> bool {
+        self.paused
+    }
+
+    /// Connects, registers the VM (with `memfds`, one per region; naming the fence when
+    /// paused under one) and serves the sidecar's requests until the link ends. A failed
+    /// migration (`Resume`) does not end the call.
+    ///
+    /// When the link breaks while the VM is paused: without a fence the VM is resumed
+    /// here before this returns (no decision can exist); under a fence it stays paused
+    /// and the next call reports the fence to the sidecar.
     ///
     /// # Errors
     ///
-    /// Protocol errors on the link (the VM keeps running: call `vm.resume()` if it
-    /// was paused; `serve` has already done so when the link broke while paused).
-    pub fn serve<V: MigratableVm>(&mut self, vm: &mut V) -> Result<ServeEnd, EndpointError> {
-        let mut paused = false;
-        loop {
-            let msg = match self.recv() {
-                Ok((m, _)) => m,
-                Err(e) => {
-                    // The sidecar is gone. No burned bridges: never stay paused.
-                    if paused {
-                        let _ = vm.resume();
+    /// Connection and protocol errors; the sidecar refusing the registration.
+    pub fn serve<V: MigratableVm>(
+        &mut self,
+        vm: &mut V,
+        memfds: &[BorrowedFd<'_>],
+    ) -> Result<ServeEnd, EndpointError> {
+        let result = self.serve_link(vm, memfds);
+        match &result {
+            Ok(ServeEnd::MigratedAway) => {}
+            Ok(ServeEnd::SidecarGone) | Err(_) => self.link_lost(vm),
+        }
+        result
+    }
+
+    fn link_lost<V: MigratableVm>(&mut self, vm: &mut V) {
+        if !self.paused {
+            return;
+        }
+        match &self.fence {
+            None => {
+                // No fence: the sidecar cannot have recorded a decision. Never stay paused.
+                match vm.resume() {
+                    Ok(()) => {
+                        self.paused = false;
+                        tracing::warn!(vm = %self.vm_id, "sidecar lost while paused (no commit fence): the VM runs again");
                     }
-                    return match e {
-                        ProtoError::Closed => Ok(ServeEnd::SidecarGone),
-                        e => Err(EndpointError::Protocol {
-                            during: "serving the sidecar",
-                            source: e,
-                        }),
-                    };
-                }
-            };
-            let reply = match msg {
-                Msg::StartDirtyLog => vm.start_dirty_log().map(|()| Msg::Ok),
-                Msg::TakeDirty { final_round } => vm
-                    .take_dirty(final_round)
-                    .map(|bitmaps| Msg::Dirty { bitmaps }),
-                Msg::Pause => vm.pause().map(|d| {
-                    paused = true;
-                    Msg::Paused {
-                        pause_us: d.as_micros() as u64,
+                    Err(e) => {
+                        tracing::error!(vm = %self.vm_id, "sidecar lost while paused; resuming failed: {e}")
                     }
-                }),
-                Msg::SaveState => vm.save_state().map(|blob| Msg::State { blob }),
-                Msg::Resume => vm.resume().map(|()| {
-                    paused = false;
-                    Msg::Ok
-                }),
-                Msg::Stop => {
-                    let r = vm.stop();
-                    let reply = match &r {
-                        Ok(()) => Msg::Ok,
-                        Err(e) => Msg::Error {
-                            message: e.to_string(),
-                        },
-                    };
-                    let _ = self.send(&reply);
-                    return Ok(ServeEnd::MigratedAway);
                 }
-                other => Ok(Msg::Error {
-                    message: format!("a source VMM does not handle {}", other.name()),
-                }),
-            };
-            let reply = reply.unwrap_or_else(|e| Msg::Error {
-                message: e.to_string(),
-            });
-            if let Err(e) = self.send(&reply) {
-                if paused {
-                    let _ = vm.resume();
-                }
-                return Err(EndpointError::Protocol {
-                    during: "answering the sidecar",
-                    source: e,
-                });
+            }
+            Some(f) => {
+                tracing::warn!(
+                    vm = %self.vm_id,
+                    session = %f.session,
+                    to = %f.to,
+                    "sidecar lost after the commit fence: the VM stays paused until a sidecar says whether it moved"
+                );
+                vm.fenced(f, true);
             }
         }
     }
 
-    /// Tells the sidecar this VMM waits for an incoming migration of `vm_id`.
-    ///
-    /// # Errors
-    ///
-    /// Protocol errors, or the sidecar refusing (another VMM already waits for it).
-    pub fn await_incoming(&mut self, vm_id: &str) -> Result<(), EndpointError> {
-        self.send(&Msg::AwaitIncoming {
+    fn serve_link<V: MigratableVm>(
+        &mut self,
+        vm: &mut V,
+        memfds: &[BorrowedFd<'_>],
+    ) -> Result<ServeEnd, EndpointError> {
+        let link = Link::connect(&self.socket)?;
+        let fds: Vec<_> = memfds.iter().map(|f| f.as_raw_fd()).collect();
+        link.request_ok(
+            &VmmMsg::RegisterVm {
+                vm_id: self.vm_id.clone(),
+                regions: self.regions.clone(),
+                cpu_profile: self.cpu_profile.clone(),
+                fence: self.fence.clone(),
+            },
+            &fds,
+            "registering",
+        )?;
+        loop {
+            let msg = match link.recv() {
+                Ok((m, _)) => m,
+                Err(ProtoError::Closed) => return Ok(ServeEnd::SidecarGone),
+                Err(e) => return Err(proto("serving the sidecar")(e)),
+            };
+            let reply = match msg {
+                VmmMsg::StartDirtyLog => vm.start_dirty_log().map(|()| VmmMsg::Ok),
+                VmmMsg::TakeDirty { final_round } => vm
+                    .take_dirty(final_round)
+                    .map(|bitmaps| VmmMsg::Dirty { bitmaps }),
+                VmmMsg::Pause => vm.pause().map(|d| {
+                    self.paused = true;
+                    VmmMsg::Paused {
+                        pause_us: d.as_micros() as u64,
+                    }
+                }),
+                VmmMsg::SaveState => vm.save_state().map(|blob| VmmMsg::State { blob }),
+                VmmMsg::Fence(f) if self.paused => {
+                    vm.fenced(&f, false);
+                    self.fence = Some(f);
+                    Ok(VmmMsg::Ok)
+                }
+                VmmMsg::Fence(_) => Ok(VmmMsg::Error {
+                    message: "refusing a commit fence: the VM is not paused".into(),
+                }),
+                VmmMsg::Resume => vm.resume().map(|()| {
+                    self.paused = false;
+                    self.fence = None;
+                    VmmMsg::Ok
+                }),
+                VmmMsg::Stop => {
+                    let reply = match vm.stop() {
+                        Ok(()) => VmmMsg::Ok,
+                        Err(e) => VmmMsg::Error {
+                            message: e.to_string(),
+                        },
+                    };
+                    self.fence = None;
+                    let _ = link.send(&reply, &[]);
+                    return Ok(ServeEnd::MigratedAway);
+                }
+                other => Ok(VmmMsg::Error {
+                    message: format!("a source VMM does not handle {}", other.name()),
+                }),
+            };
+            let reply = reply.unwrap_or_else(|e| VmmMsg::Error {
+                message: e.to_string(),
+            });
+            link.send(&reply, &[])
+                .map_err(proto("answering the sidecar"))?;
+        }
+    }
+}
+
+/// A destination VMM's standing with its sidecar, kept across links until a VM runs.
+#[derive(Debug)]
+pub struct IncomingEndpoint {
+    socket: PathBuf,
+    vm_id: String,
+    /// The session of the loaded (not running) VM this VMM holds.
+    held: Option<SessionId>,
+}
+
+impl IncomingEndpoint {
+    /// A VMM waiting for `vm_id` at the sidecar at `socket`.
+    pub fn new(socket: &Path, vm_id: &str) -> Self {
+        Self {
+            socket: socket.to_owned(),
             vm_id: vm_id.to_owned(),
-        })
-        .map_err(proto("announcing an incoming VM"))?;
-        match self.recv().map_err(proto("announcing an incoming VM"))?.0 {
-            Msg::Ok => Ok(()),
-            other => Err(refused("waiting for an incoming VM", other)),
+            held: None,
         }
     }
 
-    /// Receives migrations until one runs here. Returns the line [`IncomingVm::start`]
-    /// produced. Discarded attempts do not end the wait.
+    /// The session of the loaded VM this VMM holds, if any.
+    pub fn held(&self) -> Option<SessionId> {
+        self.held
+    }
+
+    /// Connects, announces the wait (naming a held VM) and receives migrations until one
+    /// runs here; returns the line [`IncomingVm::start`] produced. Discarded attempts do
+    /// not end the call. When the link breaks while a VM is loaded, the VM is kept (not
+    /// running) and the next call names it.
     ///
     /// # Errors
     ///
-    /// Protocol errors; the sidecar closing the link before a VM runs.
+    /// Connection and protocol errors; the sidecar closing the link before a VM runs.
     pub fn receive<V: IncomingVm>(&mut self, vm: &mut V) -> Result<String, EndpointError> {
-        let mut loaded = false;
+        let link = Link::connect(&self.socket)?;
+        link.request_ok(
+            &VmmMsg::AwaitIncoming {
+                vm_id: self.vm_id.clone(),
+                held: self.held,
+            },
+            &[],
+            "announcing an incoming VM",
+        )?;
         loop {
-            let (msg, fds) = match self.recv() {
+            let (msg, fds) = match link.recv() {
                 Ok(x) => x,
                 Err(e) => {
-                    if loaded {
-                        vm.discard();
+                    if let Some(s) = self.held {
+                        tracing::warn!(vm = %self.vm_id, session = %s, "sidecar lost while holding a loaded VM: keeping it (not running) for the decision");
                     }
-                    return Err(EndpointError::Protocol {
-                        during: "waiting for an incoming VM",
-                        source: e,
-                    });
+                    return Err(proto("waiting for an incoming VM")(e));
                 }
             };
             let reply = match msg {
-                Msg::Load {
+                VmmMsg::Load {
                     vm_id,
+                    session,
                     regions,
                     blob,
                 } => {
+                    if self.held.take().is_some() {
+                        vm.discard();
+                    }
                     if fds.len() != regions.len() {
-                        Msg::Error {
+                        VmmMsg::Error {
                             message: format!(
                                 "Load carried {} memfds for {} regions",
                                 fds.len(),
@@ -371,52 +502,49 @@ impl SidecarLink {
                         let pairs = regions.into_iter().zip(fds).collect();
                         match vm.load(&vm_id, pairs, blob) {
                             Ok(()) => {
-                                loaded = true;
-                                Msg::Loaded
+                                self.held = Some(session);
+                                VmmMsg::Loaded
                             }
-                            Err(e) => Msg::Error {
+                            Err(e) => VmmMsg::Error {
                                 message: e.to_string(),
                             },
                         }
                     }
                 }
-                Msg::CheckCompat { cpu_profile } => match vm.check_compat(&cpu_profile) {
-                    Ok(()) => Msg::Ok,
-                    Err(e) => Msg::Error {
+                VmmMsg::CheckCompat { cpu_profile } => match vm.check_compat(&cpu_profile) {
+                    Ok(()) => VmmMsg::Ok,
+                    Err(e) => VmmMsg::Error {
                         message: e.to_string(),
                     },
                 },
-                Msg::Start if loaded => match vm.start() {
+                VmmMsg::Start if self.held.is_some() => match vm.start() {
                     Ok(detail) => {
-                        self.send(&Msg::Running {
-                            detail: detail.clone(),
-                        })
+                        self.held = None;
+                        link.send(
+                            &VmmMsg::Running {
+                                detail: detail.clone(),
+                            },
+                            &[],
+                        )
                         .map_err(proto("confirming the VM runs"))?;
                         return Ok(detail);
                     }
-                    Err(e) => Msg::Error {
+                    Err(e) => VmmMsg::Error {
                         message: e.to_string(),
                     },
                 },
-                Msg::Discard => {
-                    if loaded {
+                VmmMsg::Discard => {
+                    if self.held.take().is_some() {
                         vm.discard();
-                        loaded = false;
                     }
-                    Msg::Ok
+                    VmmMsg::Ok
                 }
-                other => Msg::Error {
+                other => VmmMsg::Error {
                     message: format!("a waiting VMM does not handle {} now", other.name()),
                 },
             };
-            self.send(&reply).map_err(proto("answering the sidecar"))?;
+            link.send(&reply, &[])
+                .map_err(proto("answering the sidecar"))?;
         }
-    }
-}
-
-fn refused(during: &'static str, got: Msg) -> EndpointError {
-    match unexpected("Ok", got) {
-        ProtoError::Refused { reason } => EndpointError::Refused { during, reason },
-        e => EndpointError::Protocol { during, source: e },
     }
 }

@@ -212,6 +212,14 @@ pub enum Error {
         /// The size this build expects.
         expected: usize,
     },
+    /// A flag byte in a blob is neither 0 nor 1 (blobs have one encoding).
+    #[error("Blob field {what} is {value}; 0 or 1 expected")]
+    BadFlag {
+        /// The field.
+        what: &'static str,
+        /// The byte found.
+        value: u8,
+    },
     /// Bytes are left after the last field of a blob.
     #[error("Blob has {bytes} trailing bytes")]
     TrailingBytes {

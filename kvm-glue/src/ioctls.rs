@@ -37,13 +37,29 @@ pub const BITS_PER_WORD: u64 = 64;
 /// `KVM_GET_DIRTY_LOG` for `slot` into `bitmap` (one bit per 4 KiB page, LSB first).
 ///
 /// Without manual protection the kernel also clears (re-protects) the slot's log; with
-/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled it only reads it.
+/// `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` enabled it only reads it. The kernel writes
+/// `ceil(slot pages / 64)` words, where the slot's size is the one KVM knows: a `bitmap`
+/// shorter than `slot_pages` needs is refused with `EINVAL` before any call.
+///
+/// # Safety
+///
+/// - `slot_pages` must be the page count of `slot` as registered with KVM
+///   (`KVM_SET_USER_MEMORY_REGION`): the kernel writes as many words as *its* slot needs,
+///   whatever `bitmap`'s length, so a wrong count lets it write past `bitmap`.
 ///
 /// # Errors
 ///
-/// The kernel's errno: `ENOENT` for a slot without `KVM_MEM_LOG_DIRTY_PAGES`, `EINVAL` for a
-/// slot that does not exist.
-pub fn get_dirty_log_into(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> io::Result<()> {
+/// `EINVAL` for a `bitmap` too short for `slot_pages`; the kernel's errno: `ENOENT` for a
+/// slot without `KVM_MEM_LOG_DIRTY_PAGES`, `EINVAL` for a slot that does not exist.
+pub unsafe fn get_dirty_log_into(
+    vm: &VmFd,
+    slot: u32,
+    slot_pages: u64,
+    bitmap: &mut [u64],
+) -> io::Result<()> {
+    if (bitmap.len() as u64) < slot_pages.div_ceil(BITS_PER_WORD) {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
+    }
     let log = kvm_dirty_log {
         slot,
         padding1: 0,
@@ -52,8 +68,8 @@ pub fn get_dirty_log_into(vm: &VmFd, slot: u32, bitmap: &mut [u64]) -> io::Resul
         },
     };
     // SAFETY: `vm` is a VM fd (type-checked by `VmFd`). The kernel writes
-    // ceil(slot_pages / 64) words to `dirty_bitmap`; the caller sized `bitmap` from the same
-    // slot size (`DirtyTracker` allocates `words_for(size)` words per slot), and `bitmap` is
+    // ceil(slot_pages / 64) words to `dirty_bitmap` (the caller guarantees `slot_pages` is
+    // the slot's size), and `bitmap` holds at least that many (checked above); it is
     // borrowed mutably for the duration of the call, so nobody else observes the write.
     let ret = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &log) };
     if ret < 0 {
@@ -143,7 +159,7 @@ impl DirtyRingMap {
     /// `mmap`'s errno (e.g. `EINVAL` when the ring is not enabled on the VM).
     pub fn map(vcpu: &VcpuFd, ring_bytes: usize) -> io::Result<Self> {
         let entry = std::mem::size_of::<kvm_dirty_gfn>();
-        if ring_bytes == 0 || ring_bytes % entry != 0 {
+        if ring_bytes == 0 || !ring_bytes.is_multiple_of(entry) {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         let entries = u32::try_from(ring_bytes / entry)

@@ -503,7 +503,7 @@ impl VmState {
                 w.pod(c);
             }
         }
-        w.buf
+        w.finish()
     }
 
     /// Decodes a blob written by [`encode`](Self::encode).
@@ -531,9 +531,9 @@ impl VmState {
         let irqchip = (0..n_chips)
             .map(|_| r.pod("irqchip"))
             .collect::<Result<Vec<_>>>()?;
-        let pit = match r.u8("PIT flag")? {
-            0 => None,
-            _ => Some(r.pod("pit")?),
+        let pit = match r.flag("PIT flag")? {
+            false => None,
+            true => Some(r.pod("pit")?),
         };
         let device = r.bytes("device state", MAX_DEVICE_STATE)?.to_vec();
         // Each vCPU takes at least ~3 KiB; a count the blob cannot hold fails on reading,
@@ -550,9 +550,9 @@ impl VmState {
                 .map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                 .collect();
             let xcrs = r.pod("xcrs")?;
-            let lapic = match r.u8("LAPIC flag")? {
-                0 => None,
-                _ => Some(r.pod("lapic")?),
+            let lapic = match r.flag("LAPIC flag")? {
+                false => None,
+                true => Some(r.pod("lapic")?),
             };
             let n = r.count("MSR count", MAX_MSRS)?;
             let mut msrs = Vec::with_capacity(n.min(r.remaining() / 12));

@@ -388,3 +388,27 @@ fn state_moves_to_a_fresh_vm_and_the_guest_continues() {
         next += step;
     }
 }
+
+#[test]
+fn get_dirty_log_refuses_a_bitmap_shorter_than_the_slot() {
+    // A 64 MiB slot needs 256 words; a 4-word bitmap would let the kernel write 2 KiB past
+    // it. It is refused before the ioctl.
+    let t = new_vm(&[(0, 64 * MIB)], false, WRITER);
+    let slots = t.ram.slots(0);
+    // SAFETY: the slot is registered with these values by `new_vm`.
+    let tracker = unsafe { DirtyTracker::new(&t.vm, slots.clone(), DirtyModeRequest::Classic) }
+        .expect("tracker");
+    tracker.start(&t.vm).expect("logging on");
+    let pages = slots[0].memory_size / 4096;
+    let mut short = vec![0u64; 4];
+    // SAFETY: `pages` is the slot's registered size; the short bitmap must be refused.
+    let e = unsafe {
+        ferry_kvm_glue::ioctls::get_dirty_log_into(&t.vm, slots[0].slot, pages, &mut short)
+    }
+    .expect_err("short bitmap");
+    assert_eq!(e.raw_os_error(), Some(libc::EINVAL));
+    let mut whole = vec![0u64; (pages / 64) as usize];
+    // SAFETY: as above, with a bitmap of the slot's size.
+    unsafe { ferry_kvm_glue::ioctls::get_dirty_log_into(&t.vm, slots[0].slot, pages, &mut whole) }
+        .expect("a whole bitmap is read");
+}

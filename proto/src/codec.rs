@@ -1,4 +1,12 @@
-//! Little-endian field encoding with bounds checked before every allocation.
+//! The workspace's one byte codec: little-endian fields, every length and count checked
+//! (against a cap and against the bytes actually present) before anything is allocated.
+//!
+//! Every format Ferry reads from a peer, a VMM or a file is written with [`Writer`] and read
+//! with [`Reader`]: the three message protocols, the RDMA offer and answer, the vCPU state
+//! and CPU-profile blobs, the test VMMs' device state and the durable records.
+
+use ferry_engine::plan::PageRange;
+use ferry_engine::session::SessionId;
 
 use crate::ProtoError;
 
@@ -57,6 +65,33 @@ impl Writer {
     pub fn str(&mut self, s: &str) -> &mut Self {
         self.bytes(s.as_bytes())
     }
+    /// A boolean as one byte, 0 or 1.
+    pub fn bool(&mut self, v: bool) -> &mut Self {
+        self.u8(u8::from(v))
+    }
+    /// A session id (16 bytes).
+    pub fn session(&mut self, id: &SessionId) -> &mut Self {
+        self.fixed(&id.0)
+    }
+    /// A u32 count, then each range as `region u32 | first u64 | count u64`.
+    pub fn ranges(&mut self, ranges: &[PageRange]) -> &mut Self {
+        self.u32(ranges.len() as u32);
+        for r in ranges {
+            self.u32(r.region).u64(r.first).u64(r.count);
+        }
+        self
+    }
+    /// A presence byte (0 or 1), then the value when present.
+    pub fn opt<T>(&mut self, v: Option<&T>, put: impl FnOnce(&mut Self, &T)) -> &mut Self {
+        match v {
+            None => self.u8(0),
+            Some(v) => {
+                self.u8(1);
+                put(self, v);
+                self
+            }
+        }
+    }
 }
 
 /// Reads fields written by [`Writer`], failing (never panicking) on short or bad input.
@@ -78,6 +113,15 @@ impl<'a> Reader<'a> {
         let (a, b) = self.buf.split_at(n);
         self.buf = b;
         Ok(a)
+    }
+
+    /// The next `n` bytes, raw.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`] when fewer are left.
+    pub fn raw(&mut self, n: usize) -> Result<&'a [u8], ProtoError> {
+        self.take(n)
     }
 
     /// Bytes left.
@@ -176,6 +220,71 @@ impl<'a> Reader<'a> {
     pub fn str(&mut self, cap: usize) -> Result<String, ProtoError> {
         let b = self.bytes(cap)?;
         String::from_utf8(b.to_vec()).map_err(|_| ProtoError::BadUtf8 { what: self.what })
+    }
+    /// A boolean byte (0 or 1; anything else is an error naming `what`).
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`], [`ProtoError::BadValue`].
+    pub fn bool(&mut self, what: &'static str) -> Result<bool, ProtoError> {
+        match self.u8()? {
+            0 => Ok(false),
+            1 => Ok(true),
+            v => Err(ProtoError::BadValue {
+                what,
+                value: u64::from(v),
+            }),
+        }
+    }
+    /// A session id.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Truncated`].
+    pub fn session(&mut self) -> Result<SessionId, ProtoError> {
+        Ok(SessionId(self.array()?))
+    }
+    /// Page ranges written by [`Writer::ranges`], at most `cap` of them; each must have a
+    /// non-zero count that does not overflow (bounds against a VM's layout are the
+    /// receiver's job).
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::TooLong`], [`ProtoError::Truncated`], [`ProtoError::BadValue`].
+    pub fn ranges(&mut self, cap: usize) -> Result<Vec<PageRange>, ProtoError> {
+        let n = self.count(cap, 20)?;
+        (0..n)
+            .map(|_| {
+                let r = PageRange {
+                    region: self.u32()?,
+                    first: self.u64()?,
+                    count: self.u64()?,
+                };
+                if r.count == 0 || r.first.checked_add(r.count).is_none() {
+                    return Err(ProtoError::BadValue {
+                        what: "page range",
+                        value: r.count,
+                    });
+                }
+                Ok(r)
+            })
+            .collect()
+    }
+    /// An optional value written by [`Writer::opt`].
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::BadValue`] for a presence byte other than 0 or 1, and `get`'s errors.
+    pub fn opt<T>(
+        &mut self,
+        what: &'static str,
+        get: impl FnOnce(&mut Self) -> Result<T, ProtoError>,
+    ) -> Result<Option<T>, ProtoError> {
+        if self.bool(what)? {
+            Ok(Some(get(self)?))
+        } else {
+            Ok(None)
+        }
     }
     /// A u32 element count, checked against a cap and against the bytes left
     /// (`min_elem` bytes per element) before anything is allocated for it.

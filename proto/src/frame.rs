@@ -1,6 +1,8 @@
 //! Frames: an 8-byte header (`len: u32`, `tag: u16`, `magic: u16`, little-endian), then
-//! `len` payload bytes. The reader checks the magic and caps `len` before allocating.
-//! On the Unix socket, file descriptors ride along with a frame via `SCM_RIGHTS`.
+//! `len` payload bytes. The magic names the protocol ([`crate::common::VMM_MAGIC`],
+//! [`crate::common::CLI_MAGIC`], [`crate::common::PEER_MAGIC`]); the reader checks it and
+//! caps `len` before allocating. On the Unix socket, file descriptors ride along with a
+//! frame via `SCM_RIGHTS`.
 
 use std::io::{IoSlice, IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -8,29 +10,49 @@ use std::os::unix::net::UnixStream;
 
 use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
-use crate::msg::{Msg, MAX_REGIONS};
+use crate::common::{decode_payload, encode_payload, protocol_of, Message, MAX_REGIONS};
 use crate::ProtoError;
-
-/// Second half of every frame header: "FR" little-endian. A peer speaking anything else
-/// (an HTTP client, a port scanner) is refused on its first 8 bytes.
-pub const FRAME_MAGIC: u16 = 0x5246;
 
 /// Bytes of a frame header.
 pub const HEADER_LEN: usize = 8;
 
-fn header(msg: &Msg, len: usize) -> [u8; HEADER_LEN] {
+/// A frame read before its protocol is known (the Unix socket's first frame).
+#[derive(Debug)]
+pub struct RawFrame {
+    /// The header's magic.
+    pub magic: u16,
+    /// The message tag.
+    pub tag: u16,
+    /// The payload.
+    pub payload: Vec<u8>,
+}
+
+impl RawFrame {
+    /// Decodes the frame as a message of `M`'s protocol.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::WrongProtocol`] for another protocol's frame, and decode errors.
+    pub fn decode<M: Message>(&self) -> Result<M, ProtoError> {
+        check_magic::<M>(self.magic)?;
+        decode_payload(self.tag, &self.payload)
+    }
+}
+
+fn header(magic: u16, tag: u16, len: usize) -> [u8; HEADER_LEN] {
     let mut h = [0u8; HEADER_LEN];
     h[..4].copy_from_slice(&(len as u32).to_le_bytes());
-    h[4..6].copy_from_slice(&msg.tag().to_le_bytes());
-    h[6..].copy_from_slice(&FRAME_MAGIC.to_le_bytes());
+    h[4..6].copy_from_slice(&tag.to_le_bytes());
+    h[6..].copy_from_slice(&magic.to_le_bytes());
     h
 }
 
-fn parse_header(h: &[u8; HEADER_LEN], cap: usize) -> Result<(u16, usize), ProtoError> {
+/// (magic, tag, len) of a header, with the magic known to be Ferry's and `len` capped.
+fn parse_header(h: &[u8; HEADER_LEN], cap: usize) -> Result<(u16, u16, usize), ProtoError> {
     let len = u32::from_le_bytes([h[0], h[1], h[2], h[3]]) as usize;
     let tag = u16::from_le_bytes([h[4], h[5]]);
     let magic = u16::from_le_bytes([h[6], h[7]]);
-    if magic != FRAME_MAGIC {
+    if protocol_of(magic).is_none() {
         return Err(ProtoError::BadMagic { magic });
     }
     if len > cap {
@@ -39,7 +61,20 @@ fn parse_header(h: &[u8; HEADER_LEN], cap: usize) -> Result<(u16, usize), ProtoE
             cap: cap as u64,
         });
     }
-    Ok((tag, len))
+    Ok((magic, tag, len))
+}
+
+fn check_magic<M: Message>(magic: u16) -> Result<(), ProtoError> {
+    if magic == M::MAGIC {
+        return Ok(());
+    }
+    Err(match protocol_of(magic) {
+        Some(got) => ProtoError::WrongProtocol {
+            expected: M::PROTOCOL,
+            got,
+        },
+        None => ProtoError::BadMagic { magic },
+    })
 }
 
 /// Writes one message as a frame.
@@ -47,9 +82,9 @@ fn parse_header(h: &[u8; HEADER_LEN], cap: usize) -> Result<(u16, usize), ProtoE
 /// # Errors
 ///
 /// [`ProtoError::Io`] from the writer.
-pub fn write_msg<W: Write>(w: &mut W, msg: &Msg) -> Result<(), ProtoError> {
-    let payload = msg.encode();
-    let h = header(msg, payload.len());
+pub fn write_msg<M: Message, W: Write>(w: &mut W, msg: &M) -> Result<(), ProtoError> {
+    let payload = encode_payload(msg);
+    let h = header(M::MAGIC, msg.tag(), payload.len());
     let mut bufs = [IoSlice::new(&h), IoSlice::new(&payload)];
     let mut bufs = &mut bufs[..];
     while !bufs.is_empty() {
@@ -64,19 +99,39 @@ pub fn write_msg<W: Write>(w: &mut W, msg: &Msg) -> Result<(), ProtoError> {
     w.flush().map_err(ProtoError::io("flush frame"))
 }
 
-/// Reads one frame of at most `cap` payload bytes and decodes it.
+/// Reads one frame of any Ferry protocol, of at most `cap` payload bytes.
 ///
 /// # Errors
 ///
-/// [`ProtoError::Closed`] at a clean end of stream, [`ProtoError::Io`], the header
-/// errors ([`ProtoError::BadMagic`], [`ProtoError::FrameTooLarge`]) and decode errors.
-pub fn read_msg<R: Read>(r: &mut R, cap: usize) -> Result<Msg, ProtoError> {
+/// [`ProtoError::Closed`] at a clean end of stream, [`ProtoError::Io`],
+/// [`ProtoError::BadMagic`], [`ProtoError::FrameTooLarge`], [`ProtoError::Truncated`].
+pub fn read_frame<R: Read>(r: &mut R, cap: usize) -> Result<RawFrame, ProtoError> {
     let mut h = [0u8; HEADER_LEN];
     read_full(r, &mut h, true)?;
-    let (tag, len) = parse_header(&h, cap)?;
+    let (magic, tag, len) = parse_header(&h, cap)?;
     let mut payload = vec![0u8; len];
     read_full(r, &mut payload, false)?;
-    Msg::decode(tag, &payload)
+    Ok(RawFrame {
+        magic,
+        tag,
+        payload,
+    })
+}
+
+/// Reads one frame of at most `cap` payload bytes and decodes it as `M`.
+///
+/// # Errors
+///
+/// As [`read_frame`], plus [`ProtoError::WrongProtocol`] and decode errors.
+pub fn read_msg<M: Message, R: Read>(r: &mut R, cap: usize) -> Result<M, ProtoError> {
+    let mut h = [0u8; HEADER_LEN];
+    read_full(r, &mut h, true)?;
+    let (magic, tag, len) = parse_header(&h, cap)?;
+    // Refuse another protocol's frame before reading (and allocating for) its payload.
+    check_magic::<M>(magic)?;
+    let mut payload = vec![0u8; len];
+    read_full(r, &mut payload, false)?;
+    decode_payload(tag, &payload)
 }
 
 fn read_full<R: Read>(r: &mut R, buf: &mut [u8], at_boundary: bool) -> Result<(), ProtoError> {
@@ -103,13 +158,17 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], at_boundary: bool) -> Result<()
 /// # Errors
 ///
 /// [`ProtoError::Io`] from `sendmsg` or the following writes.
-pub fn send_with_fds(sock: &UnixStream, msg: &Msg, fds: &[RawFd]) -> Result<(), ProtoError> {
+pub fn send_with_fds<M: Message>(
+    sock: &UnixStream,
+    msg: &M,
+    fds: &[RawFd],
+) -> Result<(), ProtoError> {
     if fds.is_empty() {
         let mut s = sock;
         return write_msg(&mut s, msg);
     }
-    let payload = msg.encode();
-    let h = header(msg, payload.len());
+    let payload = encode_payload(msg);
+    let h = header(M::MAGIC, msg.tag(), payload.len());
     let iov = [IoSlice::new(&h), IoSlice::new(&payload)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let sent = loop {
@@ -131,13 +190,16 @@ pub fn send_with_fds(sock: &UnixStream, msg: &Msg, fds: &[RawFd]) -> Result<(), 
         .map_err(ProtoError::io("write frame rest"))
 }
 
-/// Receives a message and any file descriptors that came with it.
+/// Receives a frame of any Ferry protocol and the file descriptors that came with it.
 ///
 /// # Errors
 ///
-/// As [`read_msg`], plus [`ProtoError::TooManyFds`] when more descriptors arrive than a
+/// As [`read_frame`], plus [`ProtoError::TooManyFds`] when more descriptors arrive than a
 /// VM may have regions (they are closed).
-pub fn recv_with_fds(sock: &UnixStream, cap: usize) -> Result<(Msg, Vec<OwnedFd>), ProtoError> {
+pub fn recv_frame_with_fds(
+    sock: &UnixStream,
+    cap: usize,
+) -> Result<(RawFrame, Vec<OwnedFd>), ProtoError> {
     let mut h = [0u8; HEADER_LEN];
     let mut got = 0;
     let mut fds: Vec<OwnedFd> = Vec::new();
@@ -186,40 +248,62 @@ pub fn recv_with_fds(sock: &UnixStream, cap: usize) -> Result<(Msg, Vec<OwnedFd>
         }
         got += n;
     }
-    let (tag, len) = parse_header(&h, cap)?;
+    let (magic, tag, len) = parse_header(&h, cap)?;
     let mut payload = vec![0u8; len];
     let mut s = sock;
     read_full(&mut s, &mut payload, false)?;
-    Ok((Msg::decode(tag, &payload)?, fds))
+    Ok((
+        RawFrame {
+            magic,
+            tag,
+            payload,
+        },
+        fds,
+    ))
+}
+
+/// Receives a message of `M`'s protocol and any file descriptors that came with it.
+///
+/// # Errors
+///
+/// As [`recv_frame_with_fds`], plus [`ProtoError::WrongProtocol`] and decode errors.
+pub fn recv_with_fds<M: Message>(
+    sock: &UnixStream,
+    cap: usize,
+) -> Result<(M, Vec<OwnedFd>), ProtoError> {
+    let (frame, fds) = recv_frame_with_fds(sock, cap)?;
+    Ok((frame.decode()?, fds))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::msg::MAX_FRAME;
+    use crate::cli::CliMsg;
+    use crate::common::{MAX_FRAME, PEER_MAGIC};
+    use crate::vmm::VmmMsg;
 
     #[test]
     fn frames_round_trip_over_a_socket_with_fds() {
         let (a, b) = UnixStream::pair().expect("socketpair");
         let f = std::fs::File::open("/dev/null").expect("open");
-        let msg = Msg::State {
+        let msg = VmmMsg::State {
             blob: vec![0x5a; 100_000],
         };
         let t = std::thread::spawn(move || {
             send_with_fds(&a, &msg, &[f.as_raw_fd(), f.as_raw_fd()]).expect("send");
-            send_with_fds(&a, &Msg::Ok, &[]).expect("send");
+            send_with_fds(&a, &VmmMsg::Ok, &[]).expect("send");
         });
-        let (m, fds) = recv_with_fds(&b, MAX_FRAME).expect("recv");
+        let (m, fds) = recv_with_fds::<VmmMsg>(&b, MAX_FRAME).expect("recv");
         assert!(
-            matches!(m, Msg::State { ref blob } if blob.len() == 100_000 && blob[99_999] == 0x5a)
+            matches!(m, VmmMsg::State { ref blob } if blob.len() == 100_000 && blob[99_999] == 0x5a)
         );
         assert_eq!(fds.len(), 2);
-        let (m, fds) = recv_with_fds(&b, MAX_FRAME).expect("recv");
-        assert_eq!(m, Msg::Ok);
+        let (m, fds) = recv_with_fds::<VmmMsg>(&b, MAX_FRAME).expect("recv");
+        assert_eq!(m, VmmMsg::Ok);
         assert!(fds.is_empty());
         t.join().expect("sender");
         assert!(matches!(
-            recv_with_fds(&b, MAX_FRAME),
+            recv_with_fds::<VmmMsg>(&b, MAX_FRAME),
             Err(ProtoError::Closed)
         ));
     }
@@ -229,26 +313,34 @@ mod tests {
         let mut h = Vec::new();
         h.extend_from_slice(&u32::MAX.to_le_bytes());
         h.extend_from_slice(&6u16.to_le_bytes());
-        h.extend_from_slice(&FRAME_MAGIC.to_le_bytes());
+        h.extend_from_slice(&PEER_MAGIC.to_le_bytes());
         assert!(matches!(
-            read_msg(&mut &h[..], 1024),
+            read_msg::<CliMsg, _>(&mut &h[..], 1024),
             Err(ProtoError::FrameTooLarge { .. })
         ));
         let http = b"GET / HTTP/1.1\r\n\r\n";
         assert!(matches!(
-            read_msg(&mut &http[..], 1024),
+            read_msg::<CliMsg, _>(&mut &http[..], 1024),
             Err(ProtoError::BadMagic { .. })
         ));
         // A frame cut short.
         let mut v = Vec::new();
-        write_msg(&mut v, &Msg::Refused { reason: "r".into() }).expect("vec write");
+        write_msg(&mut v, &CliMsg::Refused { reason: "r".into() }).expect("vec write");
         assert!(matches!(
-            read_msg(&mut &v[..v.len() - 1], 1024),
+            read_msg::<CliMsg, _>(&mut &v[..v.len() - 1], 1024),
             Err(ProtoError::Truncated { .. })
         ));
         assert!(matches!(
-            read_msg(&mut &v[..0], 1024),
+            read_msg::<CliMsg, _>(&mut &v[..0], 1024),
             Err(ProtoError::Closed)
+        ));
+        // Another protocol's frame is refused before its payload is read.
+        assert!(matches!(
+            read_msg::<VmmMsg, _>(&mut &v[..], 1024),
+            Err(ProtoError::WrongProtocol {
+                expected: "VMM",
+                got: "CLI"
+            })
         ));
     }
 }

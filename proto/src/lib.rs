@@ -1,69 +1,68 @@
-//! Ferry's wire formats: the VMM socket, the CLI socket and the peer link.
+//! Ferry's wire formats: the VMM link, the CLI link and the peer link, and guest RAM as
+//! the sidecar maps it.
 //!
-//! Every control message is a [`msg::Msg`] in a [`frame`] (8-byte little-endian header,
-//! length capped before allocation). Data connections of the TCP transport use the
-//! fixed [`data`] header. Peers authenticate with [`auth`] before anything else moves.
+//! Three protocols, three message types, one codec ([`codec`]): [`vmm::VmmMsg`] on the
+//! VMM's Unix socket, [`cli::CliMsg`] on the CLI's, [`peer::PeerMsg`] between sidecars.
+//! Each travels in a [`frame`] (8-byte little-endian header, length capped before
+//! allocation) whose magic names its protocol, so a message of one protocol is refused on
+//! another's socket before it is decoded. Data connections of the TCP transport carry the
+//! fixed [`data`] header after their handshake. Peers authenticate with TLS 1.3 (the
+//! sidecar's `tls` module) or, when the operator chose `--insecure-psk`, with [`auth`].
+//!
+//! The byte-level VMM protocol is written out in `docs/vmm-protocol.md`; the peer
+//! protocol and the sequence of a whole migration in `docs/design.md`.
 //!
 //! # Versions
 //!
-//! The version travels in the first message of every connection ([`msg::Msg::Hello`],
-//! [`msg::Msg::PeerHello`]). This is version [`VERSION`]; a peer outside
-//! [`MIN_VERSION`]..=[`VERSION`] is refused with a message naming both.
-//!
-//! # A whole migration
-//!
-//! ```text
-//! src VMM          src sidecar                       dst sidecar            dst VMM
-//!   | Hello/RegisterVm+memfds |                           |  Hello/AwaitIncoming  |
-//!   |------------------------>|                           |<----------------------|
-//!   |            (CLI: Migrate)                           |                       |
-//!   |                         |== PeerHello/Challenge/Auth (HMAC) ==>|            |
-//!   |                         |---- Offer{layout,channels,cpu} ---->|             |
-//!   |                         |         (creates + populates memfds)|             |
-//!   |                         |<--- Accept{prepare_us} -------------|             |
-//!   |                         |==== N x DataHello (data conns) ====>|             |
-//!   |<-- StartDirtyLog -------|                           |                       |
-//!   |<-- TakeDirty{false} ----|  (round 1: all pages; zero pages as markers)      |
-//!   |--- Dirty{bitmaps} ----->|---- RoundStart{k} ------->|                       |
-//!   |                         |==== Pages/Zero/RoundEnd ==>| (per-page hash check)|
-//!   |                         |<--- RoundDone{k, torn} ---|                       |
-//!   |          ... rounds until dirty bytes <= bandwidth x downtime budget ...    |
-//!   |<-- Pause / Paused ------|                           |                       |
-//!   |<-- TakeDirty{true} -----|---- RoundStart{final} --->|                       |
-//!   |<-- SaveState / State ---|==== final pages =========>|                       |
-//!   |                         |<--- RoundDone ------------|                       |
-//!   |                         |---- StateBlob ----------->|-- Load+memfds+blob -->|
-//!   |                         |                           |<-- Loaded ------------|
-//!   |                         |<--- Ready{digest} --------|                       |
-//!   |              (digests compared; decision recorded: COMMIT POINT)            |
-//!   |                         |---- Commit -------------->|-- Start ------------->|
-//!   |                         |                           |<-- Running -----------|
-//!   |                         |<--- PeerRunning ----------|                       |
-//!   |<-- Stop ----------------|                           |                       |
-//!  Any failure before the commit point: src sidecar sends Resume to its VMM and
-//!  Abort to the peer (best effort); the destination sends Discard to its VMM.
-//! ```
+//! The version travels in the first message of every connection. This is version
+//! [`VERSION`]; a peer outside [`MIN_VERSION`]..=[`VERSION`] is refused with a message
+//! naming both.
 //!
 //! # Threads
 //!
 //! Codecs are plain functions; the framing functions block on the stream they are given.
+//! [`guard`] installs a process-wide `SIGBUS` handler.
 //!
 //! # Resource cleanup
 //!
-//! Received file descriptors come back as [`std::os::fd::OwnedFd`] and close on drop.
+//! Received file descriptors come back as [`std::os::fd::OwnedFd`] and close on drop;
+//! [`mem::GuestRegion`] unmaps on drop.
 
 pub mod auth;
+pub mod cli;
 pub mod codec;
+pub mod common;
 pub mod data;
 pub mod frame;
+pub mod guard;
 pub mod mem;
-pub mod msg;
 pub mod net;
+pub mod peer;
+pub mod records;
+pub mod vmm;
 
-/// Protocol version this build speaks.
-pub const VERSION: u16 = 1;
+/// Protocol version this build speaks (2: separate VMM, CLI and peer protocols; commit
+/// fences; TLS).
+pub const VERSION: u16 = 2;
 /// Oldest protocol version this build accepts.
-pub const MIN_VERSION: u16 = 1;
+pub const MIN_VERSION: u16 = 2;
+
+/// Checks a peer's version against [`MIN_VERSION`]..=[`VERSION`].
+///
+/// # Errors
+///
+/// [`ProtoError::VersionMismatch`].
+pub fn check_version(peer: u16) -> Result<(), ProtoError> {
+    if (MIN_VERSION..=VERSION).contains(&peer) {
+        Ok(())
+    } else {
+        Err(ProtoError::VersionMismatch {
+            peer,
+            min: MIN_VERSION,
+            max: VERSION,
+        })
+    }
+}
 
 /// Errors reading, writing or checking wire data.
 #[derive(Debug, thiserror::Error)]
@@ -80,6 +79,14 @@ pub enum ProtoError {
     /// The peer closed the connection at a frame boundary.
     #[error("Connection closed by peer")]
     Closed,
+    /// A deadline for a whole exchange (a handshake) passed.
+    #[error("{what} did not finish within {secs} s")]
+    Deadline {
+        /// Which exchange.
+        what: &'static str,
+        /// Its deadline.
+        secs: u64,
+    },
     /// A frame header announced more bytes than allowed.
     #[error("Frame of {len} bytes exceeds the limit of {cap}")]
     FrameTooLarge {
@@ -88,15 +95,25 @@ pub enum ProtoError {
         /// Limit.
         cap: u64,
     },
-    /// A frame did not start with Ferry's magic: not a Ferry peer.
+    /// A frame did not start with a Ferry magic: not a Ferry peer.
     #[error("Not a Ferry frame (magic {magic:#06x})")]
     BadMagic {
         /// The bytes found.
         magic: u16,
     },
+    /// A frame of another Ferry protocol (a CLI message on the peer port, say).
+    #[error("A {got} message arrived where the {expected} protocol is spoken")]
+    WrongProtocol {
+        /// The protocol of this socket.
+        expected: &'static str,
+        /// The protocol the frame belongs to.
+        got: &'static str,
+    },
     /// Unknown message tag.
-    #[error("Unknown message tag {tag}")]
+    #[error("Unknown {protocol} message tag {tag}")]
     UnknownTag {
+        /// Which protocol.
+        protocol: &'static str,
         /// The tag.
         tag: u16,
     },
@@ -138,6 +155,12 @@ pub enum ProtoError {
         /// Which field.
         what: &'static str,
     },
+    /// A VM id outside `[A-Za-z0-9._-]{1,64}` (or starting with a dot).
+    #[error("Invalid VM id {id:?}: use 1 to 64 of A-Z a-z 0-9 . _ - (not starting with a dot)")]
+    BadVmId {
+        /// The id given (cut to 80 characters).
+        id: String,
+    },
     /// The peer speaks a protocol version outside the supported range.
     #[error("Peer speaks protocol version {peer}; this sidecar supports versions {min} to {max}")]
     VersionMismatch {
@@ -159,6 +182,14 @@ pub enum ProtoError {
     WeakKey {
         /// Length given.
         len: usize,
+    },
+    /// A secret file others may read.
+    #[error("{path} is readable or writable by others (mode {mode:o}): run chmod 600 {path}")]
+    KeyFileMode {
+        /// The file.
+        path: String,
+        /// Its permission bits.
+        mode: u32,
     },
     /// The peer refused, with its reason.
     #[error("Refused by peer: {reason}")]
@@ -190,20 +221,9 @@ impl ProtoError {
 
     /// Whether the error means the peer or the link is gone (as opposed to bad input).
     pub fn is_disconnect(&self) -> bool {
-        matches!(self, ProtoError::Closed | ProtoError::Io { .. })
-    }
-}
-
-/// Maps a reply that is not what the protocol expects to an error (a `Refused` or
-/// `Error` reply carries the peer's reason).
-pub fn unexpected(expected: &'static str, got: msg::Msg) -> ProtoError {
-    match got {
-        msg::Msg::Refused { reason } | msg::Msg::Error { message: reason } => {
-            ProtoError::Refused { reason }
-        }
-        other => ProtoError::Unexpected {
-            expected,
-            got: other.name(),
-        },
+        matches!(
+            self,
+            ProtoError::Closed | ProtoError::Io { .. } | ProtoError::Deadline { .. }
+        )
     }
 }

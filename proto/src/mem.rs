@@ -15,14 +15,12 @@ use crate::ProtoError;
 /// Page size of guest RAM.
 pub const PAGE: usize = 4096;
 
-/// `MADV_POPULATE_READ` (Linux 5.14): map every page in for reading, without reading.
-const MADV_POPULATE_READ: i32 = 22;
-/// `MADV_POPULATE_WRITE` (Linux 5.14): fault every page in, writable, without writing.
-const MADV_POPULATE_WRITE: i32 = 23;
-
 /// One mapped guest RAM region.
 #[derive(Debug)]
 pub struct GuestRegion {
+    /// Declared before the mapping fields and dropped first: the range is unregistered
+    /// before it is unmapped.
+    guard: Option<crate::guard::Guarded>,
     ptr: NonNull<u8>,
     len: usize,
 }
@@ -70,7 +68,7 @@ impl GuestRegion {
     /// [`ProtoError::Io`] from `mmap`; [`ProtoError::BadValue`] for a size or offset
     /// that is not page-aligned or a size of 0.
     pub fn map(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<Self, ProtoError> {
-        if size == 0 || size % PAGE as u64 != 0 || offset % PAGE as u64 != 0 {
+        if size == 0 || !size.is_multiple_of(PAGE as u64) || !offset.is_multiple_of(PAGE as u64) {
             return Err(ProtoError::BadValue {
                 what: "region size or offset (must be whole pages)",
                 value: size,
@@ -96,9 +94,42 @@ impl GuestRegion {
             return Err(os("mmap guest RAM"));
         }
         Ok(Self {
+            guard: None,
             ptr: NonNull::new(p.cast()).expect("mmap never returns NULL on success"),
             len,
         })
+    }
+
+    /// Maps another process's memfd (a VMM's guest RAM): checks with `fstat` that it
+    /// covers the region, maps it, and guards the mapping so that a memfd truncated
+    /// later reads as zeros instead of killing this process ([`GuestRegion::faulted`]
+    /// then says so).
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::BadValue`] for a memfd shorter than the region (or not a regular
+    /// file), and [`GuestRegion::map`]'s errors.
+    pub fn map_guarded(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<Self, ProtoError> {
+        crate::guard::check_covers(fd, offset, size).map_err(|e| ProtoError::Io {
+            op: "check the memfd's size",
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+        })?;
+        let mut r = Self::map(fd, offset, size)?;
+        r.guard = Some(
+            crate::guard::Guarded::register(r.ptr.as_ptr(), r.len).map_err(|e| ProtoError::Io {
+                op: "guard the mapping",
+                source: std::io::Error::other(e.to_string()),
+            })?,
+        );
+        Ok(r)
+    }
+
+    /// Whether the memfd shrank under a guarded mapping since it was mapped: what was read
+    /// from it since is void (it read as zeros).
+    pub fn faulted(&self) -> bool {
+        self.guard
+            .as_ref()
+            .is_some_and(crate::guard::Guarded::faulted)
     }
 
     /// Bytes mapped.
@@ -165,7 +196,7 @@ impl GuestRegion {
     ///
     /// [`ProtoError::Io`] from `madvise` (ENOMEM when memory runs out).
     pub fn populate(&self, threads: usize) -> Result<Duration, ProtoError> {
-        self.madvise_all(threads, MADV_POPULATE_WRITE)
+        self.madvise_all(threads, libc::MADV_POPULATE_WRITE)
     }
 
     /// Maps every page of a region someone else filled (the source VM's RAM) into this
@@ -175,7 +206,7 @@ impl GuestRegion {
     ///
     /// [`ProtoError::Io`] from `madvise`.
     pub fn prefault_read(&self, threads: usize) -> Result<Duration, ProtoError> {
-        self.madvise_all(threads, MADV_POPULATE_READ)
+        self.madvise_all(threads, libc::MADV_POPULATE_READ)
     }
 
     fn madvise_all(&self, threads: usize, advice: i32) -> Result<Duration, ProtoError> {
@@ -217,6 +248,8 @@ impl GuestRegion {
 
 impl Drop for GuestRegion {
     fn drop(&mut self) {
+        // Unregister before unmapping (a fault in a freshly reused range is not ours).
+        self.guard = None;
         // SAFETY: `ptr`/`len` describe a mapping this value created and nobody else
         // unmaps; after drop no pointer derived from it is used (users hold `&self`).
         unsafe { libc::munmap(self.ptr.as_ptr().cast(), self.len) };

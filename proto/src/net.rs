@@ -1,8 +1,12 @@
-//! Socket settings that make a dead peer visible in seconds.
+//! Socket settings that make a dead peer visible in seconds, and deadlines for whole
+//! exchanges (a handshake must finish in time, however slowly its bytes trickle in).
 
+use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::os::fd::AsRawFd;
-use std::time::Duration;
+use std::os::unix::net::UnixStream;
+use std::time::{Duration, Instant};
+
+use socket2::{SockRef, TcpKeepalive};
 
 use crate::ProtoError;
 
@@ -11,47 +15,156 @@ use crate::ProtoError;
 /// about this time (keepalive: idle + 3 probes 1 s apart).
 pub const DEAD_PEER_AFTER: Duration = Duration::from_secs(5);
 
-fn setsockopt(s: &TcpStream, level: i32, name: i32, value: i32) -> Result<(), ProtoError> {
-    // SAFETY: `s` is an open socket for the duration of the call, and the option value
-    // points to a live i32 whose size is passed alongside.
-    let rc = unsafe {
-        libc::setsockopt(
-            s.as_raw_fd(),
-            level,
-            name,
-            (&value as *const i32).cast(),
-            std::mem::size_of::<i32>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(ProtoError::Io {
-            op: "setsockopt",
-            source: std::io::Error::last_os_error(),
-        })
-    }
-}
-
 /// Sets `TCP_NODELAY`, `TCP_USER_TIMEOUT` and keepalive on a peer connection.
 ///
 /// # Errors
 ///
 /// [`ProtoError::Io`] when the kernel refuses an option.
 pub fn tune_peer_socket(s: &TcpStream, dead_after: Duration) -> Result<(), ProtoError> {
-    s.set_nodelay(true).map_err(ProtoError::io("TCP_NODELAY"))?;
-    let ms = dead_after.as_millis().clamp(1000, i32::MAX as u128) as i32;
-    setsockopt(s, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)?;
-    setsockopt(s, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
-    let idle = (ms / 1000 - 3).max(1);
-    setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, idle)?;
-    setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
-    setsockopt(s, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, 3)?;
-    Ok(())
+    let sock = SockRef::from(s);
+    sock.set_tcp_nodelay(true)
+        .map_err(ProtoError::io("TCP_NODELAY"))?;
+    let dead_after = dead_after.max(Duration::from_secs(1));
+    sock.set_tcp_user_timeout(Some(dead_after))
+        .map_err(ProtoError::io("TCP_USER_TIMEOUT"))?;
+    let idle = dead_after
+        .saturating_sub(Duration::from_secs(3))
+        .max(Duration::from_secs(1));
+    let ka = TcpKeepalive::new()
+        .with_time(idle)
+        .with_interval(Duration::from_secs(1))
+        .with_retries(3);
+    sock.set_tcp_keepalive(&ka)
+        .map_err(ProtoError::io("TCP keepalive"))
 }
 
 /// Sets the socket's send and receive buffer sizes (best effort; the kernel may clamp).
-pub fn set_buffers(s: &TcpStream, bytes: i32) {
-    let _ = setsockopt(s, libc::SOL_SOCKET, libc::SO_SNDBUF, bytes);
-    let _ = setsockopt(s, libc::SOL_SOCKET, libc::SO_RCVBUF, bytes);
+pub fn set_buffers(s: &TcpStream, bytes: usize) {
+    let sock = SockRef::from(s);
+    let _ = sock.set_send_buffer_size(bytes);
+    let _ = sock.set_recv_buffer_size(bytes);
+}
+
+/// A stream whose read and write timeouts can be set (TCP and Unix sockets).
+pub trait Timeouts {
+    /// Sets both timeouts (`None`: block forever).
+    ///
+    /// # Errors
+    ///
+    /// The OS error.
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()>;
+}
+
+impl Timeouts for TcpStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+impl Timeouts for UnixStream {
+    fn set_timeouts(&self, t: Option<Duration>) -> std::io::Result<()> {
+        self.set_read_timeout(t)?;
+        self.set_write_timeout(t)
+    }
+}
+
+/// A stream borrowed under a deadline: before every read and write the socket's timeout is
+/// set to the time left, so a peer sending one byte every few seconds cannot stretch an
+/// exchange past it. Past the deadline every call fails with `TimedOut`.
+pub struct Deadline<'a, S: Timeouts> {
+    stream: &'a mut S,
+    end: Instant,
+}
+
+impl<'a, S: Timeouts> Deadline<'a, S> {
+    /// Borrows `stream` until `end`.
+    pub fn new(stream: &'a mut S, end: Instant) -> Self {
+        Self { stream, end }
+    }
+
+    fn arm(&self) -> std::io::Result<()> {
+        let left = self.end.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "deadline passed",
+            ));
+        }
+        self.stream.set_timeouts(Some(left))
+    }
+
+    /// Whether the deadline has passed.
+    pub fn expired(&self) -> bool {
+        Instant::now() >= self.end
+    }
+}
+
+impl<S: Timeouts + Read> Read for Deadline<'_, S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.stream.read(buf)
+    }
+}
+
+impl<S: Timeouts + Write> Write for Deadline<'_, S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.arm()?;
+        self.stream.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.stream.flush()
+    }
+}
+
+/// Maps an error seen under a [`Deadline`] to [`ProtoError::Deadline`] when the deadline
+/// passed (a socket timeout reports `WouldBlock` or `TimedOut`).
+pub fn deadline_error(e: ProtoError, expired: bool, what: &'static str, secs: u64) -> ProtoError {
+    match e {
+        ProtoError::Io { ref source, .. }
+            if expired
+                || matches!(
+                    source.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+        {
+            ProtoError::Deadline { what, secs }
+        }
+        e => e,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::frame::read_msg;
+    use crate::peer::PeerMsg;
+
+    #[test]
+    fn a_trickling_peer_cannot_stretch_a_read_past_its_deadline() {
+        let (mut a, mut b) = UnixStream::pair().expect("pair");
+        let writer = std::thread::spawn(move || {
+            // One byte every 100 ms: each read returns before any per-read timeout.
+            for byte in [8u8, 0, 0, 0, 1, 0, b'F', b'P'] {
+                if a.write_all(&[byte]).is_err() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        });
+        let t = Instant::now();
+        let mut d = Deadline::new(&mut b, Instant::now() + Duration::from_millis(350));
+        let r = read_msg::<PeerMsg, _>(&mut d, 64);
+        let expired = d.expired();
+        let e = deadline_error(r.expect_err("must time out"), expired, "handshake", 0);
+        assert!(matches!(e, ProtoError::Deadline { .. }), "{e}");
+        assert!(
+            t.elapsed() < Duration::from_millis(600),
+            "{:?}",
+            t.elapsed()
+        );
+        drop(b);
+        writer.join().expect("writer");
+    }
 }

@@ -1,318 +1,301 @@
 //! `ferry serve`: the sidecar daemon.
 //!
-//! One Unix socket takes VMMs (registering a VM, or waiting for an incoming one) and
-//! the CLI; one TCP listener takes authenticated peer sidecars (control connections
-//! carrying an `Offer`, and data connections presenting a session proof).
+//! One Unix socket takes VMMs (registering a VM, or waiting for an incoming one) and the
+//! CLI; one TCP listener takes peer sidecars (control connections and data connections).
+//! What any peer or local client can cost is bounded: a cap on connections (and so on
+//! threads), a deadline for every handshake as a whole, back-off when accepting fails
+//! (out of file descriptors), and registrations dropped when their VMM's link closes.
 
-use std::collections::HashMap;
-use std::io::Write;
+use std::io::ErrorKind;
 use std::net::{TcpListener, TcpStream};
+use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use anyhow::Context;
-use crossbeam_channel::Sender;
-use ferry_proto::auth::{self, data_proof, Key};
-use ferry_proto::frame::{read_msg, recv_with_fds, write_msg};
-use ferry_proto::mem::GuestRegion;
-use ferry_proto::msg::{Msg, RegionInfo, Role, MAX_FRAME, MAX_STR};
-use ferry_proto::net::{tune_peer_socket, DEAD_PEER_AFTER};
-use ferry_proto::{ProtoError, VERSION};
+use anyhow::{bail, Context};
 
-/// Hands an authenticated data connection (channel index, socket) to its migration.
-pub type DataConnSender = Sender<(u16, TcpStream)>;
+use crate::peer::{accept, Accepted, PeerAuth, HANDSHAKE_DEADLINE};
+use crate::registry::Registry;
+use crate::watchdog::watchdog;
 
-/// A VM a source VMM registered.
-pub struct RegisteredVm {
-    /// The VMM's socket, for requests.
-    pub link: UnixStream,
-    /// Layout.
-    pub regions: Vec<RegionInfo>,
-    /// The VM's RAM, mapped from the VMM's memfds.
-    pub mem: Arc<Vec<GuestRegion>>,
-    /// CPU compatibility blob.
-    pub cpu_profile: Vec<u8>,
-}
+/// Most peer connections handled at once (control and data; each has a thread). Far
+/// above what migrations need (64 data channels per migration at most), low enough that
+/// a flood of connections cannot exhaust threads or memory.
+pub const MAX_PEER_CONNECTIONS: usize = 256;
+/// Most local (VMM and CLI) connections at once.
+pub const MAX_LOCAL_CONNECTIONS: usize = 256;
 
-/// A VMM waiting for an incoming VM.
-pub struct WaitingVmm {
-    /// The VMM's socket.
-    pub link: UnixStream,
-}
-
-/// A loaded VM waiting for its source's decision.
-pub struct HeldVm {
-    /// The VM's id.
-    pub vm_id: String,
-    /// Its VMM (loaded, vCPUs not running).
-    pub vmm: WaitingVmm,
-}
-
-/// Shared daemon state.
-pub struct Daemon {
-    /// Peer authentication key.
-    pub key: Key,
-    /// Where decisions are recorded.
-    pub state_dir: PathBuf,
-    /// How long a source keeps replaying a commit decision the link lost before it
-    /// leaves it to `ferry recover`.
-    pub replay_window: Duration,
-    /// Registered VMs by id (taken out while migrating).
-    pub vms: Mutex<HashMap<String, RegisteredVm>>,
-    /// VMMs waiting for incoming VMs, by id.
-    pub waiting: Mutex<HashMap<String, WaitingVmm>>,
-    /// Migrations in progress, by VM id, with their phase for `ferry status`.
-    pub active: Mutex<HashMap<String, String>>,
-    /// VMMs holding a loaded, paused VM whose source became unreachable after `Ready`,
-    /// by session: never discarded or started on our own (the source may have
-    /// committed); only the source's replayed [`Msg::Decision`] settles them.
-    pub held: Mutex<HashMap<[u8; 16], HeldVm>>,
-    /// Sessions whose VM runs here, with the VMM's start line, so a replayed `Commit`
-    /// (its `PeerRunning` was lost) is answered instead of refused.
-    pub running: Mutex<HashMap<[u8; 16], String>>,
-    /// Control connections of incoming migrations, by session, so a replayed decision
-    /// can cut a half-open one.
-    pub controls: Mutex<HashMap<[u8; 16], TcpStream>>,
-    /// Data connections awaited by incoming migrations, by session.
-    pub sessions: Mutex<HashMap<[u8; 16], DataConnSender>>,
-}
-
-/// Options of `ferry serve`.
-pub struct ServeConfig {
+/// The daemon's settings.
+#[derive(Clone, Debug)]
+pub struct DaemonConfig {
     /// Unix socket for VMMs and the CLI.
     pub socket: PathBuf,
     /// Peer listen address.
     pub listen: String,
-    /// Shared key file.
-    pub key_file: PathBuf,
-    /// State directory.
+    /// Where decisions and incoming records are kept.
     pub state_dir: PathBuf,
-    /// How long a source keeps replaying a commit decision the link lost.
+    /// How long a decision the link lost is replayed before the operator is asked.
     pub replay_window: Duration,
+    /// Destinations (host or host:port) RDMA may be used with; RDMA is not encrypted.
+    pub rdma_peers: Vec<String>,
+}
+
+/// Shared daemon state.
+pub struct Daemon {
+    /// Settings.
+    pub cfg: DaemonConfig,
+    /// How peers authenticate.
+    pub auth: PeerAuth,
+    /// What the daemon holds.
+    pub registry: Registry,
+}
+
+impl Daemon {
+    /// Whether RDMA may carry a migration to `to` (the operator allowed that host).
+    pub fn rdma_allowed(&self, to: &str) -> bool {
+        let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
+        self.cfg
+            .rdma_peers
+            .iter()
+            .any(|p| p == "*" || p == to || p == host)
+    }
+}
+
+/// A slot among a capped number of connections; released on drop.
+struct Slot(Arc<AtomicUsize>);
+
+impl Slot {
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
+        let n = count.fetch_add(1, Ordering::AcqRel);
+        if n >= max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
+        }
+        Some(Slot(Arc::clone(count)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// Logs a repeated condition at most once per interval, with how often it happened.
+struct RateLimited {
+    what: &'static str,
+    last: Option<Instant>,
+    suppressed: u64,
+}
+
+impl RateLimited {
+    fn new(what: &'static str) -> Self {
+        Self {
+            what,
+            last: None,
+            suppressed: 0,
+        }
+    }
+
+    fn warn(&mut self, detail: &str) {
+        let now = Instant::now();
+        if self.last.is_some_and(|t| now - t < Duration::from_secs(5)) {
+            self.suppressed += 1;
+            return;
+        }
+        tracing::warn!(suppressed = self.suppressed, "{}: {detail}", self.what);
+        self.last = Some(now);
+        self.suppressed = 0;
+    }
+}
+
+/// Accept errors that mean "no resources now": wait before trying again.
+fn resource_error(e: &std::io::Error) -> bool {
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)
+    ) || e.kind() == ErrorKind::OutOfMemory
+}
+
+/// Runs `accept` forever, handing each connection to `handle` on a thread of its own
+/// while fewer than `max` run; beyond that connections are closed at once. Backs off
+/// (10 ms doubling to 1 s) while accepting fails for lack of resources.
+fn accept_loop<S: Send + 'static>(
+    what: &'static str,
+    max: usize,
+    mut accept: impl FnMut() -> std::io::Result<S>,
+    handle: impl Fn(S) + Send + Sync + 'static,
+) {
+    let live = Arc::new(AtomicUsize::new(0));
+    let handle = Arc::new(handle);
+    let mut full = RateLimited::new(what);
+    let mut failing = RateLimited::new(what);
+    let mut backoff = Duration::from_millis(10);
+    loop {
+        let conn = match accept() {
+            Ok(c) => {
+                backoff = Duration::from_millis(10);
+                c
+            }
+            Err(e) => {
+                failing.warn(&format!("accept failed: {e}"));
+                if resource_error(&e) {
+                    std::thread::sleep(backoff);
+                    backoff = (backoff * 2).min(Duration::from_secs(1));
+                }
+                continue;
+            }
+        };
+        let Some(slot) = Slot::take(&live, max) else {
+            full.warn(&format!(
+                "{max} connections already open; closing a new one"
+            ));
+            drop(conn);
+            continue;
+        };
+        let handle = Arc::clone(&handle);
+        let spawned = std::thread::Builder::new()
+            .name(what.into())
+            .spawn(move || {
+                let _slot = slot;
+                handle(conn);
+            });
+        if let Err(e) = spawned {
+            failing.warn(&format!("no thread for a connection: {e}"));
+            std::thread::sleep(backoff);
+        }
+    }
+}
+
+/// Binds the Unix socket, refusing to take it from a daemon that still answers on it.
+fn bind_socket(path: &PathBuf) -> anyhow::Result<UnixListener> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    if UnixStream::connect(path).is_ok() {
+        bail!(
+            "another ferry daemon is serving {}: stop it first (this one would make it unreachable)",
+            path.display()
+        );
+    }
+    let _ = std::fs::remove_file(path);
+    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+}
+
+/// Checks the state directory exists and can be written (decisions go there).
+fn check_state_dir(dir: &PathBuf) -> anyhow::Result<()> {
+    std::fs::create_dir_all(dir)
+        .with_context(|| format!("creating state dir {}", dir.display()))?;
+    let probe = dir.join(".ferry-probe");
+    std::fs::write(&probe, b"probe")
+        .with_context(|| format!("the state dir {} is not writable", dir.display()))?;
+    let _ = std::fs::remove_file(probe);
+    Ok(())
 }
 
 /// Runs the daemon until killed.
 ///
 /// # Errors
 ///
-/// When the sockets cannot be bound or the key cannot be read.
-pub fn serve(cfg: ServeConfig) -> anyhow::Result<()> {
-    let key = Key::from_file(&cfg.key_file)
-        .with_context(|| format!("reading key file {}", cfg.key_file.display()))?;
-    std::fs::create_dir_all(&cfg.state_dir)
-        .with_context(|| format!("creating state dir {}", cfg.state_dir.display()))?;
-    let _ = std::fs::remove_file(&cfg.socket);
-    let unix = UnixListener::bind(&cfg.socket)
-        .with_context(|| format!("binding {}", cfg.socket.display()))?;
+/// When the sockets cannot be bound, or the state directory is unusable.
+pub fn serve(cfg: DaemonConfig, auth: PeerAuth) -> anyhow::Result<()> {
+    check_state_dir(&cfg.state_dir)?;
+    ferry_proto::guard::install().context("installing the SIGBUS guard")?;
+    let unix = bind_socket(&cfg.socket)?;
     let tcp = TcpListener::bind(&cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
-    tracing::info!(socket = %cfg.socket.display(), listen = %tcp.local_addr()?, "ferry sidecar serving");
+    tracing::info!(
+        socket = %cfg.socket.display(),
+        listen = %tcp.local_addr()?,
+        encrypted = auth.encrypted(),
+        "ferry sidecar serving"
+    );
+    if !auth.encrypted() {
+        tracing::warn!("--insecure-psk: peers authenticate with the shared key, but guest memory and control messages cross the network unencrypted");
+    }
     let d = Arc::new(Daemon {
-        key,
-        state_dir: cfg.state_dir,
-        replay_window: cfg.replay_window,
-        vms: Mutex::default(),
-        waiting: Mutex::default(),
-        active: Mutex::default(),
-        held: Mutex::default(),
-        running: Mutex::default(),
-        controls: Mutex::default(),
-        sessions: Mutex::default(),
+        cfg,
+        auth,
+        registry: Registry::default(),
     });
+    crate::replay::resume_recorded(&d);
     {
         let d = Arc::clone(&d);
-        std::thread::spawn(move || {
-            for conn in tcp.incoming() {
-                match conn {
-                    Ok(s) => {
-                        let d = Arc::clone(&d);
-                        std::thread::spawn(move || {
-                            let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
-                            if let Err(e) = handle_peer(&d, s) {
-                                tracing::warn!(%peer, "peer connection: {e:#}");
-                            }
-                        });
-                    }
-                    Err(e) => tracing::warn!("accept peer: {e}"),
-                }
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(1));
+            for vm in d.registry.reap_closed_links() {
+                tracing::info!(vm = %vm, "the VMM closed its link: dropped its registration (memory unmapped)");
             }
         });
     }
-    for conn in unix.incoming() {
-        match conn {
-            Ok(s) => {
-                let d = Arc::clone(&d);
-                std::thread::spawn(move || {
-                    if let Err(e) = handle_local(&d, s) {
-                        tracing::warn!("local connection: {e:#}");
-                    }
-                });
-            }
-            Err(e) => tracing::warn!("accept local: {e}"),
-        }
+    {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || {
+            accept_loop(
+                "peer",
+                MAX_PEER_CONNECTIONS,
+                || tcp.accept().map(|(s, _)| s),
+                move |s| handle_peer(&d, s),
+            )
+        });
     }
+    let d2 = Arc::clone(&d);
+    accept_loop(
+        "local",
+        MAX_LOCAL_CONNECTIONS,
+        || unix.accept().map(|(s, _)| s),
+        move |s| {
+            if let Err(e) = crate::local::handle(&d2, s) {
+                tracing::warn!("local connection: {e:#}");
+            }
+        },
+    );
     Ok(())
 }
 
-/// Tells the peer why (best effort) and returns the same reason as an error.
-pub(crate) fn refuse(s: &mut impl Write, reason: String) -> anyhow::Error {
-    let _ = write_msg(
-        s,
-        &Msg::Refused {
-            reason: reason.clone(),
-        },
-    );
-    anyhow::anyhow!(reason)
-}
-
-/// A VMM or the CLI on the Unix socket.
-fn handle_local(d: &Arc<Daemon>, mut s: UnixStream) -> anyhow::Result<()> {
-    s.set_read_timeout(Some(Duration::from_secs(30)))?;
-    let (hello, _) = recv_with_fds(&s, MAX_STR)?;
-    let role = match hello {
-        Msg::Hello { version, role } if version == VERSION => role,
-        Msg::Hello { version, .. } => {
-            return Err(refuse(
-                &mut s,
-                format!("protocol version {version} not supported; this sidecar speaks {VERSION}"),
-            ))
-        }
-        other => {
-            return Err(refuse(
-                &mut s,
-                format!("expected Hello, got {}", other.name()),
-            ))
-        }
-    };
-    write_msg(&mut s, &Msg::Welcome { version: VERSION })?;
-    match role {
-        Role::Vmm => handle_vmm(d, s),
-        Role::Cli => {
-            s.set_read_timeout(None)?;
-            crate::cli_server::handle(d, s)
-        }
-    }
-}
-
-fn handle_vmm(d: &Arc<Daemon>, mut s: UnixStream) -> anyhow::Result<()> {
-    let (msg, fds) = recv_with_fds(&s, MAX_FRAME)?;
-    match msg {
-        Msg::RegisterVm {
-            vm_id,
-            regions,
-            cpu_profile,
-        } => {
-            if fds.len() != regions.len() || regions.is_empty() {
-                return Err(refuse(
-                    &mut s,
-                    format!("{} memfds for {} regions", fds.len(), regions.len()),
-                ));
-            }
-            let mut mem = Vec::new();
-            for (r, fd) in regions.iter().zip(&fds) {
-                use std::os::fd::AsFd;
-                match GuestRegion::map(fd.as_fd(), r.offset, r.size) {
-                    Ok(m) => mem.push(m),
-                    Err(e) => return Err(refuse(&mut s, format!("cannot map region: {e}"))),
-                }
-            }
-            // Map the VM's RAM into our page tables now, off the migration's path.
-            let t = std::time::Instant::now();
-            for m in &mem {
-                if let Err(e) = m.prefault_read(2) {
-                    tracing::warn!(%vm_id, "prefaulting guest RAM: {e}");
-                }
-            }
-            tracing::debug!(%vm_id, ms = t.elapsed().as_millis() as u64, "guest RAM prefaulted");
-            if d.active.lock().expect("lock").contains_key(&vm_id) {
-                return Err(refuse(&mut s, format!("VM {vm_id} is being migrated")));
-            }
-            write_msg(&mut s, &Msg::Ok)?;
-            s.set_read_timeout(None)?;
-            tracing::info!(%vm_id, regions = regions.len(), "VM registered");
-            d.vms.lock().expect("lock").insert(
-                vm_id,
-                RegisteredVm {
-                    link: s,
-                    regions,
-                    mem: Arc::new(mem),
-                    cpu_profile,
-                },
-            );
-            Ok(())
-        }
-        Msg::AwaitIncoming { vm_id } => {
-            write_msg(&mut s, &Msg::Ok)?;
-            s.set_read_timeout(None)?;
-            tracing::info!(%vm_id, "VMM waits for an incoming VM");
-            d.waiting
-                .lock()
-                .expect("lock")
-                .insert(vm_id, WaitingVmm { link: s });
-            Ok(())
-        }
-        other => Err(refuse(
-            &mut s,
-            format!("expected RegisterVm or AwaitIncoming, got {}", other.name()),
-        )),
-    }
-}
-
-/// A peer sidecar's connection: authenticate, then an offer or a data connection.
-fn handle_peer(d: &Arc<Daemon>, mut s: TcpStream) -> anyhow::Result<()> {
-    tune_peer_socket(&s, DEAD_PEER_AFTER)?;
-    s.set_read_timeout(Some(Duration::from_secs(10)))?;
-    // Data connections present a session proof instead of the full handshake.
-    let first = read_msg(&mut s, 4096);
-    match first {
-        Ok(Msg::DataHello {
+fn handle_peer(d: &Arc<Daemon>, s: TcpStream) {
+    let peer = s.peer_addr().map(|a| a.to_string()).unwrap_or_default();
+    // The whole handshake (TLS, version, authentication, the first request) must finish
+    // in time, however slowly its bytes come.
+    let armed = watchdog().arm(s.as_fd(), Instant::now() + HANDSHAKE_DEADLINE);
+    let accepted = armed.map_err(anyhow::Error::from).and_then(|armed| {
+        let a = accept(&d.auth, s, |session| {
+            d.registry.data_waiter(session).map(|w| w.0)
+        });
+        drop(armed);
+        a
+    });
+    let res = accepted.and_then(|a| match a {
+        Accepted::Data {
             session,
             channel,
-            proof,
-        }) => {
-            if !d
-                .key
-                .verify(b"ferry-data", &[&session, &channel.to_le_bytes()], &proof)
-            {
-                return Err(refuse(
-                    &mut s,
-                    "data connection proof does not match".into(),
-                ));
+            stream,
+        } => match d.registry.data_waiter(session) {
+            Some((_, tx)) => tx
+                .send((channel, stream))
+                .map_err(|_| anyhow::anyhow!("the migration stopped waiting for data connections")),
+            None => bail!("the migration stopped waiting for data connections"),
+        },
+        Accepted::Control(c, first) => match first {
+            offer @ ferry_proto::peer::PeerMsg::Offer { .. } => crate::dest::run(d, c, offer),
+            ferry_proto::peer::PeerMsg::Decision { session, commit } => {
+                crate::dest::settle(d, c, session, commit)
             }
-            let tx = d.sessions.lock().expect("lock").get(&session).cloned();
-            match tx {
-                Some(tx) => {
-                    s.set_read_timeout(None)?;
-                    tx.send((channel, s))
-                        .map_err(|_| anyhow::anyhow!("session ended"))?;
-                    Ok(())
-                }
-                None => Err(refuse(&mut s, "unknown migration session".into())),
+            other => {
+                let mut c = c;
+                Err(crate::peer::refuse(
+                    &mut c.stream,
+                    format!(
+                        "expected Offer or Decision, got {}",
+                        ferry_proto::common::Message::name(&other)
+                    ),
+                ))
             }
-        }
-        Ok(Msg::PeerHello { version, nonce }) => {
-            auth::accept_after_hello(&mut s, &d.key, version, nonce)?;
-            s.set_read_timeout(Some(Duration::from_secs(60)))?;
-            match read_msg(&mut s, MAX_FRAME)? {
-                offer @ Msg::Offer { .. } => crate::dest::run(d, s, offer),
-                Msg::Decision { session, commit } => crate::dest::settle(d, s, session, commit),
-                other => Err(refuse(
-                    &mut s,
-                    format!("expected Offer or Decision, got {}", other.name()),
-                )),
-            }
-        }
-        Ok(other) => Err(refuse(
-            &mut s,
-            format!("expected PeerHello or DataHello, got {}", other.name()),
-        )),
-        Err(e @ ProtoError::Closed) => Err(e.into()),
-        Err(e) => Err(refuse(&mut s, e.to_string())),
+        },
+    });
+    if let Err(e) = res {
+        tracing::warn!(%peer, "peer connection: {e:#}");
     }
-}
-
-/// The proof a data connection presents (re-exported for the source side).
-pub fn proof(key: &Key, session: &[u8; 16], channel: u16) -> [u8; 32] {
-    data_proof(key, session, channel)
 }

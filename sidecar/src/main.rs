@@ -1,33 +1,49 @@
 //! `ferry`: the Ferry sidecar daemon and its command line.
 //!
-//! - `ferry serve` runs the daemon next to a VMM: a Unix socket for VMMs and the CLI,
-//!   a TCP listener for peer sidecars (authenticated with a shared key).
+//! - `ferry serve` runs the daemon next to a VMM: a Unix socket for VMMs and the CLI, a
+//!   TCP listener for peer sidecars (mutual TLS 1.3, or `--insecure-psk`).
 //! - `ferry migrate <vm> --to <host:port>` asks the local daemon to live-migrate a
 //!   registered VM, shows progress, and prints a summary (`--json`: one JSON object).
 //! - `ferry status` prints what the daemon holds.
-//! - `ferry recover <vm>` delivers a recorded commit decision the link lost.
+//! - `ferry recover <vm>` settles a recorded commit decision the link lost (delivers it,
+//!   or with `--abort` rolls it back once the destination confirms it discarded its copy).
 //! - `ferry devices` lists RDMA devices (TCP is used when there are none).
-//! - `ferry keygen <file>` writes a fresh random shared key.
+//! - `ferry cert ca|host` makes a fleet CA and host certificates; `ferry keygen` a shared
+//!   key for `--insecure-psk`.
+//!
+//! Exit status: 0 on success, 1 when the operation failed (a migration that did not
+//! commit, a refused request), 2 for usage errors.
 
-mod cli_server;
+mod cli;
+mod config;
 mod daemon;
 mod dest;
+mod dest_exec;
+mod entries;
+#[cfg(feature = "fault-injection")]
+mod faults;
+mod intake;
+mod local;
+mod offer;
+mod outgoing;
+mod peer;
+mod registry;
+mod replay;
 mod source;
+mod status;
 mod summary;
+mod transport;
 mod vmm;
+mod watchdog;
 
-use std::io::IsTerminal;
-use std::os::unix::net::UnixStream;
 use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use ferry_proto::frame::{read_msg, write_msg};
-use ferry_proto::msg::{
-    MigrateRequest, Msg, OnLimit, Phase, Role, TransportChoice, VerifyMode, MAX_FRAME,
-};
-use ferry_proto::VERSION;
+use ferry_engine::session::VerifyMode;
+use ferry_proto::cli::{CliMsg, MigrateRequest, OnLimit, RecoverMode, TransportChoice};
+use ferry_proto::frame::write_msg;
 
 #[derive(Parser)]
 #[command(
@@ -62,33 +78,89 @@ enum TransportArg {
 }
 
 #[derive(Subcommand)]
+enum CertCmd {
+    /// Make a fleet CA: DIR/ca.pem and DIR/ca-key.pem (0600; never overwritten).
+    Ca {
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+        /// The CA's name.
+        #[arg(long, default_value = "ferry fleet CA")]
+        name: String,
+    },
+    /// Make a host certificate signed by the CA: OUT/NAME.pem and OUT/NAME-key.pem.
+    Host {
+        /// Directory holding ca.pem and ca-key.pem.
+        #[arg(long)]
+        ca: PathBuf,
+        /// The host's name (certificate CN and a subject alternative name).
+        #[arg(long)]
+        name: String,
+        /// Further names peers reach this host by (IP addresses or DNS names).
+        #[arg(long)]
+        san: Vec<String>,
+        /// Output directory.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
 enum Cmd {
     /// Run the sidecar daemon.
     Serve {
-        /// Unix socket for VMMs and the CLI.
-        #[arg(long, default_value = "/run/ferry/ferry.sock")]
-        socket: PathBuf,
-        /// Address peers connect to.
-        #[arg(long, default_value = "0.0.0.0:7780")]
-        listen: String,
-        /// File holding the shared key (at least 16 bytes).
+        /// A TOML configuration file (flags override its keys).
         #[arg(long)]
-        key_file: PathBuf,
-        /// Where commit decisions are recorded.
-        #[arg(long, default_value = "/var/lib/ferry")]
-        state_dir: PathBuf,
+        config: Option<PathBuf>,
+        /// Unix socket for VMMs and the CLI [default: /run/ferry/ferry.sock].
+        #[arg(long)]
+        socket: Option<PathBuf>,
+        /// Address peers connect to [default: 0.0.0.0:7780].
+        #[arg(long)]
+        listen: Option<String>,
+        /// Where commit decisions are recorded [default: /var/lib/ferry].
+        #[arg(long)]
+        state_dir: Option<PathBuf>,
         /// How long a committed migration whose link broke keeps replaying its decision
-        /// before leaving it to `ferry recover` (the source VM stays paused meanwhile).
-        #[arg(long, default_value_t = 120)]
-        replay_window_s: u64,
+        /// before leaving it to `ferry recover` (the source VM stays paused meanwhile)
+        /// [default: 120].
+        #[arg(long)]
+        replay_window_s: Option<u64>,
+        /// The fleet CA certificate (PEM).
+        #[arg(long)]
+        tls_ca: Option<PathBuf>,
+        /// This host's certificate (PEM).
+        #[arg(long)]
+        tls_cert: Option<PathBuf>,
+        /// This host's private key (PEM, mode 0600).
+        #[arg(long)]
+        tls_key: Option<PathBuf>,
+        /// Authenticate peers with a shared key instead of TLS: NOTHING IS ENCRYPTED.
+        #[arg(long)]
+        insecure_psk: bool,
+        /// The shared key for --insecure-psk (at least 16 bytes, mode 0600).
+        #[arg(long)]
+        key_file: Option<PathBuf>,
+        /// A destination (host or host:port, `*` for any) RDMA may be used with; RDMA
+        /// traffic is not encrypted. Repeat for several.
+        #[arg(long)]
+        rdma_peer: Vec<String>,
     },
-    /// Deliver a VM's recorded but unconfirmed commit decision (after a link failure in
-    /// the commit window), then stop the paused source VM for good.
+    /// Settle a VM's recorded but unconfirmed commit decision (after a link failure in
+    /// the commit window, or a failed start at the destination).
     Recover {
         /// VM id.
         vm: String,
+        /// Roll the decision back instead: the destination discards its copy (it must
+        /// confirm it never ran it), then the VM resumes here.
+        #[arg(long)]
+        abort: bool,
+        /// With --abort: do not wait for the destination's confirmation (check it by hand
+        /// first: the VM must not run there).
+        #[arg(long, requires = "abort")]
+        force: bool,
         /// The local daemon's socket.
-        #[arg(long, default_value = "/run/ferry/ferry.sock")]
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
     /// Live-migrate a registered VM to another sidecar.
@@ -99,16 +171,16 @@ enum Cmd {
         #[arg(long)]
         to: String,
         /// The local daemon's socket.
-        #[arg(long, default_value = "/run/ferry/ferry.sock")]
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
-        /// Data streams (TCP connections or RDMA queue pairs).
-        #[arg(long, default_value_t = 4)]
+        /// Data streams (TCP connections or RDMA queue pairs), 1 to 64.
+        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
         streams: u16,
         /// Downtime budget in milliseconds.
         #[arg(long, default_value_t = 300)]
         downtime_ms: u32,
         /// Most pre-copy rounds.
-        #[arg(long, default_value_t = 30)]
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
         max_rounds: u32,
         /// Pre-copy timeout in seconds.
         #[arg(long, default_value_t = 600)]
@@ -132,41 +204,28 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Show what the local daemon holds.
+    /// Show what the local daemon holds (JSON).
     Status {
         /// The local daemon's socket.
-        #[arg(long, default_value = "/run/ferry/ferry.sock")]
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
     /// List RDMA devices: ports, link layer, GIDs (RoCE v2 IPv4 marked), limits, NUMA node.
     Devices,
-    /// Write a fresh random shared key to a file (mode 0600).
+    /// Write a fresh random shared key to a file (mode 0600), for --insecure-psk.
     Keygen {
         /// Key file to create.
         file: PathBuf,
     },
-}
-
-fn connect(socket: &PathBuf) -> anyhow::Result<UnixStream> {
-    let mut s = UnixStream::connect(socket)
-        .with_context(|| format!("connecting to the sidecar at {}", socket.display()))?;
-    write_msg(
-        &mut s,
-        &Msg::Hello {
-            version: VERSION,
-            role: Role::Cli,
-        },
-    )?;
-    match read_msg(&mut s, 4096)? {
-        Msg::Welcome { .. } => Ok(s),
-        Msg::Refused { reason } => anyhow::bail!("sidecar refused: {reason}"),
-        other => anyhow::bail!("sidecar answered {}", other.name()),
-    }
+    /// Make TLS certificates for a fleet.
+    #[command(subcommand)]
+    Cert(CertCmd),
 }
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
         )
@@ -175,30 +234,53 @@ fn main() -> ExitCode {
         Ok(code) => code,
         Err(e) => {
             eprintln!("ferry: {e:#}");
-            ExitCode::from(2)
+            ExitCode::from(1)
         }
     }
+}
+
+/// Checks `host:port` before anything is sent to the daemon.
+fn check_destination(to: &str) -> anyhow::Result<()> {
+    let ok = to
+        .rsplit_once(':')
+        .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
+    anyhow::ensure!(ok, "--to must be host:port, got {to:?}");
+    Ok(())
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
     match cli.cmd {
         Cmd::Serve {
+            config,
             socket,
             listen,
-            key_file,
             state_dir,
             replay_window_s,
+            tls_ca,
+            tls_cert,
+            tls_key,
+            insecure_psk,
+            key_file,
+            rdma_peer,
         } => {
-            if let Some(dir) = socket.parent() {
-                std::fs::create_dir_all(dir)?;
-            }
-            daemon::serve(daemon::ServeConfig {
+            let file = match &config {
+                Some(p) => config::FileConfig::load(p)?,
+                None => config::FileConfig::default(),
+            };
+            let flags = config::ServeFlags {
                 socket,
                 listen,
-                key_file,
                 state_dir,
-                replay_window: std::time::Duration::from_secs(replay_window_s),
-            })?;
+                replay_window_s,
+                rdma_peers: rdma_peer,
+                tls_ca,
+                tls_cert,
+                tls_key,
+                insecure_psk,
+                key_file,
+            };
+            let (cfg, auth) = config::resolve(file, flags)?;
+            daemon::serve(cfg, auth)?;
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Devices => match ferry_verbs::device_reports() {
@@ -231,30 +313,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             writeln!(f, "{hex}")?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Recover { vm, socket } => {
-            let mut s = connect(&socket)?;
-            write_msg(&mut s, &Msg::Recover { vm_id: vm })?;
-            match read_msg(&mut s, MAX_FRAME)? {
-                Msg::Running { detail } => {
-                    println!("recovered: {detail}");
-                    Ok(ExitCode::SUCCESS)
-                }
-                Msg::Error { message } | Msg::Refused { reason: message } => {
-                    eprintln!("ferry: recovery failed: {message}");
-                    Ok(ExitCode::from(1))
-                }
-                other => anyhow::bail!("sidecar answered {}", other.name()),
-            }
-        }
-        Cmd::Status { socket } => {
-            let mut s = connect(&socket)?;
-            write_msg(&mut s, &Msg::Status)?;
-            match read_msg(&mut s, MAX_FRAME)? {
-                Msg::StatusReport { json } => println!("{json}"),
-                other => anyhow::bail!("sidecar answered {}", other.name()),
-            }
+        Cmd::Cert(CertCmd::Ca { out, name }) => {
+            ferry_tls::make_ca(&out, &name)?;
+            println!("wrote {0}/ca.pem and {0}/ca-key.pem", out.display());
             Ok(ExitCode::SUCCESS)
         }
+        Cmd::Cert(CertCmd::Host { ca, name, san, out }) => {
+            ferry_tls::make_host(&ca, &out, &name, &san)?;
+            println!("wrote {0}/{name}.pem and {0}/{name}-key.pem", out.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Cmd::Recover {
+            vm,
+            abort,
+            force,
+            socket,
+        } => {
+            ferry_proto::common::check_vm_id(&vm)?;
+            let mode = match (abort, force) {
+                (false, _) => RecoverMode::Deliver,
+                (true, false) => RecoverMode::Abort,
+                (true, true) => RecoverMode::ForceAbort,
+            };
+            cli::recover(&socket, vm, mode)
+        }
+        Cmd::Status { socket } => cli::status(&socket),
         Cmd::Migrate {
             vm,
             to,
@@ -270,10 +353,12 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             verify_before_resume,
             json,
         } => {
-            let mut s = connect(&socket)?;
+            ferry_proto::common::check_vm_id(&vm)?;
+            check_destination(&to)?;
+            let mut s = cli::connect(&socket)?;
             write_msg(
                 &mut s,
-                &Msg::Migrate(MigrateRequest {
+                &CliMsg::Migrate(MigrateRequest {
                     vm_id: vm,
                     to,
                     channels: streams,
@@ -296,76 +381,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                     },
                 }),
             )?;
-            follow(&mut s, json)
-        }
-    }
-}
-
-/// Shows progress until the summary arrives; exit 0 only for a committed migration.
-fn follow(s: &mut UnixStream, json: bool) -> anyhow::Result<ExitCode> {
-    let bar = if !json && std::io::stderr().is_terminal() {
-        let b = indicatif::ProgressBar::new(0);
-        b.set_style(
-            indicatif::ProgressStyle::with_template(
-                "{prefix:>18} [{bar:40.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
-            )
-            .expect("valid template")
-            .progress_chars("=> "),
-        );
-        Some(b)
-    } else {
-        None
-    };
-    let mut last_phase = None;
-    loop {
-        match read_msg(s, MAX_FRAME).context("waiting for the migration's result")? {
-            Msg::Progress {
-                phase,
-                round,
-                round_done,
-                round_total,
-                total_done,
-            } => {
-                if let Some(b) = &bar {
-                    let name = match phase {
-                        Phase::Preparing => "preparing".to_string(),
-                        Phase::Precopy => format!("pre-copy round {round}"),
-                        Phase::StopAndCopy => format!("final round {round}"),
-                        Phase::Verifying => "verifying".to_string(),
-                        Phase::Done => "done".to_string(),
-                    };
-                    if last_phase != Some((phase as u8, round)) {
-                        b.set_position(0);
-                        last_phase = Some((phase as u8, round));
-                    }
-                    b.set_prefix(name);
-                    b.set_length(round_total);
-                    b.set_position(round_done);
-                    b.set_message(format!("total {} MiB", total_done >> 20));
-                } else if !json {
-                    eprintln!("{phase:?} round {round}: {round_done}/{round_total} bytes");
-                }
-            }
-            Msg::Summary { json: text } => {
-                if let Some(b) = &bar {
-                    b.finish_and_clear();
-                }
-                let summary: summary::Summary = serde_json::from_str(&text)?;
-                if json {
-                    println!("{text}");
-                } else {
-                    print!("{}", summary.render());
-                }
-                return Ok(if summary.result == "committed" {
-                    ExitCode::SUCCESS
-                } else {
-                    ExitCode::from(1)
-                });
-            }
-            Msg::Refused { reason } | Msg::Error { message: reason } => {
-                anyhow::bail!("sidecar refused the migration: {reason}")
-            }
-            other => anyhow::bail!("sidecar sent {}", other.name()),
+            cli::follow(&mut s, json)
         }
     }
 }

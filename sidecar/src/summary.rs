@@ -1,6 +1,13 @@
-//! The summary of one migration: what `ferry migrate` prints and `--json` emits.
+//! The summary of one migration: what `ferry migrate` prints and `--json` emits, built
+//! from the source session's report.
 
+use std::time::Duration;
+
+use ferry_engine::session::{SourceOutcome, SourceSession, TransportKind, VerifyMode};
+use ferry_proto::cli::MigrateRequest;
 use serde::{Deserialize, Serialize};
+
+use crate::offer::Negotiated;
 
 /// How a destination VMM's start line (`IncomingVm::start`) begins when the VMM checked
 /// that the guest continued from the source's paused state.
@@ -36,23 +43,30 @@ pub struct DowntimeBreakdown {
     pub state_ms: f64,
     /// Destination load + both digests compared (strict verification).
     pub verify_ms: f64,
-    /// Commit to the destination VM running.
+    /// Fence, decision recorded, Commit to the destination VM running.
     pub restore_ms: f64,
 }
 
 /// The result of `ferry migrate`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
-    /// "committed" or "aborted".
+    /// "committed", "aborted", "committed-unconfirmed", "digest-mismatch", "start-failed".
     pub result: String,
     /// The VM moved.
     pub vm_id: String,
     /// Destination address.
     pub destination: String,
-    /// "tcp" or "rdma".
+    /// The migration's id (names it in both daemons' logs and records).
+    #[serde(default)]
+    pub session: String,
+    /// "tcp", "rdma", or "rdma+tcp" (RDMA failed and TCP carried the rest).
     pub transport: String,
     /// Why this transport.
     pub transport_reason: String,
+    /// Whether every byte on the wire was encrypted (TLS); false in `--insecure-psk` mode
+    /// and whenever RDMA carried pages.
+    #[serde(default)]
+    pub encrypted: bool,
     /// Data channels.
     pub channels: u16,
     /// Rounds run, final included.
@@ -75,8 +89,7 @@ pub struct Summary {
     pub prepare_ms: f64,
     /// Whether the destination's memory digest equals the source's.
     pub digest_match: bool,
-    /// "strict": digests compared before the destination resumed (inside the
-    /// downtime); "after-resume": compared once it ran, with the source VM kept until then.
+    /// "strict" or "after-resume".
     pub verify_mode: String,
     /// Time the after-resume comparison took (outside the downtime).
     pub verify_after_resume_ms: f64,
@@ -85,16 +98,136 @@ pub struct Summary {
     /// What the destination VMM checked and reported.
     pub guest_detail: String,
     /// Whether the destination VMM confirmed that the guest continued from the state it
-    /// was paused in: its start line begins with [`GUEST_CONTINUED_MARKER`]. The sidecar
-    /// cannot see inside the guest; a VMM that checks nothing leaves this false.
+    /// was paused in: its start line begins with [`GUEST_CONTINUED_MARKER`].
     pub guest_continued: bool,
-    /// Why the migration aborted (empty when committed).
+    /// Why the migration failed, and what the operator must do (empty when committed).
     pub error: String,
     /// Per round.
     pub per_round: Vec<RoundSummary>,
 }
 
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
 impl Summary {
+    /// An aborted summary of `req`, filled in as the migration goes.
+    pub fn new(req: &MigrateRequest, encrypted: bool) -> Self {
+        Self {
+            result: SourceOutcome::Aborted.name().into(),
+            vm_id: req.vm_id.clone(),
+            destination: req.to.clone(),
+            channels: req.channels,
+            verify_mode: req.verify.name().into(),
+            encrypted,
+            ..Self::default()
+        }
+    }
+
+    /// Fills in what the session measured and decided.
+    pub fn fill(
+        &mut self,
+        s: &SourceSession,
+        outcome: &SourceOutcome,
+        net: Option<&Negotiated>,
+        elapsed: Duration,
+    ) {
+        let r = s.report();
+        self.result = outcome.name().into();
+        if let Some(n) = net {
+            self.transport_reason = n.reason.clone();
+            self.prepare_ms = n.prepare_us as f64 / 1e3;
+        }
+        self.transport = if r.transports.is_empty() {
+            "tcp".into()
+        } else {
+            r.transports
+                .iter()
+                .map(|t| t.name())
+                .collect::<Vec<_>>()
+                .join("+")
+        };
+        if r.transports.contains(&TransportKind::Rdma) {
+            self.encrypted = false;
+        }
+        if let Some(f) = &r.fallback {
+            self.transport_reason = format!("{}; {f}", self.transport_reason);
+        }
+        self.per_round = r
+            .rounds
+            .iter()
+            .map(|x| RoundSummary {
+                round: x.round,
+                final_round: x.final_round,
+                dirty_pages: x.stats.pages,
+                bytes: x.stats.bytes,
+                zero_pages: x.stats.zero_pages,
+                torn_pages: x.stats.torn.len() as u64,
+                ms: ms(x.elapsed),
+            })
+            .collect();
+        self.rounds = self.per_round.len() as u32;
+        self.bytes_transferred = r.bytes();
+        self.zero_pages_skipped = self.per_round.iter().map(|x| x.zero_pages).sum();
+        let data_ms: f64 = self.per_round.iter().map(|x| x.ms).sum();
+        if data_ms > 0.0 {
+            self.throughput_gbps = self.bytes_transferred as f64 * 8.0 / (data_ms / 1e3) / 1e9;
+        }
+        self.stop_reason = r.stop_reason.map(|x| x.to_string()).unwrap_or_default();
+        self.digest_match = r.digest_match.unwrap_or(false);
+        self.verify_after_resume_ms = r.verified_after_resume.map_or(0.0, ms);
+        if let Some(d) = r.downtime {
+            let b = &mut self.downtime_breakdown;
+            b.pause_ms = ms(d.pause_took);
+            b.final_copy_ms = ms(d.final_done.saturating_sub(d.paused));
+            b.state_ms = ms(d.state_sent.saturating_sub(d.final_done));
+            if let Some(running) = d.running {
+                b.verify_ms = ms(d.verified.saturating_sub(d.state_sent));
+                b.restore_ms = ms(running.saturating_sub(d.verified));
+                self.downtime_ms = ms(running.saturating_sub(d.pause_asked));
+            } else if !matches!(outcome, SourceOutcome::Aborted) {
+                // Still paused (unconfirmed, failed start, mismatch): paused so far.
+                self.downtime_ms = ms(elapsed.saturating_sub(d.pause_asked));
+            }
+        }
+        if let Some(detail) = &r.peer_detail {
+            self.guest_continued = detail.starts_with(GUEST_CONTINUED_MARKER);
+            self.guest_detail = detail.clone();
+        }
+        let mut error = r.error.clone().unwrap_or_default();
+        match outcome {
+            SourceOutcome::Committed if r.replayed => {
+                error = "the link failed after the commit decision; the recorded Commit was replayed and confirmed".into();
+            }
+            SourceOutcome::CommittedUnconfirmed if r.error.is_some() => error.push_str(&format!(
+                "; run `ferry recover {}` when the destination is reachable",
+                self.vm_id
+            )),
+            SourceOutcome::StartFailed(_) => error.push_str(&format!(
+                "; fix the destination and run `ferry recover {vm}` to start it there, or `ferry recover {vm} --abort` to discard it there and resume it here",
+                vm = self.vm_id
+            )),
+            _ => {}
+        }
+        for w in &r.warnings {
+            if r.replayed && w.starts_with("the link failed after the commit decision") {
+                continue; // said above
+            }
+            if !error.is_empty() {
+                error.push_str("; ");
+            }
+            error.push_str(w);
+        }
+        if *outcome == SourceOutcome::Committed && !r.replayed && r.warnings.is_empty() {
+            error.clear();
+        }
+        self.error = error;
+        self.total_ms = ms(elapsed);
+        if self.verify_mode.is_empty() {
+            self.verify_mode = VerifyMode::default().name().into();
+        }
+    }
+
     /// Human-readable lines.
     pub fn render(&self) -> String {
         let mut s = String::new();
@@ -104,8 +237,15 @@ impl Summary {
         line(
             "transport",
             format!(
-                "{} x{} ({})",
-                self.transport, self.channels, self.transport_reason
+                "{} x{} ({}){}",
+                self.transport,
+                self.channels,
+                self.transport_reason,
+                if self.encrypted {
+                    ", encrypted"
+                } else {
+                    ", NOT encrypted"
+                }
             ),
         );
         line("ram", format!("{} MiB", self.ram_bytes >> 20));
@@ -133,7 +273,7 @@ impl Summary {
         line("prepare_ms", format!("{:.1}", self.prepare_ms));
         line("digest_match", self.digest_match.to_string());
         line("verify_mode", self.verify_mode.clone());
-        if self.verify_mode == "after-resume" {
+        if self.verify_mode == VerifyMode::AfterResume.name() {
             line(
                 "verified after resume",
                 format!(

@@ -4,8 +4,10 @@ use std::os::fd::RawFd;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
+use ferry_engine::session::{Failure, FailureKind};
+use ferry_proto::common::{Message, MAX_FRAME};
 use ferry_proto::frame::{recv_with_fds, send_with_fds};
-use ferry_proto::msg::{Msg, MAX_FRAME};
+use ferry_proto::vmm::VmmMsg;
 use ferry_proto::ProtoError;
 
 /// How long a VMM may take to answer one request. Pausing, saving state and loading a
@@ -15,7 +17,7 @@ pub const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Errors talking to a VMM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
-    /// The link failed.
+    /// The link failed (the VMM died, closed it, or did not answer in time).
     #[error("VMM link failed during {request}")]
     Link {
         /// Request name.
@@ -42,9 +44,24 @@ pub enum VmmError {
     },
 }
 
+impl VmmError {
+    /// The failure the sessions see.
+    pub fn failure(&self) -> Failure {
+        let kind = match self {
+            VmmError::Link { .. } => FailureKind::VmmLost,
+            _ => FailureKind::VmmRefused,
+        };
+        Failure::new(kind, self.to_string())
+    }
+}
+
 /// Sends `req` (with `fds`) and returns the reply; `Error`/`Refused` replies become
 /// [`VmmError::Refused`].
-pub fn request(sock: &UnixStream, req: &Msg, fds: &[RawFd]) -> Result<Msg, VmmError> {
+///
+/// # Errors
+///
+/// [`VmmError`].
+pub fn request(sock: &UnixStream, req: &VmmMsg, fds: &[RawFd]) -> Result<VmmMsg, VmmError> {
     let name = req.name();
     let link = |source| VmmError::Link {
         request: name,
@@ -53,9 +70,9 @@ pub fn request(sock: &UnixStream, req: &Msg, fds: &[RawFd]) -> Result<Msg, VmmEr
     sock.set_read_timeout(Some(VMM_REPLY_TIMEOUT))
         .map_err(|e| link(ProtoError::io("set VMM timeout")(e)))?;
     send_with_fds(sock, req, fds).map_err(link)?;
-    let (reply, _fds) = recv_with_fds(sock, MAX_FRAME).map_err(link)?;
+    let (reply, _fds) = recv_with_fds::<VmmMsg>(sock, MAX_FRAME).map_err(link)?;
     match reply {
-        Msg::Error { message } | Msg::Refused { reason: message } => Err(VmmError::Refused {
+        VmmMsg::Error { message } | VmmMsg::Refused { reason: message } => Err(VmmError::Refused {
             request: name,
             message,
         }),
@@ -64,9 +81,13 @@ pub fn request(sock: &UnixStream, req: &Msg, fds: &[RawFd]) -> Result<Msg, VmmEr
 }
 
 /// [`request`] expecting `Ok`.
-pub fn request_ok(sock: &UnixStream, req: &Msg) -> Result<(), VmmError> {
+///
+/// # Errors
+///
+/// [`VmmError`].
+pub fn request_ok(sock: &UnixStream, req: &VmmMsg) -> Result<(), VmmError> {
     match request(sock, req, &[])? {
-        Msg::Ok => Ok(()),
+        VmmMsg::Ok => Ok(()),
         other => Err(VmmError::Unexpected {
             request: req.name(),
             got: other.name(),

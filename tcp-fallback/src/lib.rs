@@ -18,15 +18,18 @@
 //! ```no_run
 //! # fn demo(streams: Vec<std::net::TcpStream>, mem: std::sync::Arc<Vec<ferry_proto::mem::GuestRegion>>,
 //! #         plan: ferry_engine::plan::RangePlan) -> Result<(), ferry_engine::transport::TransportError> {
-//! use ferry_engine::transport::PageSender;
 //! let mut tx = ferry_tcp_fallback::TcpSender::new(streams, mem);
-//! let stats = tx.send_round(1, &plan, &|_bytes| {})?;
+//! let stats = tx.send_plan(1, &plan, &|_bytes| {})?;
 //! # Ok(()) }
 //! ```
 //!
+//! The sidecar wraps the sender in its `Transport` (the round's control messages around
+//! [`TcpSender::send_plan`]); the destination's reader threads report each round to
+//! [`TcpReceiver::wait_round`].
+//!
 //! # Threads
 //!
-//! [`TcpSender::send_round`] runs one scoped thread per connection and returns when all
+//! [`TcpSender::send_plan`] runs one scoped thread per connection and returns when all
 //! are done. [`TcpReceiver::start`] spawns one reader thread per connection for the
 //! whole migration; they report through a channel that [`TcpReceiver::wait_round`]
 //! drains.
@@ -37,6 +40,7 @@
 
 mod sys;
 
+use std::io::{Read, Write};
 use std::net::{Shutdown, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -47,24 +51,86 @@ use std::time::Duration;
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ferry_engine::digest::{is_zero, page_hash, zero_page_hash, PageHashes};
 use ferry_engine::plan::{PageRange, RangePlan};
-use ferry_engine::transport::{PageSender, RoundStats, TransportError};
+use ferry_engine::transport::{RoundStats, TransportError};
 use ferry_proto::data::{DataHeader, DataKind, DATA_HEADER_LEN, MAX_BATCH_PAGES};
 use ferry_proto::mem::{GuestRegion, PAGE};
-use ferry_proto::msg::MAX_TORN;
+use ferry_proto::peer::MAX_TORN;
 
 use sys::{iovec, read_exact_raw, writev_all};
 
+/// An encrypted stream (TLS) a data connection runs over.
+pub trait SecureStream: Read + Write + Send {}
+impl<T: Read + Write + Send> SecureStream for T {}
+
+/// One data connection: plain TCP (pages go between the socket and guest memory with no
+/// copy in user space) or an encrypted stream (pages are copied once, into the buffer the
+/// encryption reads).
+pub enum Channel {
+    /// Plain TCP (`--insecure-psk`).
+    Plain(TcpStream),
+    /// An encrypted stream, and its socket (to shut it down).
+    Secure {
+        /// The stream.
+        stream: Box<dyn SecureStream>,
+        /// Its socket.
+        tcp: TcpStream,
+    },
+}
+
+impl Channel {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Channel::Plain(s) => s,
+            Channel::Secure { tcp, .. } => tcp,
+        }
+    }
+
+    /// Reads exactly `len` bytes into `dst`.
+    ///
+    /// # Safety
+    ///
+    /// - `dst` must be valid for writes of `len` bytes, and nothing else may access those
+    ///   bytes during the call.
+    unsafe fn read_exact_ptr(&mut self, dst: *mut u8, len: usize) -> std::io::Result<()> {
+        match self {
+            // SAFETY: forwarded caller obligation.
+            Channel::Plain(s) => unsafe { read_exact_raw(s.as_raw_fd(), dst, len) },
+            Channel::Secure { stream, .. } => {
+                // SAFETY: `dst` is valid for `len` bytes of writes and accessed by nobody
+                // else during the call (caller's obligation), so a unique slice over it is
+                // sound for the call's duration.
+                let buf = unsafe { std::slice::from_raw_parts_mut(dst, len) };
+                stream.read_exact(buf).map_err(|e| {
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        std::io::Error::new(
+                            std::io::ErrorKind::UnexpectedEof,
+                            "peer closed the data connection mid-frame",
+                        )
+                    } else {
+                        e
+                    }
+                })
+            }
+        }
+    }
+}
+
 /// The source side: pushes planned ranges over N connections.
 pub struct TcpSender {
-    streams: Vec<TcpStream>,
+    channels: Vec<Channel>,
     mem: Arc<Vec<GuestRegion>>,
 }
 
 impl TcpSender {
-    /// A sender over authenticated data connections, reading from `mem` (the source
-    /// VM's regions, in layout order).
+    /// A sender over authenticated plain data connections, reading from `mem` (the
+    /// source VM's regions, in layout order).
     pub fn new(streams: Vec<TcpStream>, mem: Arc<Vec<GuestRegion>>) -> Self {
-        Self { streams, mem }
+        Self::with_channels(streams.into_iter().map(Channel::Plain).collect(), mem)
+    }
+
+    /// A sender over authenticated data connections of either kind.
+    pub fn with_channels(channels: Vec<Channel>, mem: Arc<Vec<GuestRegion>>) -> Self {
+        Self { channels, mem }
     }
 }
 
@@ -89,6 +155,9 @@ struct Gathered {
     hashes: Vec<u8>,
     /// Per frame: its number of hashes in `hashes`, its pages and their length.
     frames: Vec<(usize, *const u8, usize)>,
+    /// The frames' pages, copied (encrypted channels only: plain ones send from the
+    /// guest mapping).
+    payload: Vec<u8>,
     bytes: usize,
 }
 
@@ -97,12 +166,30 @@ impl Gathered {
         self.frames.len() >= MAX_GATHERED_FRAMES || self.bytes >= MAX_GATHERED_BYTES
     }
 
-    /// Writes every gathered frame, in order, with one `writev` (more if the socket takes
-    /// them in pieces).
-    fn flush(&mut self, fd: std::os::fd::RawFd) -> std::io::Result<()> {
+    /// Writes every gathered frame, in order: with one `writev` on a plain connection
+    /// (more if the socket takes them in pieces), through the stream on an encrypted one.
+    fn flush(&mut self, ch: &mut Channel) -> std::io::Result<()> {
         if self.frames.is_empty() {
             return Ok(());
         }
+        let fd = match ch {
+            Channel::Plain(s) => s.as_raw_fd(),
+            Channel::Secure { stream, .. } => {
+                let (mut h, mut at) = (0, 0);
+                for (hdr, &(nhash, _, len)) in self.headers.iter().zip(&self.frames) {
+                    stream.write_all(hdr)?;
+                    if len > 0 {
+                        stream.write_all(&self.hashes[h * 8..(h + nhash) * 8])?;
+                        stream.write_all(&self.payload[at..at + len])?;
+                    }
+                    h += nhash;
+                    at += len;
+                }
+                stream.flush()?;
+                self.clear();
+                return Ok(());
+            }
+        };
         let mut iov = Vec::with_capacity(self.frames.len() * 3);
         let mut h = 0;
         for (hdr, &(nhash, pages, len)) in self.headers.iter().zip(&self.frames) {
@@ -117,23 +204,28 @@ impl Gathered {
         // page pointer covers `len` bytes of a region that stays mapped while the
         // sender's `mem` is borrowed (checked by `pages_ptr` when gathered).
         unsafe { writev_all(fd, &mut iov)? };
+        self.clear();
+        Ok(())
+    }
+
+    fn clear(&mut self) {
         self.headers.clear();
         self.hashes.clear();
         self.frames.clear();
+        self.payload.clear();
         self.bytes = 0;
-        Ok(())
     }
 }
 
 /// Sends one channel's share of a round.
 fn send_share(
-    stream: &TcpStream,
+    ch: &mut Channel,
     mem: &[GuestRegion],
     round: u32,
     ranges: &[PageRange],
     progress: &(dyn Fn(u64) + Sync),
 ) -> std::io::Result<RoundStats> {
-    let fd = stream.as_raw_fd();
+    let secure = matches!(ch, Channel::Secure { .. });
     let mut stats = RoundStats::default();
     let mut bounce = Box::new([0u8; PAGE]);
     let mut hashes: Vec<u64> = Vec::with_capacity(MAX_BATCH_PAGES as usize);
@@ -152,6 +244,9 @@ fn send_share(
             hashes.clear();
             if !zero {
                 hashes.push(page_hash(&bounce[..]));
+                if secure {
+                    out.payload.extend_from_slice(&bounce[..]);
+                }
             }
             p += 1;
             while p < r.end() && (zero || (hashes.len() as u64) < MAX_BATCH_PAGES) {
@@ -161,6 +256,9 @@ fn send_share(
                 }
                 if !zero {
                     hashes.push(page_hash(&bounce[..]));
+                    if secure {
+                        out.payload.extend_from_slice(&bounce[..]);
+                    }
                 }
                 p += 1;
             }
@@ -199,12 +297,12 @@ fn send_share(
                 unreported += b;
             }
             if out.full() {
-                out.flush(fd)?;
+                out.flush(ch)?;
                 progress(std::mem::take(&mut unreported));
             }
         }
     }
-    out.flush(fd)?;
+    out.flush(ch)?;
     if unreported > 0 {
         progress(unreported);
     }
@@ -216,22 +314,35 @@ fn send_share(
         count: stats.pages,
     }
     .encode();
-    let mut iov = [iovec(end.as_ptr(), DATA_HEADER_LEN)];
-    // SAFETY: `end` lives on this frame for the call.
-    unsafe { writev_all(fd, &mut iov)? };
+    match ch {
+        Channel::Plain(s) => {
+            let mut iov = [iovec(end.as_ptr(), DATA_HEADER_LEN)];
+            // SAFETY: `end` lives on this frame for the call.
+            unsafe { writev_all(s.as_raw_fd(), &mut iov)? };
+        }
+        Channel::Secure { stream, .. } => {
+            stream.write_all(&end)?;
+            stream.flush()?;
+        }
+    }
     Ok(stats)
 }
 
-impl PageSender for TcpSender {
-    fn name(&self) -> &'static str {
-        "tcp"
+impl TcpSender {
+    /// Channels (connections) in use.
+    pub fn channels(&self) -> usize {
+        self.channels.len()
     }
 
-    fn channels(&self) -> usize {
-        self.streams.len()
-    }
-
-    fn send_round(
+    /// Moves every range of `plan` (one share per connection) as `round`; returns when
+    /// every byte is written (the destination's confirmation comes on the control link).
+    /// `progress` is called from the channel threads with payload bytes as they go.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::Failed`] with every range of the plan unfinished when a
+    /// connection fails.
+    pub fn send_plan(
         &mut self,
         round: u32,
         plan: &RangePlan,
@@ -240,10 +351,10 @@ impl PageSender for TcpSender {
         let mem = &self.mem;
         let results: Vec<std::io::Result<RoundStats>> = std::thread::scope(|s| {
             let hs: Vec<_> = self
-                .streams
-                .iter()
+                .channels
+                .iter_mut()
                 .zip(&plan.channels)
-                .map(|(st, share)| s.spawn(move || send_share(st, mem, round, share, progress)))
+                .map(|(ch, share)| s.spawn(move || send_share(ch, mem, round, share, progress)))
                 .collect();
             hs.into_iter()
                 .map(|h| {
@@ -318,13 +429,12 @@ pub struct TcpReceiver {
 
 fn read_channel(
     channel: usize,
-    stream: TcpStream,
+    mut stream: Channel,
     mem: Arc<Vec<GuestRegion>>,
     received: Arc<Received>,
     digest: Arc<PageHashes>,
     events: Sender<ChannelEvent>,
 ) {
-    let fd = stream.as_raw_fd();
     let mut round = 1u32;
     let mut stats = RoundStats::default();
     let mut hashes = vec![0u8; MAX_BATCH_PAGES as usize * 8];
@@ -336,7 +446,7 @@ fn read_channel(
     loop {
         let mut h = [0u8; DATA_HEADER_LEN];
         // SAFETY: `h` is a local buffer of DATA_HEADER_LEN bytes.
-        if let Err(e) = unsafe { read_exact_raw(fd, h.as_mut_ptr(), DATA_HEADER_LEN) } {
+        if let Err(e) = unsafe { stream.read_exact_ptr(h.as_mut_ptr(), DATA_HEADER_LEN) } {
             // A clean close between frames after the migration is the normal end.
             if e.kind() != std::io::ErrorKind::UnexpectedEof || stats.pages > 0 {
                 fail(gone(e));
@@ -415,7 +525,7 @@ fn read_channel(
                 let len = n * PAGE;
                 // SAFETY: `hashes` holds MAX_BATCH_PAGES * 8 bytes and n <= MAX_BATCH_PAGES
                 // (checked by decode).
-                if let Err(e) = unsafe { read_exact_raw(fd, hashes.as_mut_ptr(), n * 8) } {
+                if let Err(e) = unsafe { stream.read_exact_ptr(hashes.as_mut_ptr(), n * 8) } {
                     return fail(gone(e));
                 }
                 // Land the pages a slice at a time and hash each slice while it is still
@@ -427,7 +537,7 @@ fn read_channel(
                     // which no one else accesses during this round.
                     let slice = unsafe { dst.add(i * PAGE) };
                     // SAFETY: as above; `slice` is valid for k pages.
-                    if let Err(e) = unsafe { read_exact_raw(fd, slice, k * PAGE) } {
+                    if let Err(e) = unsafe { stream.read_exact_ptr(slice, k * PAGE) } {
                         return fail(gone(e));
                     }
                     // SAFETY: the destination owns this memory exclusively until it hands
@@ -445,7 +555,11 @@ fn read_channel(
                                     "data connection {channel}: more than {MAX_TORN} pages failed their checksum in round {round}"
                                 )));
                             }
-                            stats.torn.push((hdr.region, hdr.first + at as u64));
+                            stats.torn.push(PageRange {
+                                region: hdr.region,
+                                first: hdr.first + at as u64,
+                                count: 1,
+                            });
                         }
                     }
                     i += k;
@@ -460,8 +574,8 @@ fn read_channel(
 }
 
 impl TcpReceiver {
-    /// Starts one reader thread per authenticated data connection, writing into `mem`
-    /// (the destination's fresh regions, in layout order) and recording the hash of
+    /// Starts one reader thread per authenticated plain data connection, writing into
+    /// `mem` (the destination's fresh regions, in layout order) and recording the hash of
     /// every page that lands in `hashes`.
     ///
     /// # Errors
@@ -472,12 +586,30 @@ impl TcpReceiver {
         mem: Arc<Vec<GuestRegion>>,
         hashes: Arc<PageHashes>,
     ) -> Result<Self, TransportError> {
+        Self::with_channels(
+            streams.into_iter().map(Channel::Plain).collect(),
+            mem,
+            hashes,
+        )
+    }
+
+    /// As [`TcpReceiver::start`], over data connections of either kind.
+    ///
+    /// # Errors
+    ///
+    /// [`TransportError::PeerGone`] when a socket cannot be cloned for the reader.
+    pub fn with_channels(
+        channels: Vec<Channel>,
+        mem: Arc<Vec<GuestRegion>>,
+        hashes: Arc<PageHashes>,
+    ) -> Result<Self, TransportError> {
         let (tx, rx) = crossbeam_channel::unbounded();
         let received = Arc::new(Received::new(&mem));
         let mut threads = Vec::new();
         let mut kept = Vec::new();
-        for (i, s) in streams.into_iter().enumerate() {
+        for (i, s) in channels.into_iter().enumerate() {
             let clone = s
+                .tcp()
                 .try_clone()
                 .map_err(|e| TransportError::PeerGone(format!("clone data socket: {e}")))?;
             kept.push(clone);
@@ -613,7 +745,7 @@ mod tests {
             },
         ];
         let p = plan(&ranges, 3, 64);
-        let sent = tx.send_round(1, &p, &|_| {}).expect("send");
+        let sent = tx.send_plan(1, &p, &|_| {}).expect("send");
         let got = rx.wait_round(1, Duration::from_secs(10)).expect("round");
         assert_eq!(sent.pages, 1300);
         assert_eq!(got.pages, 1300);
@@ -643,7 +775,7 @@ mod tests {
             3,
             64,
         );
-        tx.send_round(2, &p2, &|_| {}).expect("send");
+        tx.send_plan(2, &p2, &|_| {}).expect("send");
         rx.wait_round(2, Duration::from_secs(10)).expect("round 2");
         // SAFETY: no thread writes either mapping now.
         assert!(unsafe { src[0].as_slice() == dst[0].as_slice() });
@@ -755,7 +887,14 @@ mod tests {
         };
         a[0].write_all(&end.encode()).expect("write");
         let got = rx.wait_round(1, Duration::from_secs(10)).expect("round");
-        assert_eq!(got.torn, vec![(0, 4)]);
+        assert_eq!(
+            got.torn,
+            vec![PageRange {
+                region: 0,
+                first: 4,
+                count: 1
+            }]
+        );
     }
 
     #[test]

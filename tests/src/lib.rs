@@ -312,7 +312,9 @@ pub struct ClusterOpts {
     /// Dirtying rate (for the KVM guest: page writes per second over all vCPUs, in
     /// MiB/s; random pages, so mostly distinct pages).
     pub rate_mib: u64,
-    /// Give the destination a different key.
+    /// Authenticate with a shared key (`--insecure-psk`) instead of TLS certificates.
+    pub psk: bool,
+    /// Give the destination a different key (PSK) or a certificate of another CA (TLS).
     pub wrong_key: bool,
     /// Extra args for the destination VMM.
     pub dest_vmm_args: Vec<String>,
@@ -322,6 +324,10 @@ pub struct ClusterOpts {
     pub source_env: Vec<(String, String)>,
     /// Extra `ferry serve` arguments for the source sidecar.
     pub source_sidecar_args: Vec<String>,
+    /// Environment for the destination sidecar (fault injection).
+    pub dest_env: Vec<(String, String)>,
+    /// Extra args for the source VMM.
+    pub source_vmm_args: Vec<String>,
 }
 
 impl Default for ClusterOpts {
@@ -329,13 +335,92 @@ impl Default for ClusterOpts {
         Self {
             mem_mib: 256,
             rate_mib: 32,
+            psk: false,
             wrong_key: false,
             dest_vmm_args: Vec::new(),
             vmm: VmmKind::Workload,
             source_env: Vec::new(),
             source_sidecar_args: Vec::new(),
+            dest_env: Vec::new(),
+            source_vmm_args: Vec::new(),
         }
     }
+}
+
+/// The environment that makes a sidecar hold at `point` for 5 s (the `fault-injection`
+/// build's `FERRY_TEST_HOLD`; points in `sidecar/src/faults.rs`).
+pub fn hold_at(point: &str) -> Vec<(String, String)> {
+    hold_for(point, 5000)
+}
+
+/// As [`hold_at`], for `ms` milliseconds.
+pub fn hold_for(point: &str, ms: u64) -> Vec<(String, String)> {
+    vec![
+        ("FERRY_TEST_HOLD".into(), point.into()),
+        ("FERRY_TEST_HOLD_MS".into(), ms.to_string()),
+    ]
+}
+
+/// Runs `ferry` with `args` and fails loudly if it fails.
+fn ferry(args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(bin("ferry")).args(args).output()?;
+    if !out.status.success() {
+        bail!(
+            "ferry {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+/// Makes a fleet CA in `dir/<ca>` and a host certificate for each `(name, address)` in
+/// `dir/certs`, with `ferry cert` as an operator would.
+///
+/// # Errors
+///
+/// When `ferry cert` fails.
+pub fn make_certs(dir: &Path, ca: &str, hosts: &[(&str, &str)]) -> anyhow::Result<()> {
+    let ca_dir = dir.join(ca);
+    let ca_s = ca_dir.display().to_string();
+    ferry(&["cert", "ca", "--out", &ca_s])?;
+    let certs = dir.join("certs").display().to_string();
+    for (name, addr) in hosts {
+        ferry(&[
+            "cert", "host", "--ca", &ca_s, "--name", name, "--san", addr, "--out", &certs,
+        ])?;
+    }
+    Ok(())
+}
+
+/// `ferry serve` arguments for host `name` authenticating with certificates from
+/// [`make_certs`] (CA directory `ca`).
+pub fn tls_args(dir: &Path, ca: &str, name: &str) -> Vec<String> {
+    vec![
+        "--tls-ca".into(),
+        dir.join(ca).join("ca.pem").display().to_string(),
+        "--tls-cert".into(),
+        dir.join("certs")
+            .join(format!("{name}.pem"))
+            .display()
+            .to_string(),
+        "--tls-key".into(),
+        dir.join("certs")
+            .join(format!("{name}-key.pem"))
+            .display()
+            .to_string(),
+    ]
+}
+
+/// Writes a shared key file readable by its owner only.
+///
+/// # Errors
+///
+/// I/O errors.
+pub fn write_key(path: &Path, key: &str) -> anyhow::Result<()> {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, key)?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))?;
+    Ok(())
 }
 
 /// Fails (panics) loudly when `/dev/kvm` is missing: a KVM test must never pass by
@@ -365,39 +450,24 @@ impl Cluster {
     /// When any part does not come up.
     pub fn start(opts: &ClusterOpts) -> anyhow::Result<Self> {
         let hosts = TwoHosts::new()?;
-        let ferry = bin("ferry");
-        std::fs::write(hosts.path("key-a"), "e2e-shared-key-0123456789\n")?;
-        let key_b = if opts.wrong_key {
-            "another-key-9876543210abcdef\n"
+        if opts.psk {
+            write_key(&hosts.path("key-a"), "e2e-shared-key-0123456789\n")?;
+            let key_b = if opts.wrong_key {
+                "another-key-9876543210abcdef\n"
+            } else {
+                "e2e-shared-key-0123456789\n"
+            };
+            write_key(&hosts.path("key-b"), key_b)?;
         } else {
-            "e2e-shared-key-0123456789\n"
-        };
-        std::fs::write(hosts.path("key-b"), key_b)?;
-        let mut procs = Vec::new();
-        for (i, (side, addr)) in [("a", ADDR_A), ("b", ADDR_B)].into_iter().enumerate() {
-            let mut c = hosts.cmd(i, &ferry);
-            c.arg("serve")
-                .arg("--socket")
-                .arg(hosts.path(&format!("{side}.sock")))
-                .arg("--listen")
-                .arg(format!("{addr}:{PORT}"))
-                .arg("--key-file")
-                .arg(hosts.path(&format!("key-{side}")))
-                .arg("--state-dir")
-                .arg(hosts.path(&format!("state-{side}")));
-            if i == 0 {
-                c.envs(
-                    opts.source_env
-                        .iter()
-                        .map(|(k, v)| (k.as_str(), v.as_str())),
-                );
-                c.args(&opts.source_sidecar_args);
+            make_certs(&hosts.dir, "ca", &[("a", ADDR_A), ("b", ADDR_B)])?;
+            if opts.wrong_key {
+                // B's certificate comes from another CA.
+                make_certs(&hosts.dir.join("other"), "ca", &[("b", ADDR_B)])?;
             }
-            procs.push(Proc::spawn(
-                &format!("sidecar-{side}"),
-                c,
-                hosts.path(&format!("sidecar-{side}.log")),
-            )?);
+        }
+        let mut procs = Vec::new();
+        for i in 0..2 {
+            procs.push(Self::spawn_sidecar(&hosts, opts, i)?);
         }
         for side in ["a", "b"] {
             let sock = hosts.path(&format!("{side}.sock"));
@@ -443,7 +513,8 @@ impl Cluster {
         let mut c = src;
         c.args(["--max-runtime-s", "300"])
             .arg("--status-file")
-            .arg(hosts.path("vm-a.json"));
+            .arg(hosts.path("vm-a.json"))
+            .args(&opts.source_vmm_args);
         procs.push(Proc::spawn("vmm-a", c, hosts.path("vmm-a.log"))?);
         let mut c = dst;
         c.args(["--max-runtime-s", "300"])
@@ -454,6 +525,82 @@ impl Cluster {
         let cl = Self { procs, hosts };
         cl.wait_registered()?;
         Ok(cl)
+    }
+
+    /// Starts host `i`'s sidecar (again: a restart keeps its state directory).
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be spawned.
+    pub fn spawn_sidecar(hosts: &TwoHosts, opts: &ClusterOpts, i: usize) -> anyhow::Result<Proc> {
+        let (side, addr) = [("a", ADDR_A), ("b", ADDR_B)][i];
+        let mut c = hosts.cmd(i, &bin("ferry"));
+        c.arg("serve")
+            .arg("--socket")
+            .arg(hosts.path(&format!("{side}.sock")))
+            .arg("--listen")
+            .arg(format!("{addr}:{PORT}"))
+            .arg("--state-dir")
+            .arg(hosts.path(&format!("state-{side}")));
+        if opts.psk {
+            c.arg("--insecure-psk")
+                .arg("--key-file")
+                .arg(hosts.path(&format!("key-{side}")));
+        } else if opts.wrong_key && i == 1 {
+            c.args(tls_args(&hosts.dir.join("other"), "ca", side));
+        } else {
+            c.args(tls_args(&hosts.dir, "ca", side));
+        }
+        let (env, args) = if i == 0 {
+            (&opts.source_env, &opts.source_sidecar_args[..])
+        } else {
+            (&opts.dest_env, &[][..])
+        };
+        c.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+        c.args(args);
+        let log = hosts.path(&format!("sidecar-{side}.log"));
+        // A restarted sidecar appends to its log.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&log)?;
+        let child = c
+            .stdin(Stdio::null())
+            .stdout(f.try_clone()?)
+            .stderr(f)
+            .spawn()
+            .with_context(|| format!("spawning sidecar-{side}"))?;
+        Ok(Proc {
+            child,
+            name: format!("sidecar-{side}"),
+            log,
+        })
+    }
+
+    /// Kills host `i`'s sidecar (kill -9) and starts it again on the same socket, port
+    /// and state directory; waits until it answers.
+    ///
+    /// # Errors
+    ///
+    /// When it does not come back.
+    pub fn restart_sidecar(&mut self, opts: &ClusterOpts, i: usize) -> anyhow::Result<()> {
+        self.procs[i].kill9();
+        self.procs[i] = Self::spawn_sidecar(&self.hosts, opts, i)?;
+        wait_for("the restarted sidecar", Duration::from_secs(10), || {
+            self.ferry_status(i).is_some()
+        })
+    }
+
+    /// Waits until sidecar `i` logs that it holds at `point` (see [`hold_at`]).
+    ///
+    /// # Errors
+    ///
+    /// When it does not within 60 s.
+    pub fn wait_hold(&self, i: usize, point: &str) -> anyhow::Result<()> {
+        let marker = format!("test hook: holding at {point}");
+        wait_for(&marker, Duration::from_secs(60), || {
+            self.procs[i].log_text().contains(&marker)
+        })
     }
 
     /// Waits until the source VM runs and is registered, and the destination VMM waits.

@@ -127,11 +127,15 @@ fn killing_the_destination_sidecar_in_round_one_keeps_the_kvm_guest_running() ->
 fn killing_the_destination_sidecar_while_the_kvm_guest_is_paused_resumes_it() -> anyhow::Result<()>
 {
     let _g = serial();
-    let mut cl = Cluster::start(&kvm(256, 32))?;
+    // The source sidecar holds for 5 s right after the guest paused (a test hook): the
+    // destination sidecar is killed in that window, before the final round.
+    let mut cl = Cluster::start(&ClusterOpts {
+        source_env: hold_at("paused"),
+        ..kvm(256, 32)
+    })?;
     let child = cl.spawn_migrate(&["--streams", "4"])?;
-    // Strict verification (the destination checks every page of the guest's record,
-    // then both sides hash all memory) keeps the guest paused long enough to see.
-    wait_for("source paused", Duration::from_secs(60), || {
+    cl.wait_hold(SIDECAR_A, "paused")?;
+    wait_for("source paused", Duration::from_secs(5), || {
         cl.vm_a().is_some_and(|v| v.state == "paused")
     })?;
     cl.procs[SIDECAR_B].kill9();

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use ferry_tests::{bin, serial, status, summary_of, wait_for, Proc};
+use ferry_tests::{bin, make_certs, serial, status, summary_of, tls_args, wait_for, Proc};
 
 /// Fails the test unless this run has an RDMA device.
 fn require_rdma() {
@@ -30,7 +30,8 @@ impl Loopback {
         let dir = std::env::temp_dir().join(format!("ferry-rdma-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("key"), "rdma-e2e-key-0123456789\n")?;
+        // Mutual TLS on the control and TCP data connections; RDMA allowed to the peer.
+        make_certs(&dir, "ca", &[("a", "127.0.0.1"), ("b", "127.0.0.1")])?;
         let port_a = 7790;
         let port_b = 7791;
         let mut procs = Vec::new();
@@ -39,8 +40,9 @@ impl Loopback {
             c.arg("serve")
                 .arg("--socket")
                 .arg(dir.join(format!("{side}.sock")))
-                .args(["--listen", &format!("127.0.0.1:{port}"), "--key-file"])
-                .arg(dir.join("key"))
+                .args(["--listen", &format!("127.0.0.1:{port}")])
+                .args(tls_args(&dir, "ca", side))
+                .args(["--rdma-peer", "127.0.0.1"])
                 .arg("--state-dir")
                 .arg(dir.join(format!("state-{side}")));
             if side == "b" {

@@ -71,11 +71,15 @@ fn killing_the_destination_in_round_one_keeps_the_source_running() -> anyhow::Re
 #[test]
 fn killing_the_destination_during_stop_and_copy_resumes_the_source() -> anyhow::Result<()> {
     let _g = serial();
-    let mut cl = Cluster::start(&ClusterOpts::default())?;
+    // The source sidecar holds for 5 s right after the VM paused (a test hook): the
+    // destination sidecar is killed in that window, before the final round.
+    let mut cl = Cluster::start(&ClusterOpts {
+        source_env: hold_at("paused"),
+        ..ClusterOpts::default()
+    })?;
     let child = cl.spawn_migrate(&[])?;
-    // The destination VMM's full page check makes the paused window last long enough
-    // to see; kill the destination sidecar the moment the source VM pauses.
-    wait_for("source paused", Duration::from_secs(60), || {
+    cl.wait_hold(SIDECAR_A, "paused")?;
+    wait_for("source paused", Duration::from_secs(5), || {
         cl.vm_a().is_some_and(|v| v.state == "paused")
     })?;
     cl.procs[SIDECAR_B].kill9();
@@ -136,6 +140,7 @@ fn a_destination_that_refuses_the_state_leaves_the_source_running() -> anyhow::R
 fn a_peer_with_the_wrong_key_is_refused_before_any_memory_moves() -> anyhow::Result<()> {
     let _g = serial();
     let cl = Cluster::start(&ClusterOpts {
+        psk: true,
         wrong_key: true,
         ..ClusterOpts::default()
     })?;
@@ -157,6 +162,7 @@ fn hostile_peers_get_errors_and_the_sidecar_still_migrates() -> anyhow::Result<(
     let _g = serial();
     let cl = Cluster::start(&ClusterOpts {
         mem_mib: 64,
+        psk: true,
         ..ClusterOpts::default()
     })?;
     // From host A, talk garbage to B's sidecar: HTTP, a 4 GiB frame header, a data
@@ -176,17 +182,21 @@ fn hostile_peers_get_errors_and_the_sidecar_still_migrates() -> anyhow::Result<(
         Ok(())
     };
     probe(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n".to_vec())?;
-    let mut big = Vec::new();
-    big.extend_from_slice(&u32::MAX.to_le_bytes());
-    big.extend_from_slice(&30u16.to_le_bytes());
-    big.extend_from_slice(&0x5246u16.to_le_bytes());
+    // Frames of the peer protocol: 8-byte header (len, tag, magic "FP"), then the payload.
+    let frame = |tag: u16, payload: &[u8]| -> Vec<u8> {
+        let mut f = Vec::new();
+        f.extend_from_slice(&(payload.len() as u32).to_le_bytes());
+        f.extend_from_slice(&tag.to_le_bytes());
+        f.extend_from_slice(b"FP");
+        f.extend_from_slice(payload);
+        f
+    };
+    let mut big = frame(4, &[]);
+    big[..4].copy_from_slice(&u32::MAX.to_le_bytes());
     probe(big)?;
-    let mut forged = Vec::new();
-    let payload: Vec<u8> = [[7u8; 16].as_slice(), &0u16.to_le_bytes(), &[0u8; 32]].concat();
-    forged.extend_from_slice(&(payload.len() as u32).to_le_bytes());
-    forged.extend_from_slice(&43u16.to_le_bytes());
-    forged.extend_from_slice(&0x5246u16.to_le_bytes());
-    forged.extend_from_slice(&payload);
+    // DataHello{session, channel 0}, then DataProof{zeros} for whatever challenge comes.
+    let hello: Vec<u8> = [[7u8; 16].as_slice(), &0u16.to_le_bytes()].concat();
+    let forged = [frame(10, &hello), frame(12, &[0u8; 32])].concat();
     probe(forged)?;
     probe(vec![1, 2, 3])?;
     // Each probe was refused with a reason the sidecar logged; none may have hurt it.

@@ -64,6 +64,7 @@ use std::time::{Duration, Instant};
 use ferry_engine::plan::PageRange;
 use ferry_engine::transport::{RoundStats, TransportError};
 use ferry_engine::PAGE_SIZE;
+use ferry_proto::codec::Writer;
 use ferry_proto::mem::GuestRegion;
 
 use crate::device::{Context, Gid, LinkLayer, PortState};
@@ -90,6 +91,7 @@ pub const MAX_REGIONS: usize = 4096;
 const OFFER_MAGIC: [u8; 4] = *b"FRRO";
 const ANSWER_MAGIC: [u8; 4] = *b"FRRA";
 /// Magic + version + reserved.
+#[cfg(test)]
 const HEADER_LEN: usize = 8;
 
 /// Largest piece of a range one READ request covers: 1 MiB, the engine's
@@ -225,33 +227,39 @@ impl OfferedRegion {
     }
 }
 
-/// A bounds-checked little-endian reader over a peer's bytes.
+/// A bounds-checked little-endian reader over a peer's bytes: the workspace codec
+/// (`ferry_proto::codec::Reader`) with this module's errors.
 struct Reader<'a> {
-    b: &'a [u8],
-    at: usize,
+    inner: ferry_proto::codec::Reader<'a>,
+    len: usize,
     what: &'static str,
 }
 
 impl<'a> Reader<'a> {
     fn new(b: &'a [u8], what: &'static str) -> Self {
-        Reader { b, at: 0, what }
+        Reader {
+            inner: ferry_proto::codec::Reader::new(b, what),
+            len: b.len(),
+            what,
+        }
     }
 
     fn remaining(&self) -> usize {
-        self.b.len() - self.at
+        self.inner.remaining()
+    }
+
+    /// Bytes consumed so far.
+    fn at(&self) -> usize {
+        self.len - self.remaining()
     }
 
     fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if self.remaining() < n {
-            return Err(Error::BadEncoding {
-                what: self.what,
-                expected: self.at.saturating_add(n),
-                got: self.b.len(),
-            });
-        }
-        let s = &self.b[self.at..self.at + n];
-        self.at += n;
-        Ok(s)
+        let at = self.at();
+        self.inner.raw(n).map_err(|_| Error::BadEncoding {
+            what: self.what,
+            expected: at.saturating_add(n),
+            got: self.len,
+        })
     }
 
     fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
@@ -312,8 +320,8 @@ impl<'a> Reader<'a> {
         if n.saturating_mul(min_each) > self.remaining() {
             return Err(Error::BadEncoding {
                 what: self.what,
-                expected: self.at.saturating_add(n.saturating_mul(min_each)),
-                got: self.b.len(),
+                expected: self.at().saturating_add(n.saturating_mul(min_each)),
+                got: self.len,
             });
         }
         Ok(n)
@@ -333,10 +341,8 @@ impl<'a> Reader<'a> {
     }
 }
 
-fn put_header(out: &mut Vec<u8>, magic: [u8; 4]) {
-    out.extend_from_slice(&magic);
-    out.extend_from_slice(&WIRE_VERSION.to_le_bytes());
-    out.extend_from_slice(&0u16.to_le_bytes());
+fn put_header(w: &mut Writer, magic: [u8; 4]) {
+    w.fixed(&magic).u16(WIRE_VERSION).u16(0);
 }
 
 fn len_u32(n: usize) -> u32 {
@@ -345,22 +351,21 @@ fn len_u32(n: usize) -> u32 {
 
 impl Offer {
     fn encode(&self) -> Vec<u8> {
-        let mut out = Vec::new();
-        put_header(&mut out, OFFER_MAGIC);
-        out.extend_from_slice(&len_u32(PAGE_SIZE as usize).to_le_bytes());
-        out.extend_from_slice(&len_u32(self.endpoints.len()).to_le_bytes());
-        out.extend_from_slice(&len_u32(self.regions.len()).to_le_bytes());
+        let mut w = Writer::new();
+        put_header(&mut w, OFFER_MAGIC);
+        w.u32(len_u32(PAGE_SIZE as usize))
+            .u32(len_u32(self.endpoints.len()))
+            .u32(len_u32(self.regions.len()));
         for ep in &self.endpoints {
-            out.extend_from_slice(&ep.to_bytes());
+            w.fixed(&ep.to_bytes());
         }
         for r in &self.regions {
-            out.extend_from_slice(&r.len.to_le_bytes());
-            out.extend_from_slice(&len_u32(r.pieces.len()).to_le_bytes());
+            w.u64(r.len).u32(len_u32(r.pieces.len()));
             for p in &r.pieces {
-                out.extend_from_slice(&p.to_bytes());
+                w.fixed(&p.to_bytes());
             }
         }
-        out
+        w.finish()
     }
 
     /// Decode and validate a peer's offer; also returns the remote memory
@@ -387,7 +392,7 @@ impl Offer {
         if r.remaining() < min_len {
             return Err(Error::BadEncoding {
                 what: "RDMA offer",
-                expected: r.at + min_len,
+                expected: r.at() + min_len,
                 got: b.len(),
             });
         }
@@ -419,7 +424,7 @@ impl Offer {
 
 /// A region's pieces must be whole pages, contiguous, and add up to `len`.
 fn check_region(i: usize, len: u64, pieces: &[RemoteRegion]) -> std::result::Result<(), String> {
-    if len == 0 || len % PAGE_SIZE != 0 {
+    if len == 0 || !len.is_multiple_of(PAGE_SIZE) {
         return Err(format!(
             "region {i}: length {len:#x} is not a positive number of pages"
         ));
@@ -453,13 +458,33 @@ fn check_region(i: usize, len: u64, pieces: &[RemoteRegion]) -> std::result::Res
 }
 
 fn encode_answer(endpoints: &[QpEndpoint]) -> Vec<u8> {
-    let mut out = Vec::with_capacity(HEADER_LEN + 4 + endpoints.len() * QpEndpoint::ENCODED_LEN);
-    put_header(&mut out, ANSWER_MAGIC);
-    out.extend_from_slice(&len_u32(endpoints.len()).to_le_bytes());
+    let mut w = Writer::new();
+    put_header(&mut w, ANSWER_MAGIC);
+    w.u32(len_u32(endpoints.len()));
     for ep in endpoints {
-        out.extend_from_slice(&ep.to_bytes());
+        w.fixed(&ep.to_bytes());
     }
-    out
+    w.finish()
+}
+
+/// Checks a peer's RDMA offer without touching any device (what
+/// [`RdmaPuller::new`] checks first): returns the queue pairs and the
+/// remote memory it describes. For diagnostics and fuzzing.
+///
+/// # Errors
+/// [`Error::BadEncoding`] or [`Error::Invalid`], as [`RdmaPuller::new`].
+pub fn parse_offer(b: &[u8]) -> Result<(Vec<QpEndpoint>, RemoteMemory)> {
+    let (offer, remote) = Offer::decode(b)?;
+    Ok((offer.endpoints, remote))
+}
+
+/// Checks a peer's RDMA answer without touching any device (what
+/// [`RdmaExport::connect`] checks first): returns its queue pairs.
+///
+/// # Errors
+/// [`Error::BadEncoding`] or [`Error::Invalid`].
+pub fn parse_answer(b: &[u8]) -> Result<Vec<QpEndpoint>> {
+    decode_answer(b)
 }
 
 fn decode_answer(b: &[u8]) -> Result<Vec<QpEndpoint>> {
@@ -931,6 +956,10 @@ impl RdmaPuller {
     /// Fault injection for tests: force QP `index` into the error state
     /// after `after_bytes` more bytes have been confirmed (by all QPs of
     /// this puller together; 0 = now). An index out of range is ignored.
+    ///
+    /// Only with the `fault-injection` feature (test builds): not part of the
+    /// crate's API.
+    #[cfg(feature = "fault-injection")]
     pub fn inject_qp_failure(&mut self, index: usize, after_bytes: u64) {
         if index >= self.channels {
             tracing::warn!(

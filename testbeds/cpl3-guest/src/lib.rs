@@ -258,7 +258,7 @@ impl GuestRam {
 
     /// Volatile 8-byte load at `gpa` (8-aligned, inside one region).
     pub fn read_u64(&self, gpa: u64) -> Option<u64> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return None;
         }
         let p = self.host_ptr(gpa, 8)?;
@@ -269,7 +269,7 @@ impl GuestRam {
 
     /// Volatile 8-byte store at `gpa` (8-aligned, inside one region).
     pub fn write_u64(&self, gpa: u64, v: u64) -> Option<()> {
-        if gpa % 8 != 0 {
+        if !gpa.is_multiple_of(8) {
             return None;
         }
         let p = self.host_ptr(gpa, 8)?;

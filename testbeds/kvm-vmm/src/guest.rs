@@ -219,7 +219,7 @@ impl GuestConfig {
         );
         ensure!(self.regions >= 1, "at least one region");
         ensure!(
-            self.ram % (u64::from(self.regions) * TWO_MIB) == 0,
+            self.ram.is_multiple_of(u64::from(self.regions) * TWO_MIB),
             "RAM must split into regions of whole 2 MiB"
         );
         ensure!(self.ram <= 64 << 30, "at most 64 GiB (page-table limit)");

@@ -8,12 +8,12 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use ferry_kvm_glue::dirty::DirtyModeRequest;
-use ferry_kvm_glue::endpoint::{ServeEnd, SidecarLink};
+use ferry_kvm_glue::endpoint::{IncomingEndpoint, ServeEnd, SourceEndpoint};
 use ferry_kvm_vmm::guest::{self, GuestConfig, Pattern};
 use ferry_kvm_vmm::machine::{Machine, RunOptions};
 use ferry_kvm_vmm::migrate::{migrate_local, DestVm, RecordCheck, SourceVm};
 use ferry_kvm_vmm::status::StatusFile;
-use ferry_proto::msg::RegionInfo;
+use ferry_proto::common::RegionInfo;
 
 #[derive(Parser)]
 #[command(
@@ -67,6 +67,10 @@ enum Cmd {
         /// Refuse every incoming VM at load (fault injection: the source must resume).
         #[arg(long)]
         refuse_load: bool,
+        /// Fail Start this many times (fault injection: a destination that cannot run
+        /// the committed VM; the VM stays loaded, not running).
+        #[arg(long, default_value_t = 0)]
+        refuse_start: u32,
         /// Pretend this host's CPU vendor string is this (fault injection for the CPU
         /// compatibility check, e.g. GenuineIntel on an AMD host).
         #[arg(long)]
@@ -89,9 +93,9 @@ enum Cmd {
         /// Pre-copy round limit.
         #[arg(long, default_value_t = 10)]
         max_rounds: u32,
-        /// Stop pre-copy once a round copies fewer pages.
-        #[arg(long, default_value_t = 2048)]
-        converge_pages: u64,
+        /// Downtime budget in milliseconds (pre-copy stops once the dirty set fits it).
+        #[arg(long, default_value_t = 5)]
+        downtime_ms: u64,
         /// Seconds to run the destination before the final verification.
         #[arg(long, default_value_t = 2)]
         run_seconds: u64,
@@ -207,6 +211,7 @@ fn main() -> Result<()> {
             vm_id,
             verify_after_s,
             refuse_load,
+            refuse_start,
             pretend_cpu_vendor,
             check_record,
             process,
@@ -221,6 +226,7 @@ fn main() -> Result<()> {
                 status,
             );
             vm.refuse_load = refuse_load;
+            vm.refuse_start = refuse_start;
             vm.host_vendor = pretend_cpu_vendor;
             vm.check = check_record;
             vm.prepare()?;
@@ -230,15 +236,9 @@ fn main() -> Result<()> {
             guest,
             warmup_seconds,
             max_rounds,
-            converge_pages,
+            downtime_ms,
             run_seconds,
-        } => local(
-            &guest,
-            warmup_seconds,
-            max_rounds,
-            converge_pages,
-            run_seconds,
-        ),
+        } => local(&guest, warmup_seconds, max_rounds, downtime_ms, run_seconds),
     }
 }
 
@@ -306,51 +306,13 @@ fn source(g: &GuestArgs, sidecar: &Path, vm_id: &str, p: &ProcessArgs) -> Result
 }
 
 /// Registers the VM with the sidecar and serves it until it is migrated away. When the
-/// sidecar goes away the VM runs on and is registered again once the sidecar is back.
+/// sidecar goes away the VM runs on (unless it is paused under a commit fence: then it
+/// waits, paused, for the next sidecar to say what became of the migration) and is
+/// registered again once the sidecar is back.
 fn serve_forever(mut vm: SourceVm, sidecar: &Path, vm_id: &str) -> Result<()> {
     let profile = vm.machine.cpu_profile().encode();
-    let mut linked = true;
-    loop {
-        if let Some(f) = vm.machine.failure() {
-            vm.status.set("failed", f.clone());
-            bail!("{f}");
-        }
-        match serve_once(&mut vm, sidecar, vm_id, &profile, &mut linked) {
-            Ok(ServeEnd::MigratedAway) => {
-                println!(
-                    "source: migrated away; counters at pause {:?}",
-                    vm.paused_counters.unwrap_or_default()
-                );
-                return Ok(());
-            }
-            Ok(ServeEnd::SidecarGone) => {
-                tracing::warn!("the sidecar went away; the VM keeps running here");
-            }
-            Err(e) if linked => {
-                tracing::warn!("sidecar link: {e:#}; the VM keeps running here");
-                linked = false;
-            }
-            Err(_) => {}
-        }
-        // Whatever a broken migration left on: no dirty logging while nobody reads it.
-        if let Err(e) = vm.machine.stop_dirty_log() {
-            tracing::warn!("switching dirty logging off: {e:#}");
-        }
-        std::thread::sleep(Duration::from_millis(500));
-    }
-}
-
-fn serve_once(
-    vm: &mut SourceVm,
-    sidecar: &Path,
-    vm_id: &str,
-    profile: &[u8],
-    linked: &mut bool,
-) -> Result<ServeEnd> {
-    let mut link = SidecarLink::connect(sidecar)?;
-    let regions: Vec<RegionInfo> = vm
-        .machine
-        .ram()
+    let ram = vm.machine.ram_shared();
+    let regions: Vec<RegionInfo> = ram
         .regions()
         .iter()
         .map(|r| RegionInfo {
@@ -359,31 +321,50 @@ fn serve_once(
             offset: r.offset,
         })
         .collect();
-    let ram = vm.machine.ram_shared();
     let fds: Vec<_> = ram.regions().iter().map(|r| r.memfd.as_fd()).collect();
-    link.register(vm_id, &regions, &fds, profile.to_vec())?;
-    *linked = true;
-    tracing::info!(vm_id, "registered with the sidecar");
-    Ok(link.serve(vm)?)
+    let mut ep = SourceEndpoint::new(sidecar, vm_id, regions, profile);
+    let mut linked = true;
+    loop {
+        if let Some(f) = vm.machine.failure() {
+            vm.status.set("failed", f.clone());
+            bail!("{f}");
+        }
+        match ep.serve(&mut vm, &fds) {
+            Ok(ServeEnd::MigratedAway) => {
+                println!(
+                    "source: migrated away; counters at pause {:?}",
+                    vm.paused_counters.unwrap_or_default()
+                );
+                return Ok(());
+            }
+            Ok(ServeEnd::SidecarGone) => {
+                tracing::warn!("the sidecar went away");
+                linked = true;
+            }
+            Err(e) if linked => {
+                tracing::warn!("sidecar link: {e:#}");
+                linked = false;
+            }
+            Err(_) => {}
+        }
+        if !ep.is_paused() {
+            // Whatever a broken migration left on: no dirty logging while nobody reads it.
+            if let Err(e) = vm.machine.stop_dirty_log() {
+                tracing::warn!("switching dirty logging off: {e:#}");
+            }
+        }
+        std::thread::sleep(Duration::from_millis(500));
+    }
 }
 
 fn dest(mut vm: DestVm, sidecar: &Path, vm_id: &str, verify_after: Option<u64>) -> Result<()> {
     let status = vm.status.clone();
     status.set("waiting", format!("waiting for {vm_id}"));
+    let mut ep = IncomingEndpoint::new(sidecar, vm_id);
     let mut linked = true;
     let detail = loop {
-        let r = SidecarLink::connect(sidecar)
-            .and_then(|mut link| {
-                link.await_incoming(vm_id)?;
-                Ok(link)
-            })
-            .map_err(anyhow::Error::from)
-            .and_then(|mut link| {
-                tracing::info!(vm_id, "waiting for the incoming VM");
-                linked = true;
-                Ok(link.receive(&mut vm)?)
-            });
-        match r {
+        tracing::info!(vm_id, "waiting for the incoming VM");
+        match ep.receive(&mut vm) {
             Ok(detail) => break detail,
             Err(e) => {
                 if linked {
@@ -411,7 +392,7 @@ fn local(
     g: &GuestArgs,
     warmup: u64,
     max_rounds: u32,
-    converge: u64,
+    downtime_ms: u64,
     run_seconds: u64,
 ) -> Result<()> {
     let (cfg, opts) = g.config();
@@ -419,7 +400,15 @@ fn local(
     m.start()?;
     progress(&m, warmup)?;
     let mut src = SourceVm::new(m, StatusFile::new(None));
-    let (dst, r) = migrate_local(&mut src, max_rounds, converge)?;
+    let (dst, r) = migrate_local(
+        &mut src,
+        ferry_engine::precopy::ConvergencePolicy {
+            downtime_budget: Duration::from_millis(downtime_ms),
+            max_rounds,
+            timeout: Duration::from_secs(600),
+            on_limit: ferry_engine::precopy::LimitAction::ForceStopAndCopy,
+        },
+    )?;
     println!(
         "migrated: pages per round {:?}; pause {:?}; downtime (strict: incl. verify) {:?}",
         r.rounds, r.pause, r.downtime

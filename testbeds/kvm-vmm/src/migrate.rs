@@ -1,15 +1,24 @@
 //! Migration integration: this VMM as a source ([`MigratableVm`]) and as a destination
-//! ([`IncomingVm`]) of kvm-glue's sidecar protocol, and [`migrate_local`], the same calls
-//! driven in one process without a sidecar (a self-test of the VMM side).
+//! ([`IncomingVm`]) of kvm-glue's sidecar protocol, and [`migrate_local`]: the engine's
+//! own sessions driving both sides in one process, without a sidecar (a self-test of the
+//! VMM side, and a third driver of the same sessions the sidecar and the simulator run).
 
 use std::os::fd::OwnedFd;
 use std::time::{Duration, Instant};
 
 use anyhow::{ensure, Context, Result};
 use ferry_cpl3_guest::GuestRam;
+use ferry_engine::bitmap::DirtyBitmap;
+use ferry_engine::digest::MemoryDigest;
+use ferry_engine::precopy::ConvergencePolicy;
+use ferry_engine::session::{
+    DestCommand, DestEvent, DestPhase, DestSession, Failure, FailureKind, SourceCommand,
+    SourceConfig, SourceEvent, SourceOutcome, SourceSession, TransportKind, VerifyMode,
+};
+use ferry_engine::transport::{RoundStats, Transport, TransportError, Window, WindowOutcome};
 use ferry_kvm_glue::cpu::CpuProfile;
 use ferry_kvm_glue::endpoint::{IncomingVm, MigratableVm, VmError};
-use ferry_proto::msg::RegionInfo;
+use ferry_proto::common::RegionInfo;
 
 use crate::guest::{self, Counters};
 use crate::machine::{host_cpu_profile, Machine, RunOptions};
@@ -102,6 +111,18 @@ impl MigratableVm for SourceVm {
         Ok(())
     }
 
+    fn fenced(&mut self, fence: &ferry_proto::vmm::Fence, lost: bool) {
+        let what = if lost {
+            "the sidecar link was lost after the commit fence: paused until a sidecar says whether the VM moved"
+        } else {
+            "a commit decision may be recorded: paused, and stays paused if the sidecar is lost"
+        };
+        self.status.set(
+            "paused",
+            format!("{what} (session {}, to {})", fence.session, fence.to),
+        );
+    }
+
     fn stop(&mut self) -> Result<(), VmError> {
         self.stopped = true;
         let r = self.machine.stop().map_err(boxed);
@@ -156,6 +177,9 @@ pub struct DestVm {
     pub status: StatusFile,
     /// Refuse every incoming VM (fault injection: the source must resume its VM).
     pub refuse_load: bool,
+    /// Fail `Start` this many times (fault injection: a destination that cannot run the
+    /// committed VM), leaving the VM loaded and not running.
+    pub refuse_start: u32,
     /// Pretend this host's CPU vendor is this (fault injection for the CPU check).
     pub host_vendor: Option<String>,
     /// When the data pages of the guest's record are checked.
@@ -175,6 +199,7 @@ impl DestVm {
             load_times: (Duration::ZERO, Duration::ZERO),
             status,
             refuse_load: false,
+            refuse_start: 0,
             host_vendor: None,
             check: RecordCheck::AtLoad,
             host_cpu: None,
@@ -378,8 +403,23 @@ impl IncomingVm for DestVm {
     }
 
     fn start(&mut self) -> Result<String, VmError> {
+        if self.refuse_start > 0 {
+            self.refuse_start -= 1;
+            let e = anyhow::anyhow!("this VMM was told to fail Start (--refuse-start)");
+            self.status
+                .set("loaded", format!("{e:#}; the VM is loaded, not running"));
+            return Err(boxed(e));
+        }
         self.start_inner().map_err(|e| {
-            self.status.set("failed", format!("{e:#}"));
+            // A failed start leaves the VM not running (the sidecar reports the failure
+            // and keeps both copies for the operator).
+            if let Some(m) = self.machine.as_ref() {
+                if let Err(p) = m.pause() {
+                    tracing::error!("pausing the VM after a failed start: {p:#}");
+                }
+            }
+            self.status
+                .set("failed", format!("{e:#}; the VM is paused"));
             boxed(e)
         })
     }
@@ -440,76 +480,254 @@ pub struct LocalReport {
     pub detail: String,
 }
 
-/// Migrates `src` into a new machine in this process through the same trait calls a
-/// sidecar makes: logging on, round 1 (all non-zero pages), pre-copy rounds until fewer
-/// than `converge_pages` are dirty (at most `max_rounds`), pause, final round, state,
-/// load + verify, start. Returns the destination and a report; the source is stopped.
-///
-/// # Errors
-///
-/// Any failing step (the source is resumed before the error is returned if it was
-/// paused and the destination did not start).
-pub fn migrate_local(
-    src: &mut SourceVm,
-    max_rounds: u32,
-    converge_pages: u64,
-) -> Result<(DestVm, LocalReport)> {
-    let to_anyhow = |e: VmError| anyhow::anyhow!("{e}");
-    let regions = src.machine.cfg.region_layout();
-    let dst_ram = GuestRam::new_memfd(&regions).context("destination memfds")?;
-    src.start_dirty_log().map_err(to_anyhow)?;
-    let mut rounds = vec![copy_pages(src.machine.ram(), &dst_ram, None)?];
-    for _ in 0..max_rounds {
-        let b = src.take_dirty(false).map_err(to_anyhow)?;
-        let n = copy_pages(src.machine.ram(), &dst_ram, Some(&b))?;
-        rounds.push(n);
-        if n < converge_pages {
-            break;
-        }
+/// The in-process transport: copies a window's pages from one RAM to the other.
+struct LocalCopy<'a> {
+    src: &'a GuestRam,
+    dst: &'a GuestRam,
+}
+
+impl Transport for LocalCopy<'_> {
+    fn kind(&self) -> TransportKind {
+        TransportKind::Tcp
     }
-    let t_pause = Instant::now();
-    let pause = src.pause().map_err(to_anyhow)?;
-    let result = (|| -> Result<(DestVm, String)> {
-        let b = src.take_dirty(true).map_err(to_anyhow)?;
-        rounds.push(copy_pages(src.machine.ram(), &dst_ram, Some(&b))?);
-        let blob = src.save_state().map_err(to_anyhow)?;
-        let mut dst = DestVm::new(src.machine.opts, StatusFile::new(None));
-        let fds = dst_ram
+
+    fn channels(&self) -> usize {
+        1
+    }
+
+    fn send_window(
+        &mut self,
+        w: &Window,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> std::result::Result<WindowOutcome, TransportError> {
+        let mut buf = vec![0u8; guest::PAGE as usize];
+        let mut stats = RoundStats::default();
+        for r in w.plan.ranges() {
+            let region = self
+                .src
+                .regions()
+                .get(r.region as usize)
+                .ok_or_else(|| TransportError::Protocol(format!("no region {}", r.region)))?;
+            for p in r.first..r.end() {
+                let gpa = region.gpa + p * guest::PAGE;
+                let copied = self
+                    .src
+                    .read(gpa, &mut buf)
+                    .and_then(|()| self.dst.write(gpa, &buf));
+                if copied.is_none() {
+                    return Err(TransportError::Protocol(format!(
+                        "page {gpa:#x} is outside the RAM"
+                    )));
+                }
+                stats.pages += 1;
+                stats.bytes += guest::PAGE;
+            }
+        }
+        progress(stats.bytes);
+        Ok(WindowOutcome::Done(stats))
+    }
+}
+
+fn ram_digest(ram: &GuestRam) -> MemoryDigest {
+    MemoryDigest {
+        regions: ram
             .regions()
             .iter()
             .map(|r| {
-                let fd = r.memfd.try_clone().context("dup memfd")?;
-                Ok((
-                    RegionInfo {
-                        gpa: r.gpa,
-                        size: r.size,
-                        offset: r.offset,
-                    },
-                    fd,
-                ))
+                let mut bytes = vec![0u8; r.size as usize];
+                let _ = ram.read(r.gpa, &mut bytes);
+                ferry_engine::digest::region_digest(&bytes)
             })
-            .collect::<Result<Vec<_>>>()?;
-        dst.load("local", fds, blob).map_err(to_anyhow)?;
-        let detail = dst.start().map_err(to_anyhow)?;
-        Ok((dst, detail))
-    })();
-    match result {
-        Ok((dst, detail)) => {
-            let downtime = t_pause.elapsed();
-            src.stop().map_err(to_anyhow)?;
-            Ok((
-                dst,
-                LocalReport {
-                    rounds,
-                    pause,
-                    downtime,
-                    detail,
-                },
-            ))
-        }
-        Err(e) => {
-            let _ = src.resume();
-            Err(e)
-        }
+            .collect(),
+    }
+}
+
+/// Migrates `src` into a new machine in this process, driven by the engine's own
+/// sessions (`ferry_engine::session`), as a sidecar pair would: logging on, rounds in
+/// windows until the dirty set fits `policy`, pause, final round, state, load and verify
+/// (strict), fence, commit, start. Returns the destination and a report; the source is
+/// stopped.
+///
+/// # Errors
+///
+/// The migration did not commit (the source runs again if it was paused).
+pub fn migrate_local(
+    src: &mut SourceVm,
+    policy: ConvergencePolicy,
+) -> Result<(DestVm, LocalReport)> {
+    let regions = src.machine.cfg.region_layout();
+    let dst_ram = GuestRam::new_memfd(&regions).context("destination memfds")?;
+    let npages: Vec<u64> = src
+        .machine
+        .ram()
+        .regions()
+        .iter()
+        .map(|r| r.size / guest::PAGE)
+        .collect();
+    let mut cfg = SourceConfig::new(npages);
+    cfg.policy = policy;
+    cfg.verify = VerifyMode::Strict;
+    let mut session = SourceSession::new(cfg);
+    let mut dest = DestSession::new();
+    let mut dst = DestVm::new(src.machine.opts, StatusFile::new(None));
+    let t0 = Instant::now();
+    let mut pause = Duration::ZERO;
+    let mut paused_at = None;
+    let mut detail = String::new();
+    let err = |e: VmError| Failure::new(FailureKind::VmmRefused, e.to_string());
+    while let Some(cmd) = session.poll() {
+        use SourceCommand as C;
+        use SourceEvent as E;
+        let ev = match cmd {
+            C::Negotiate => Ok(E::Negotiated(vec![(TransportKind::Tcp, 1)])),
+            C::StartDirtyLog => src
+                .start_dirty_log()
+                .map(|()| E::DirtyLogStarted)
+                .map_err(err),
+            C::TakeDirty { final_round, delay } => {
+                std::thread::sleep(delay);
+                src.take_dirty(final_round).map_err(err).and_then(|maps| {
+                    maps.into_iter()
+                        .zip(src.machine.ram().regions())
+                        .map(|(w, r)| DirtyBitmap::from_words(w, r.size / guest::PAGE))
+                        .collect::<std::result::Result<Vec<_>, _>>()
+                        .map(E::Dirty)
+                        .map_err(|e| Failure::new(FailureKind::VmmRefused, e.to_string()))
+                })
+            }
+            C::SendWindow(w) => LocalCopy {
+                src: src.machine.ram(),
+                dst: &dst_ram,
+            }
+            .send_window(&w, &|_| {})
+            .map(E::WindowSent)
+            .map_err(|e| Failure::new(FailureKind::Transport, e.to_string())),
+            C::Pause => {
+                paused_at = Some(Instant::now());
+                src.pause()
+                    .map(|d| {
+                        pause = d;
+                        E::Paused(d)
+                    })
+                    .map_err(err)
+            }
+            C::SaveState => src.save_state().map(E::StateSaved).map_err(err),
+            C::SendState(blob) => {
+                dest.handle(DestEvent::StateArrived(blob));
+                run_dest(&mut dest, &mut dst, &dst_ram);
+                Ok(E::StateSent)
+            }
+            C::HashSource => Ok(E::SourceHashed(ram_digest(src.machine.ram()))),
+            C::AwaitReady => match dest.phase() {
+                DestPhase::Loaded => Ok(E::PeerReady(ram_digest(&dst_ram))),
+                other => Err(Failure::new(
+                    FailureKind::PeerRefused,
+                    format!("destination is {}", other.name()),
+                )),
+            },
+            C::Fence | C::Record(_) => Ok(if matches!(cmd, C::Fence) {
+                E::Fenced
+            } else {
+                E::Recorded
+            }),
+            C::SendCommit | C::ReplayCommit => {
+                dest.handle(DestEvent::Commit);
+                run_dest(&mut dest, &mut dst, &dst_ram);
+                match dest.phase() {
+                    DestPhase::Running(d) => {
+                        detail = d.clone();
+                        Ok(E::PeerRunning(d.clone()))
+                    }
+                    DestPhase::StartFailed { reason, .. } => Ok(E::PeerStartFailed(reason.clone())),
+                    other => Err(Failure::new(
+                        FailureKind::PeerRefused,
+                        format!("destination is {}", other.name()),
+                    )),
+                }
+            }
+            C::AskDiscard => Ok(E::PeerDiscarded),
+            C::Sleep(d) => {
+                std::thread::sleep(d);
+                Ok(E::Slept)
+            }
+            C::AbortPeer(reason) => {
+                dest.handle(DestEvent::Abort(reason));
+                run_dest(&mut dest, &mut dst, &dst_ram);
+                Ok(E::PeerTold)
+            }
+            C::Resume => src.resume().map(|()| E::Resumed).map_err(err),
+            C::Stop => src.stop().map(|()| E::Stopped).map_err(err),
+        };
+        session.handle(t0.elapsed(), ev.unwrap_or_else(E::Failed));
+    }
+    match session.outcome() {
+        Some(SourceOutcome::Committed) => Ok((
+            dst,
+            LocalReport {
+                rounds: session
+                    .report()
+                    .rounds
+                    .iter()
+                    .map(|r| r.stats.pages)
+                    .collect(),
+                pause,
+                downtime: paused_at.map(|t| t.elapsed()).unwrap_or_default(),
+                detail,
+            },
+        )),
+        other => anyhow::bail!(
+            "the local migration ended {:?}: {}",
+            other,
+            session.report().error.clone().unwrap_or_default()
+        ),
+    }
+}
+
+/// Carries out the in-process destination's commands against `dst`.
+fn run_dest(s: &mut DestSession, dst: &mut DestVm, ram: &GuestRam) {
+    while let Some(cmd) = s.poll() {
+        let ev = match cmd {
+            DestCommand::Load(blob) => {
+                let fds = ram
+                    .regions()
+                    .iter()
+                    .map(|r| {
+                        r.memfd.try_clone().map(|fd| {
+                            (
+                                RegionInfo {
+                                    gpa: r.gpa,
+                                    size: r.size,
+                                    offset: r.offset,
+                                },
+                                fd,
+                            )
+                        })
+                    })
+                    .collect::<std::io::Result<Vec<_>>>();
+                match fds {
+                    Ok(fds) => match dst.load("local", fds, blob) {
+                        Ok(()) => DestEvent::Loaded,
+                        Err(e) => DestEvent::LoadFailed(e.to_string()),
+                    },
+                    Err(e) => DestEvent::LoadFailed(e.to_string()),
+                }
+            }
+            DestCommand::Start => match dst.start() {
+                Ok(d) => DestEvent::Started(d),
+                Err(e) => DestEvent::StartFailed(e.to_string()),
+            },
+            DestCommand::Discard => {
+                dst.discard();
+                DestEvent::Discarded
+            }
+            DestCommand::Record(_) => DestEvent::Recorded,
+            DestCommand::Hold => continue,
+            DestCommand::SendReady
+            | DestCommand::SendRunning(_)
+            | DestCommand::SendStartFailed(_)
+            | DestCommand::SendDiscarded
+            | DestCommand::Refuse(_) => DestEvent::Told,
+        };
+        s.handle(ev);
     }
 }

@@ -31,7 +31,16 @@ fn migrate(pattern: Pattern, dirty: DirtyModeRequest, regions: u32) {
     m.start().expect("start");
     std::thread::sleep(Duration::from_millis(300));
     let mut src = SourceVm::new(m, StatusFile::new(None));
-    let (dst, report) = migrate_local(&mut src, 10, 256).expect("migration");
+    let (dst, report) = migrate_local(
+        &mut src,
+        ferry_engine::precopy::ConvergencePolicy {
+            downtime_budget: Duration::from_millis(1),
+            max_rounds: 10,
+            timeout: Duration::from_secs(60),
+            on_limit: ferry_engine::precopy::LimitAction::ForceStopAndCopy,
+        },
+    )
+    .expect("migration");
     assert!(src.stopped);
     eprintln!(
         "{pattern:?}/{dirty:?}: rounds {:?}, pause {:?}, downtime {:?}",
@@ -71,7 +80,7 @@ fn a_skipped_final_round_is_caught_by_verification() {
     use ferry_cpl3_guest::GuestRam;
     use ferry_kvm_glue::endpoint::{IncomingVm, MigratableVm};
     use ferry_kvm_vmm::migrate::{copy_pages, DestVm};
-    use ferry_proto::msg::RegionInfo;
+    use ferry_proto::common::RegionInfo;
 
     let cfg = GuestConfig {
         ram: 64 << 20,

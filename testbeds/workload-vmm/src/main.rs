@@ -14,16 +14,18 @@
 mod stamp;
 mod workload;
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
 use clap::Parser;
-use ferry_kvm_glue::endpoint::{IncomingVm, MigratableVm, ServeEnd, SidecarLink, VmError};
+use ferry_kvm_glue::endpoint::{
+    IncomingEndpoint, IncomingVm, MigratableVm, ServeEnd, SourceEndpoint, VmError,
+};
+use ferry_proto::common::RegionInfo;
 use ferry_proto::mem::PAGE;
-use ferry_proto::msg::RegionInfo;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 
 use workload::{Pattern, Workload, WriterConfig};
 
@@ -70,6 +72,18 @@ struct Args {
     /// resume its VM).
     #[arg(long)]
     refuse_load: bool,
+    /// Fail Start this many times (fault injection: a destination that cannot run the
+    /// committed VM; it stays loaded, not running).
+    #[arg(long, default_value_t = 0)]
+    refuse_start: u32,
+    /// Register the first region this many MiB larger than its memfd (fault injection:
+    /// the sidecar must refuse the registration).
+    #[arg(long, default_value_t = 0)]
+    register_extra_mib: u64,
+    /// Truncate the first memfd to half its size when the migration starts (fault
+    /// injection: the sidecar must survive and abort the migration).
+    #[arg(long)]
+    truncate_on_migrate: bool,
     /// Keep a JSON status here, rewritten every 100 ms.
     #[arg(long)]
     status_file: Option<PathBuf>,
@@ -114,6 +128,8 @@ struct Vm {
     cfg: WriterConfig,
     verify_on_load: bool,
     refuse_load: bool,
+    refuse_start: u32,
+    truncate_on_migrate: bool,
 }
 
 impl Vm {
@@ -130,7 +146,20 @@ impl Vm {
 
 impl MigratableVm for Vm {
     fn start_dirty_log(&mut self) -> Result<(), VmError> {
-        self.wl()?.clear_dirty();
+        let truncate = self.truncate_on_migrate;
+        let wl = self.wl()?;
+        wl.clear_dirty();
+        if truncate {
+            let half = wl.layout[0].size / 2;
+            tracing::warn!("test fault injection: truncating region 0's memfd to {half} bytes");
+            // SAFETY: ftruncate on our own open memfd changes its size, no memory of ours:
+            // the writers keep to their own mapping (only the sidecar's mapping of the cut
+            // half matters to the test).
+            let rc = unsafe { libc::ftruncate(wl.memfds[0].as_raw_fd(), half as libc::off_t) };
+            if rc != 0 {
+                return Err(format!("ftruncate: {}", std::io::Error::last_os_error()).into());
+            }
+        }
         Ok(())
     }
 
@@ -159,6 +188,15 @@ impl MigratableVm for Vm {
         wl.stop();
         self.set_state("migrated", "the destination runs the VM".into());
         Ok(())
+    }
+
+    fn fenced(&mut self, fence: &ferry_proto::vmm::Fence, lost: bool) {
+        let what = if lost {
+            "sidecar lost after the commit fence: paused until a sidecar says whether the VM moved"
+        } else {
+            "commit fence: paused, and stays paused if the sidecar is lost"
+        };
+        self.set_state("paused", format!("{what} (session {})", fence.session));
     }
 }
 
@@ -197,6 +235,14 @@ impl IncomingVm for Vm {
     }
 
     fn start(&mut self) -> Result<String, VmError> {
+        if self.refuse_start > 0 {
+            self.refuse_start -= 1;
+            self.set_state(
+                "loaded",
+                "told to fail Start (--refuse-start); loaded, not running".into(),
+            );
+            return Err("this VMM was told to fail Start (--refuse-start)".into());
+        }
         let detail = self.status.lock().expect("status lock").detail.clone();
         let wl = self.wl()?;
         let counters = wl.counters();
@@ -244,6 +290,8 @@ fn main() -> anyhow::Result<()> {
         cfg,
         verify_on_load: !args.no_verify,
         refuse_load: args.refuse_load,
+        refuse_start: args.refuse_start,
+        truncate_on_migrate: args.truncate_on_migrate,
     };
 
     // Status reporter: counters as of the writers' last save, every 100 ms.
@@ -266,9 +314,16 @@ fn main() -> anyhow::Result<()> {
 
     if args.incoming {
         status.lock().expect("status lock").state = "waiting";
-        let mut link = SidecarLink::connect(&args.socket)?;
-        link.await_incoming(&args.vm_id)?;
-        let detail = link.receive(&mut vm).context("receiving the VM")?;
+        let mut ep = IncomingEndpoint::new(&args.socket, &args.vm_id);
+        let detail = loop {
+            match ep.receive(&mut vm) {
+                Ok(d) => break d,
+                Err(e) => {
+                    tracing::warn!("sidecar link: {e:#}; waiting again");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+            }
+        };
         tracing::info!(%detail, "incoming VM runs");
     } else {
         let sizes = split(args.mem_mib << 20, args.regions);
@@ -284,8 +339,26 @@ fn main() -> anyhow::Result<()> {
         vm.set_state("running", String::new());
     }
     // Run, and stay migratable: (re)register with the sidecar whenever it is there.
+    let (mut layout, fds) = {
+        let wl = vm.wl.as_ref().context("no VM to register")?;
+        let fds = wl
+            .memfds
+            .iter()
+            .map(OwnedFd::try_clone)
+            .collect::<std::io::Result<Vec<_>>>()?;
+        (wl.layout.clone(), fds)
+    };
+    if args.register_extra_mib > 0 {
+        tracing::warn!(
+            "test fault injection: registering region 0 {} MiB larger than its memfd",
+            args.register_extra_mib
+        );
+        layout[0].size += args.register_extra_mib << 20;
+    }
+    let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
+    let mut ep = SourceEndpoint::new(&args.socket, &args.vm_id, layout, Vec::new());
     loop {
-        match serve_once(&args.socket, &args.vm_id, &mut vm) {
+        match ep.serve(&mut vm, &borrowed) {
             Ok(ServeEnd::MigratedAway) => {
                 write_status(&args.status_file, &status.lock().expect("status lock"));
                 tracing::info!("migrated away; exiting");
@@ -296,14 +369,6 @@ fn main() -> anyhow::Result<()> {
         }
         std::thread::sleep(Duration::from_millis(500));
     }
-}
-
-fn serve_once(socket: &Path, vm_id: &str, vm: &mut Vm) -> anyhow::Result<ServeEnd> {
-    let mut link = SidecarLink::connect(socket)?;
-    let wl = vm.wl.as_ref().context("no VM to register")?;
-    let fds: Vec<_> = wl.memfds.iter().map(|f| f.as_fd()).collect();
-    link.register(vm_id, &wl.layout, &fds, Vec::new())?;
-    Ok(link.serve(vm)?)
 }
 
 fn split(total: u64, parts: u64) -> Vec<u64> {

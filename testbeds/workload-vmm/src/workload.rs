@@ -8,8 +8,8 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use ferry_proto::codec::{Reader, Writer};
+use ferry_proto::common::RegionInfo;
 use ferry_proto::mem::{GuestRegion, PAGE};
-use ferry_proto::msg::RegionInfo;
 
 use crate::stamp::{check_page, write_page};
 
@@ -182,7 +182,7 @@ impl Shared {
                 self.write(page);
                 st.count += 1;
                 since += 1;
-                if st.count % 64 == 0 {
+                if st.count.is_multiple_of(64) {
                     *self.writer_state[w].lock().expect("writer state lock") = st;
                 }
             }

@@ -1,0 +1,1175 @@
+//! The source side of one migration.
+//!
+//! ```text
+//!  Negotiating -> Precopy (rounds of windows) -> StopAndCopy (paused, final round, state)
+//!    -> Verifying (Ready; strict: digests compared) -> Fencing (the VMM promises not to
+//!    resume on its own) -> Recording (decision written and synced) == COMMIT POINT ==
+//!    Committing (Commit sent) -> Confirming (Running; confirmed recorded; after-resume:
+//!    digests compared) -> Stopping -> Done
+//!  any failure before the commit point -> Aborting (tell the peer, resume the VM) -> Done
+//!  a failure after it -> Replaying (the decision, on fresh connections, for the replay
+//!    window) -> Confirming, or Done(CommittedUnconfirmed) with the VM paused
+//! ```
+//!
+//! Dirty-log order (`docs/design.md`): a page is sent only after the log read that covers
+//! its latest logged write has cleared it. Rounds go out in windows of
+//! [`SourceConfig::window_pages`]; before each window after the first the log is read and
+//! cleared, and the window's pages leave the carried dirty set because they are about to be
+//! sent with whatever they hold. A write after that read is in the next read. The final
+//! round runs with the VM paused, in one window.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use super::{DecisionState, Failure, FailureKind, TransportKind, VerifyMode};
+use crate::bitmap::DirtyBitmap;
+use crate::digest::MemoryDigest;
+use crate::plan::{cold_first, plan, ranges_of, windows, PageRange, DEFAULT_CHUNK_PAGES};
+use crate::precopy::{ConvergencePolicy, PrecopyController, RoundRecord, Step, StopReason};
+use crate::transport::{RoundStats, Window, WindowOutcome};
+use crate::PAGE_SIZE;
+
+/// Pages per window of a pre-copy round: 64 MiB. One read of a 1 GiB log costs under
+/// 1 ms against ~64 ms of sending per window at 1 GB/s: ~2 % for far fewer re-sends
+/// (`ferry-bench coldfirst`).
+pub const DEFAULT_WINDOW_PAGES: u64 = 16_384;
+
+/// What a source session is configured with.
+#[derive(Clone, Debug)]
+pub struct SourceConfig {
+    /// Pages of each registered RAM region, in layout order.
+    pub regions: Vec<u64>,
+    /// When pre-copy may stop.
+    pub policy: ConvergencePolicy,
+    /// When the digests are compared.
+    pub verify: VerifyMode,
+    /// Watch writes this long before round 1 and send those pages last (zero: off).
+    pub observe: Duration,
+    /// Pages per window of a pre-copy round.
+    pub window_pages: u64,
+    /// Largest piece of a range one channel takes at a time.
+    pub chunk_pages: u64,
+    /// How long a decision the link lost is replayed before the operator is asked.
+    pub replay_window: Duration,
+    /// Pause between two replay attempts.
+    pub replay_interval: Duration,
+}
+
+impl SourceConfig {
+    /// Defaults for a VM with these regions.
+    pub fn new(regions: Vec<u64>) -> Self {
+        Self {
+            regions,
+            policy: ConvergencePolicy::default(),
+            verify: VerifyMode::default(),
+            observe: Duration::ZERO,
+            window_pages: DEFAULT_WINDOW_PAGES,
+            chunk_pages: DEFAULT_CHUNK_PAGES,
+            replay_window: Duration::from_secs(120),
+            replay_interval: Duration::from_secs(1),
+        }
+    }
+}
+
+/// What the driver must do next. Each is answered by one [`SourceEvent`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceCommand {
+    /// Connect to the destination, authenticate, offer the VM, open the data channels and
+    /// find out which transports work. Answer: [`SourceEvent::Negotiated`].
+    Negotiate,
+    /// Ask the VMM to switch dirty logging on. Answer: [`SourceEvent::DirtyLogStarted`].
+    StartDirtyLog,
+    /// Wait `delay`, then get-and-clear the dirty log. Answer: [`SourceEvent::Dirty`].
+    TakeDirty {
+        /// Whether the VM is paused (the last read of the migration).
+        final_round: bool,
+        /// How long to wait first (the cold-first observation window).
+        delay: Duration,
+    },
+    /// Move this window on its transport. Answer: [`SourceEvent::WindowSent`].
+    SendWindow(Window),
+    /// Pause the VM (vCPUs and the VMM's own writers). Answer: [`SourceEvent::Paused`].
+    Pause,
+    /// Save the vCPU and device state. Answer: [`SourceEvent::StateSaved`].
+    SaveState,
+    /// Send the state blob to the destination. Answer: [`SourceEvent::StateSent`].
+    SendState(Vec<u8>),
+    /// Hash the (paused) source memory. Answer: [`SourceEvent::SourceHashed`].
+    HashSource,
+    /// Wait for the destination to load the VM and send its digest. Answer:
+    /// [`SourceEvent::PeerReady`].
+    AwaitReady,
+    /// Tell the VMM a commit decision may be recorded from now on: it must not resume on
+    /// its own if it loses its sidecar. Answer: [`SourceEvent::Fenced`].
+    Fence,
+    /// Write this decision durably (file and directory synced). Answer:
+    /// [`SourceEvent::Recorded`] or [`SourceEvent::RecordFailed`].
+    Record(DecisionState),
+    /// Send `Commit` and wait for the destination's answer. Answer:
+    /// [`SourceEvent::PeerRunning`] or [`SourceEvent::PeerStartFailed`].
+    SendCommit,
+    /// Deliver the recorded decision on a fresh authenticated connection. Answer as
+    /// [`SourceCommand::SendCommit`].
+    ReplayCommit,
+    /// Ask the destination to discard its copy (the operator rolls a decision back).
+    /// Answer: [`SourceEvent::PeerDiscarded`].
+    AskDiscard,
+    /// Wait this long. Answer: [`SourceEvent::Slept`].
+    Sleep(Duration),
+    /// Tell the destination the migration is off (best effort). Answer:
+    /// [`SourceEvent::PeerTold`] (also when it could not be told).
+    AbortPeer(String),
+    /// The migration failed: the VMM switches logging off and runs (again). Answer:
+    /// [`SourceEvent::Resumed`].
+    Resume,
+    /// The destination runs the VM: stop it here for good. Answer: [`SourceEvent::Stopped`].
+    Stop,
+}
+
+/// What happened: the answer to the last command.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceEvent {
+    /// The destination accepted; the transports that work, preferred first, with their
+    /// channel counts.
+    Negotiated(Vec<(TransportKind, usize)>),
+    /// Dirty logging is on.
+    DirtyLogStarted,
+    /// One bitmap per region, just read and cleared.
+    Dirty(Vec<DirtyBitmap>),
+    /// A window ended.
+    WindowSent(WindowOutcome),
+    /// The VM is paused; pausing took this long in the VMM.
+    Paused(Duration),
+    /// The state blob.
+    StateSaved(Vec<u8>),
+    /// The state blob is at the destination.
+    StateSent,
+    /// The source memory's digest.
+    SourceHashed(MemoryDigest),
+    /// The destination loaded the VM (not running) and sent its digest.
+    PeerReady(MemoryDigest),
+    /// The VMM acknowledged the fence.
+    Fenced,
+    /// The decision is on disk.
+    Recorded,
+    /// The decision could not be written durably.
+    RecordFailed(String),
+    /// The destination runs the VM; its VMM's line.
+    PeerRunning(String),
+    /// The destination could not start the VM; it keeps the loaded copy.
+    PeerStartFailed(String),
+    /// The destination discarded its copy.
+    PeerDiscarded,
+    /// The destination was told (or could not be).
+    PeerTold,
+    /// A sleep ended.
+    Slept,
+    /// The VMM runs the VM again.
+    Resumed,
+    /// The VMM stopped the VM for good.
+    Stopped,
+    /// The I/O behind the last command failed.
+    Failed(Failure),
+}
+
+/// How a source session ended.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum SourceOutcome {
+    /// The destination runs the VM; the source stopped it (or asked to).
+    Committed,
+    /// Committed, but the digests compared after the destination resumed differ: the
+    /// source VM is kept paused for the operator.
+    DigestMismatch(Vec<PageRange>),
+    /// The decision is recorded but the destination never confirmed it: the source VM
+    /// stays paused until `ferry recover` delivers it.
+    CommittedUnconfirmed,
+    /// The decision is recorded but the destination could not start the VM: both copies
+    /// are kept (source paused, destination loaded) for the operator.
+    StartFailed(String),
+    /// Given up before the commit point (or rolled back by the operator): the VM runs on
+    /// the source, unless its VMM is gone.
+    Aborted,
+}
+
+impl SourceOutcome {
+    /// The word the summary's `result` carries.
+    pub fn name(&self) -> &'static str {
+        match self {
+            SourceOutcome::Committed => "committed",
+            SourceOutcome::DigestMismatch(_) => "digest-mismatch",
+            SourceOutcome::CommittedUnconfirmed => "committed-unconfirmed",
+            SourceOutcome::StartFailed(_) => "start-failed",
+            SourceOutcome::Aborted => "aborted",
+        }
+    }
+}
+
+/// Where a source session stands, for status displays.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum SourcePhase {
+    /// Handshake with the destination.
+    Negotiating,
+    /// Pre-copy rounds; the VM runs.
+    Precopy,
+    /// The VM is paused; final round and state.
+    StopAndCopy,
+    /// Waiting for the destination's digest (and comparing, in strict mode).
+    Verifying,
+    /// Fencing the VMM and recording the decision.
+    Deciding,
+    /// Committed: `Commit` sent or being replayed; the source never resumes.
+    Committed,
+    /// Giving up: telling the peer, resuming the VM.
+    Aborting,
+    /// Finished.
+    Done,
+}
+
+impl SourcePhase {
+    /// The word `ferry status` shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            SourcePhase::Negotiating => "preparing",
+            SourcePhase::Precopy => "precopy",
+            SourcePhase::StopAndCopy => "stop-and-copy",
+            SourcePhase::Verifying => "verifying",
+            SourcePhase::Deciding => "deciding",
+            SourcePhase::Committed => "committed",
+            SourcePhase::Aborting => "aborting",
+            SourcePhase::Done => "done",
+        }
+    }
+}
+
+/// One finished round, as the summary shows it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RoundReport {
+    /// Round number (the last one ran with the VM paused).
+    pub round: u32,
+    /// Whether the VM was paused.
+    pub final_round: bool,
+    /// What the round moved.
+    pub stats: RoundStats,
+    /// Its wall time.
+    pub elapsed: Duration,
+}
+
+/// Moments of the downtime window, in session time.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Downtime {
+    /// When `Pause` was asked for.
+    pub pause_asked: Duration,
+    /// How long the VMM took to pause.
+    pub pause_took: Duration,
+    /// When the VM was paused.
+    pub paused: Duration,
+    /// When the final round was confirmed.
+    pub final_done: Duration,
+    /// When the state was at the destination.
+    pub state_sent: Duration,
+    /// When the destination's Ready was accepted (digests compared in strict mode).
+    pub verified: Duration,
+    /// When the destination confirmed it runs the VM.
+    pub running: Option<Duration>,
+}
+
+/// Everything a source session measured and decided, for the summary.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SourceReport {
+    /// Rounds run, the final one last.
+    pub rounds: Vec<RoundReport>,
+    /// Transports used, in order ("tcp", "rdma", then "tcp" after a fallback).
+    pub transports: Vec<TransportKind>,
+    /// Channels per transport, as negotiated.
+    pub channels: usize,
+    /// Why a transport was left mid-migration.
+    pub fallback: Option<String>,
+    /// Why pre-copy stopped.
+    pub stop_reason: Option<StopReason>,
+    /// Whether the digests matched (None: not compared).
+    pub digest_match: Option<bool>,
+    /// Where the downtime went (once the VM paused).
+    pub downtime: Option<Downtime>,
+    /// How long the after-resume comparison took.
+    pub verified_after_resume: Option<Duration>,
+    /// The destination VMM's start line.
+    pub peer_detail: Option<String>,
+    /// Whether the decision reached the destination by replay.
+    pub replayed: bool,
+    /// Why the migration failed (or what went wrong after the commit point).
+    pub error: Option<String>,
+    /// Things that went wrong without changing the outcome.
+    pub warnings: Vec<String>,
+}
+
+impl SourceReport {
+    /// Payload bytes over all rounds.
+    pub fn bytes(&self) -> u64 {
+        self.rounds.iter().map(|r| r.stats.bytes).sum()
+    }
+}
+
+/// A round in progress: its remaining windows and what they carried over.
+#[derive(Debug)]
+struct RoundRun {
+    round: u32,
+    final_round: bool,
+    started: Duration,
+    planned_pages: u64,
+    windows: VecDeque<Vec<PageRange>>,
+    /// Pages of the window in flight not yet confirmed on any transport.
+    in_flight: Vec<PageRange>,
+    /// Pages dirtied since the round's first log read and not sent after (plus torn pages).
+    carry: Vec<DirtyBitmap>,
+    stats: RoundStats,
+    /// Whether the log was read since the last window went out (the round's first window
+    /// follows the caller's read).
+    log_read: bool,
+}
+
+/// What the session waits for.
+#[derive(Debug)]
+enum Stage {
+    Negotiating,
+    StartingLog,
+    Observing,
+    /// A log read before the next window of `RoundRun`.
+    WindowDirty(RoundRun),
+    /// A window on the wire.
+    Window(RoundRun),
+    /// The log read after a pre-copy round: decides what follows.
+    AfterRound(Vec<DirtyBitmap>),
+    Pausing(Vec<DirtyBitmap>),
+    FinalDirty(Vec<DirtyBitmap>),
+    SavingState,
+    SendingState,
+    HashingStrict,
+    AwaitingReady,
+    Fencing,
+    RecordingCommit,
+    Committing,
+    Replaying {
+        deadline: Duration,
+    },
+    ReplaySleep {
+        deadline: Duration,
+    },
+    RecordingConfirmed,
+    HashingAfterResume {
+        started: Duration,
+    },
+    Stopping,
+    /// The operator's roll-back: destination first, then the record, then the VM.
+    AskingDiscard,
+    RecordingAbort,
+    AbortingPeer {
+        resume: bool,
+    },
+    Resuming,
+    Done(SourceOutcome),
+}
+
+/// The source side of one migration. See the module documentation.
+#[derive(Debug)]
+pub struct SourceSession {
+    cfg: SourceConfig,
+    stage: Stage,
+    queue: VecDeque<SourceCommand>,
+    ctl: PrecopyController,
+    /// Transports that work, preferred first; the first is in use.
+    transports: VecDeque<(TransportKind, usize)>,
+    wire_round: u32,
+    theirs: Option<MemoryDigest>,
+    ours: Option<MemoryDigest>,
+    /// Whether the peer takes part (false once it is known gone).
+    peer_reachable: bool,
+    /// Whether the VMM can be asked anything.
+    vmm_reachable: bool,
+    /// Whether the VM was asked to pause (resume needed on abort).
+    pause_asked: bool,
+    report: SourceReport,
+}
+
+fn empty_like(regions: &[u64]) -> Vec<DirtyBitmap> {
+    regions.iter().map(|&n| DirtyBitmap::new(n)).collect()
+}
+
+fn pages_of(ranges: &[PageRange]) -> u64 {
+    ranges.iter().map(|r| r.count).sum()
+}
+
+/// Says which page ranges differ, for the operator.
+pub fn describe_mismatch(bad: &[PageRange]) -> String {
+    let list: Vec<String> = bad
+        .iter()
+        .take(8)
+        .map(|r| format!("region {} pages {}..{}", r.region, r.first, r.end()))
+        .collect();
+    format!(
+        "memory digest mismatch in {} ranges: {}",
+        bad.len(),
+        list.join(", ")
+    )
+}
+
+impl SourceSession {
+    /// A session that starts by negotiating with the destination.
+    pub fn new(cfg: SourceConfig) -> Self {
+        let mut s = Self::idle(cfg);
+        s.stage = Stage::Negotiating;
+        s.queue.push_back(SourceCommand::Negotiate);
+        s
+    }
+
+    /// A session for a decision recorded earlier and never confirmed (a restarted daemon,
+    /// or `ferry recover`): replays it for `cfg.replay_window`, then stops the VM.
+    pub fn deliver_recorded(cfg: SourceConfig) -> Self {
+        let mut s = Self::idle(cfg);
+        s.peer_reachable = false;
+        s.pause_asked = true;
+        s.stage = Stage::Replaying {
+            deadline: s.cfg.replay_window,
+        };
+        s.queue.push_back(SourceCommand::ReplayCommit);
+        s
+    }
+
+    /// The operator rolls back a recorded, unconfirmed decision (`ferry recover --abort`):
+    /// the destination must confirm it discarded its copy (unless `force`), then the
+    /// record says aborted and the VM resumes here.
+    pub fn roll_back(cfg: SourceConfig, force: bool) -> Self {
+        let mut s = Self::idle(cfg);
+        s.pause_asked = true;
+        if force {
+            s.report
+                .warnings
+                .push("rolled back without the destination's confirmation (--force)".into());
+            s.stage = Stage::RecordingAbort;
+            s.queue
+                .push_back(SourceCommand::Record(DecisionState::Aborted));
+        } else {
+            s.stage = Stage::AskingDiscard;
+            s.queue.push_back(SourceCommand::AskDiscard);
+        }
+        s
+    }
+
+    fn idle(cfg: SourceConfig) -> Self {
+        Self {
+            ctl: PrecopyController::new(cfg.policy),
+            cfg,
+            stage: Stage::Negotiating,
+            queue: VecDeque::new(),
+            transports: VecDeque::new(),
+            wire_round: 0,
+            theirs: None,
+            ours: None,
+            peer_reachable: true,
+            vmm_reachable: true,
+            pause_asked: false,
+            report: SourceReport::default(),
+        }
+    }
+
+    /// The next command, if any (each is handed out once).
+    pub fn poll(&mut self) -> Option<SourceCommand> {
+        self.queue.pop_front()
+    }
+
+    /// The outcome, once the session is done.
+    pub fn outcome(&self) -> Option<&SourceOutcome> {
+        match &self.stage {
+            Stage::Done(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// What was measured and decided so far.
+    pub fn report(&self) -> &SourceReport {
+        &self.report
+    }
+
+    /// The rounds the convergence controller has seen.
+    pub fn precopy(&self) -> &PrecopyController {
+        &self.ctl
+    }
+
+    /// The round in progress (for progress displays): number, pages planned.
+    pub fn current_round(&self) -> Option<(u32, bool, u64)> {
+        match &self.stage {
+            Stage::WindowDirty(r) | Stage::Window(r) => {
+                Some((r.round, r.final_round, r.planned_pages))
+            }
+            _ => None,
+        }
+    }
+
+    /// Whether the decision to commit is taken (or being recorded): cancelling is refused
+    /// and nothing may resume the source VM on the session's behalf.
+    pub fn past_commit_point(&self) -> bool {
+        matches!(
+            self.stage,
+            Stage::RecordingCommit
+                | Stage::Committing
+                | Stage::Replaying { .. }
+                | Stage::ReplaySleep { .. }
+                | Stage::RecordingConfirmed
+                | Stage::HashingAfterResume { .. }
+                | Stage::Stopping
+                | Stage::AskingDiscard
+                | Stage::Done(SourceOutcome::Committed)
+                | Stage::Done(SourceOutcome::DigestMismatch(_))
+                | Stage::Done(SourceOutcome::CommittedUnconfirmed)
+                | Stage::Done(SourceOutcome::StartFailed(_))
+        )
+    }
+
+    /// Where the session stands.
+    pub fn phase(&self) -> SourcePhase {
+        match &self.stage {
+            Stage::Negotiating => SourcePhase::Negotiating,
+            Stage::StartingLog | Stage::Observing | Stage::AfterRound(_) | Stage::Pausing(_) => {
+                SourcePhase::Precopy
+            }
+            Stage::WindowDirty(r) | Stage::Window(r) if !r.final_round => SourcePhase::Precopy,
+            Stage::WindowDirty(_)
+            | Stage::Window(_)
+            | Stage::FinalDirty(_)
+            | Stage::SavingState
+            | Stage::SendingState => SourcePhase::StopAndCopy,
+            Stage::HashingStrict | Stage::AwaitingReady => SourcePhase::Verifying,
+            Stage::Fencing | Stage::RecordingCommit => SourcePhase::Deciding,
+            Stage::Committing
+            | Stage::Replaying { .. }
+            | Stage::ReplaySleep { .. }
+            | Stage::RecordingConfirmed
+            | Stage::HashingAfterResume { .. }
+            | Stage::Stopping
+            | Stage::AskingDiscard => SourcePhase::Committed,
+            Stage::RecordingAbort | Stage::AbortingPeer { .. } | Stage::Resuming => {
+                SourcePhase::Aborting
+            }
+            Stage::Done(_) => SourcePhase::Done,
+        }
+    }
+
+    /// Feeds the answer to the last command, at `now` (time since the migration started).
+    pub fn handle(&mut self, now: Duration, event: SourceEvent) {
+        let stage = std::mem::replace(&mut self.stage, Stage::Done(SourceOutcome::Aborted));
+        self.stage = match (stage, event) {
+            (Stage::Done(o), _) => Stage::Done(o),
+            (stage, SourceEvent::Failed(f)) => self.on_failure(now, stage, f),
+            (stage, event) => self.step(now, stage, event),
+        };
+    }
+
+    fn push(&mut self, c: SourceCommand) {
+        self.queue.push_back(c);
+    }
+
+    /// A protocol slip inside the driver: the event does not answer the command.
+    fn unexpected(&mut self, now: Duration, stage: Stage, event: &SourceEvent) -> Stage {
+        let what = format!(
+            "internal: event {event:?} does not answer the pending command in stage {stage:?}"
+        );
+        self.on_failure(now, stage, Failure::new(FailureKind::Local, what))
+    }
+
+    fn step(&mut self, now: Duration, stage: Stage, event: SourceEvent) -> Stage {
+        use SourceEvent as E;
+        match (stage, event) {
+            (Stage::Negotiating, E::Negotiated(list)) => {
+                if list.is_empty() || list.iter().any(|&(_, n)| n == 0) {
+                    return self.on_failure(
+                        now,
+                        Stage::Negotiating,
+                        Failure::new(FailureKind::Local, "no usable data transport"),
+                    );
+                }
+                self.report.channels = list[0].1;
+                self.report.transports.push(list[0].0);
+                self.transports = list.into();
+                self.push(SourceCommand::StartDirtyLog);
+                Stage::StartingLog
+            }
+            (Stage::StartingLog, E::DirtyLogStarted) => {
+                if self.cfg.observe > Duration::ZERO {
+                    self.push(SourceCommand::TakeDirty {
+                        final_round: false,
+                        delay: self.cfg.observe,
+                    });
+                    Stage::Observing
+                } else {
+                    let full: Vec<_> = self
+                        .cfg
+                        .regions
+                        .iter()
+                        .map(|&n| DirtyBitmap::full(n))
+                        .collect();
+                    self.begin_round(now, 1, false, ranges_of(&full))
+                }
+            }
+            (Stage::Observing, E::Dirty(hot)) => match self.checked(hot) {
+                Ok(hot) => {
+                    // Round 1 sends every page anyway: the bits consumed here are not lost.
+                    let full: Vec<_> = self
+                        .cfg
+                        .regions
+                        .iter()
+                        .map(|&n| DirtyBitmap::full(n))
+                        .collect();
+                    self.begin_round(now, 1, false, cold_first(&full, &hot))
+                }
+                Err(f) => self.on_failure(now, Stage::Observing, f),
+            },
+            (Stage::WindowDirty(mut run), E::Dirty(taken)) => match self.checked(taken) {
+                Ok(taken) => {
+                    for (c, t) in run.carry.iter_mut().zip(&taken) {
+                        c.union_with(t)
+                            .expect("bitmap sizes checked against the layout");
+                    }
+                    self.send_next_window(now, run)
+                }
+                Err(f) => self.on_failure(now, Stage::WindowDirty(run), f),
+            },
+            (Stage::Window(run), E::WindowSent(outcome)) => self.window_sent(now, run, outcome),
+            (Stage::AfterRound(carry), E::Dirty(taken)) => match self.checked(taken) {
+                Ok(mut dirty) => {
+                    for (d, c) in dirty.iter_mut().zip(&carry) {
+                        d.union_with(c)
+                            .expect("bitmap sizes checked against the layout");
+                    }
+                    self.decide_next(now, dirty)
+                }
+                Err(f) => self.on_failure(now, Stage::AfterRound(carry), f),
+            },
+            (Stage::Pausing(carry), E::Paused(took)) => {
+                self.report.downtime = Some(Downtime {
+                    pause_took: took,
+                    paused: now,
+                    ..self.report.downtime.unwrap_or_default()
+                });
+                self.push(SourceCommand::TakeDirty {
+                    final_round: true,
+                    delay: Duration::ZERO,
+                });
+                Stage::FinalDirty(carry)
+            }
+            (Stage::FinalDirty(carry), E::Dirty(taken)) => match self.checked(taken) {
+                Ok(mut dirty) => {
+                    for (d, c) in dirty.iter_mut().zip(&carry) {
+                        d.union_with(c)
+                            .expect("bitmap sizes checked against the layout");
+                    }
+                    let round = self.ctl.rounds().len() as u32 + 1;
+                    self.begin_round(now, round, true, ranges_of(&dirty))
+                }
+                Err(f) => self.on_failure(now, Stage::FinalDirty(carry), f),
+            },
+            (Stage::SavingState, E::StateSaved(blob)) => {
+                self.push(SourceCommand::SendState(blob));
+                Stage::SendingState
+            }
+            (Stage::SendingState, E::StateSent) => {
+                if let Some(d) = self.report.downtime.as_mut() {
+                    d.state_sent = now;
+                }
+                if self.cfg.verify == VerifyMode::Strict {
+                    // Our digest is computed while the destination loads the VM.
+                    self.push(SourceCommand::HashSource);
+                    Stage::HashingStrict
+                } else {
+                    self.push(SourceCommand::AwaitReady);
+                    Stage::AwaitingReady
+                }
+            }
+            (Stage::HashingStrict, E::SourceHashed(d)) => {
+                self.ours = Some(d);
+                self.push(SourceCommand::AwaitReady);
+                Stage::AwaitingReady
+            }
+            (Stage::AwaitingReady, E::PeerReady(theirs)) => {
+                if theirs.regions.len() != self.cfg.regions.len() {
+                    return self.on_failure(
+                        now,
+                        Stage::AwaitingReady,
+                        Failure::new(
+                            FailureKind::PeerRefused,
+                            format!(
+                                "the destination's digest covers {} regions; the VM has {}",
+                                theirs.regions.len(),
+                                self.cfg.regions.len()
+                            ),
+                        ),
+                    );
+                }
+                if let Some(ours) = self.ours.take() {
+                    let bad = ours.mismatches(&theirs, &self.cfg.regions);
+                    self.report.digest_match = Some(bad.is_empty());
+                    if !bad.is_empty() {
+                        return self.on_failure(
+                            now,
+                            Stage::AwaitingReady,
+                            Failure::new(FailureKind::PeerRefused, describe_mismatch(&bad)),
+                        );
+                    }
+                }
+                self.theirs = Some(theirs);
+                if let Some(d) = self.report.downtime.as_mut() {
+                    d.verified = now;
+                }
+                self.push(SourceCommand::Fence);
+                Stage::Fencing
+            }
+            (Stage::Fencing, E::Fenced) => {
+                self.push(SourceCommand::Record(DecisionState::Committed));
+                Stage::RecordingCommit
+            }
+            (Stage::RecordingCommit, E::Recorded) => {
+                self.push(SourceCommand::SendCommit);
+                Stage::Committing
+            }
+            (Stage::RecordingCommit, E::RecordFailed(why)) => {
+                // No durable decision, no Commit: abort (the fenced VMM is unfenced by Resume).
+                self.abort(
+                    format!("the commit decision could not be recorded durably ({why}); aborted before Commit"),
+                    true,
+                )
+            }
+            (Stage::Committing | Stage::Replaying { .. }, E::PeerRunning(detail)) => {
+                self.peer_running(now, detail);
+                self.push(SourceCommand::Record(DecisionState::Confirmed));
+                Stage::RecordingConfirmed
+            }
+            (Stage::Committing | Stage::Replaying { .. }, E::PeerStartFailed(reason)) => {
+                self.report.error = Some(format!(
+                    "the destination could not start the VM after the commit decision: {reason}. \
+                     The source VM stays paused and the destination keeps the loaded copy"
+                ));
+                Stage::Done(SourceOutcome::StartFailed(reason))
+            }
+            (Stage::ReplaySleep { deadline }, E::Slept) => {
+                self.push(SourceCommand::ReplayCommit);
+                Stage::Replaying { deadline }
+            }
+            (Stage::RecordingConfirmed, E::Recorded | E::RecordFailed(_)) => {
+                // (A failed confirmation record only makes a later `ferry recover` replay a
+                // decision the destination already carried out, which it answers.)
+                if self.cfg.verify == VerifyMode::AfterResume && self.theirs.is_some() {
+                    self.push(SourceCommand::HashSource);
+                    Stage::HashingAfterResume { started: now }
+                } else {
+                    self.stop_vm()
+                }
+            }
+            (Stage::HashingAfterResume { started }, E::SourceHashed(ours)) => {
+                self.report.verified_after_resume = Some(now.saturating_sub(started));
+                let theirs = self.theirs.take().unwrap_or_default();
+                let bad = ours.mismatches(&theirs, &self.cfg.regions);
+                self.report.digest_match = Some(bad.is_empty());
+                if bad.is_empty() {
+                    self.stop_vm()
+                } else {
+                    // A failed migration in every figure; nothing is lost: the source VM is
+                    // kept paused for the operator.
+                    self.report.error = Some(format!(
+                        "{}; found after the destination resumed: the source VM is kept paused for inspection",
+                        describe_mismatch(&bad)
+                    ));
+                    Stage::Done(SourceOutcome::DigestMismatch(bad))
+                }
+            }
+            (Stage::Stopping, E::Stopped) => Stage::Done(SourceOutcome::Committed),
+            (Stage::AskingDiscard, E::PeerDiscarded) => {
+                self.push(SourceCommand::Record(DecisionState::Aborted));
+                Stage::RecordingAbort
+            }
+            (Stage::RecordingAbort, E::Recorded) => {
+                self.push(SourceCommand::Resume);
+                Stage::Resuming
+            }
+            (Stage::RecordingAbort, E::RecordFailed(why)) => {
+                // The record still says committed: the VM must not resume.
+                self.report.error = Some(format!(
+                    "the roll-back could not be recorded ({why}); the source VM stays paused"
+                ));
+                Stage::Done(SourceOutcome::CommittedUnconfirmed)
+            }
+            (Stage::AbortingPeer { resume }, E::PeerTold) => {
+                if resume && self.vmm_reachable {
+                    self.push(SourceCommand::Resume);
+                    Stage::Resuming
+                } else {
+                    Stage::Done(SourceOutcome::Aborted)
+                }
+            }
+            (Stage::Resuming, E::Resumed) => Stage::Done(SourceOutcome::Aborted),
+            (stage, event) => self.unexpected(now, stage, &event),
+        }
+    }
+
+    /// Checks bitmaps from the VMM against the layout.
+    fn checked(&self, maps: Vec<DirtyBitmap>) -> Result<Vec<DirtyBitmap>, Failure> {
+        let ok = maps.len() == self.cfg.regions.len()
+            && maps
+                .iter()
+                .zip(&self.cfg.regions)
+                .all(|(m, &n)| m.npages() == n);
+        if ok {
+            Ok(maps)
+        } else {
+            Err(Failure::new(
+                FailureKind::VmmRefused,
+                format!(
+                    "the VMM sent {} dirty bitmaps that do not match its {} registered regions",
+                    maps.len(),
+                    self.cfg.regions.len()
+                ),
+            ))
+        }
+    }
+
+    fn begin_round(
+        &mut self,
+        now: Duration,
+        round: u32,
+        final_round: bool,
+        ranges: Vec<PageRange>,
+    ) -> Stage {
+        let planned_pages = pages_of(&ranges);
+        let windows: VecDeque<_> = if final_round {
+            VecDeque::from([ranges])
+        } else {
+            windows(&ranges, self.cfg.window_pages.max(1)).into()
+        };
+        let run = RoundRun {
+            round,
+            final_round,
+            started: now,
+            planned_pages,
+            windows,
+            in_flight: Vec::new(),
+            carry: empty_like(&self.cfg.regions),
+            stats: RoundStats::default(),
+            log_read: true,
+        };
+        self.send_next_window(now, run)
+    }
+
+    /// Sends the next window of `run`, reading the log first unless it is the round's
+    /// first window (which follows the caller's read); finishes the round when none is left.
+    fn send_next_window(&mut self, now: Duration, mut run: RoundRun) -> Stage {
+        let Some(w) = run.windows.front() else {
+            return self.round_done(now, run);
+        };
+        if !run.log_read && !run.final_round && !w.is_empty() {
+            // The window goes out once the bits are in.
+            run.log_read = true;
+            self.push(SourceCommand::TakeDirty {
+                final_round: false,
+                delay: Duration::ZERO,
+            });
+            return Stage::WindowDirty(run);
+        }
+        let w = run.windows.pop_front().expect("front checked above");
+        run.log_read = false;
+        for r in &w {
+            if let Some(c) = run.carry.get_mut(r.region as usize) {
+                c.clear_range(r.first, r.count);
+            }
+        }
+        run.in_flight = w;
+        self.wire_round += 1;
+        self.send_in_flight(run)
+    }
+
+    /// Plans `run.in_flight` on the transport in use.
+    fn send_in_flight(&mut self, run: RoundRun) -> Stage {
+        let (kind, channels) = self.transports[0];
+        self.push(SourceCommand::SendWindow(Window {
+            wire_round: self.wire_round,
+            round: run.round,
+            final_round: run.final_round,
+            transport: kind,
+            plan: plan(&run.in_flight, channels, self.cfg.chunk_pages.max(1)),
+        }));
+        Stage::Window(run)
+    }
+
+    fn window_sent(&mut self, now: Duration, mut run: RoundRun, outcome: WindowOutcome) -> Stage {
+        let planned = pages_of(&run.in_flight);
+        let (stats, unfinished, reason) = match outcome {
+            WindowOutcome::Done(s) => (s, Vec::new(), None),
+            WindowOutcome::Unfinished {
+                confirmed,
+                unfinished,
+                reason,
+            } => (confirmed, unfinished, Some(reason)),
+        };
+        // The transport's numbers must add up to what was planned, and what it hands
+        // back must be part of the window.
+        let left = pages_of(&unfinished);
+        let inside = unfinished.iter().all(|u| {
+            run.in_flight
+                .iter()
+                .any(|r| r.region == u.region && u.first >= r.first && u.end() <= r.end())
+        });
+        if stats.pages + left != planned || !inside || stats.torn.len() as u64 > stats.pages {
+            let f = Failure::new(
+                FailureKind::PeerRefused,
+                format!(
+                    "the destination confirmed {} pages and handed back {left} of window {} ({planned} planned)",
+                    stats.pages, self.wire_round
+                ),
+            );
+            return self.on_failure(now, Stage::Window(run), f);
+        }
+        for t in &stats.torn {
+            if let Some(c) = run.carry.get_mut(t.region as usize) {
+                c.set_range(t.first, t.count);
+            }
+        }
+        run.stats.merge(stats);
+        match reason {
+            None => self.send_next_window(now, run),
+            Some(reason) => {
+                // This transport is gone; the next one carries the rest of the window and
+                // of the migration.
+                let from = self.transports.pop_front().map(|t| t.0);
+                if self.transports.is_empty() {
+                    let f = Failure::new(
+                        FailureKind::Transport,
+                        format!("{reason}; no other transport to carry the rest"),
+                    );
+                    return self.on_failure(now, Stage::Window(run), f);
+                }
+                let to = self.transports[0].0;
+                self.report.transports.push(to);
+                self.report.fallback = Some(format!(
+                    "{} failed in round {} ({reason}): {} unfinished ranges re-sent over {}, {} from then on",
+                    from.map_or("?", TransportKind::name),
+                    run.round,
+                    unfinished.len(),
+                    to.name(),
+                    to.name()
+                ));
+                run.in_flight = unfinished;
+                self.send_in_flight(run)
+            }
+        }
+    }
+
+    fn round_done(&mut self, now: Duration, run: RoundRun) -> Stage {
+        if run.stats.pages != run.planned_pages {
+            let f = Failure::new(
+                FailureKind::PeerRefused,
+                format!(
+                    "the destination confirmed {} pages of round {}; {} were planned",
+                    run.stats.pages, run.round, run.planned_pages
+                ),
+            );
+            return self.on_failure(now, Stage::Window(run), f);
+        }
+        let elapsed = now.saturating_sub(run.started);
+        self.ctl.round_finished(RoundRecord {
+            round: run.round,
+            pages: run.stats.pages,
+            bytes: run.stats.bytes,
+            zero_pages: run.stats.zero_pages,
+            elapsed,
+        });
+        let torn = run.stats.torn.clone();
+        self.report.rounds.push(RoundReport {
+            round: run.round,
+            final_round: run.final_round,
+            stats: run.stats,
+            elapsed,
+        });
+        if run.final_round {
+            if let Some(d) = self.report.downtime.as_mut() {
+                d.final_done = now;
+            }
+            if let Some(first) = torn.first() {
+                // With the VM paused nothing may change a page: this is corruption.
+                let f = Failure::new(
+                    FailureKind::Transport,
+                    format!(
+                        "{} pages failed their checksum in the final round with the VM paused (first: region {} page {})",
+                        torn.len(),
+                        first.region,
+                        first.first
+                    ),
+                );
+                return self.on_failure(now, Stage::SavingState, f);
+            }
+            self.push(SourceCommand::SaveState);
+            return Stage::SavingState;
+        }
+        self.push(SourceCommand::TakeDirty {
+            final_round: false,
+            delay: Duration::ZERO,
+        });
+        Stage::AfterRound(run.carry)
+    }
+
+    /// After a pre-copy round: another round, stop and copy, or give up.
+    fn decide_next(&mut self, now: Duration, dirty: Vec<DirtyBitmap>) -> Stage {
+        let dirty_bytes: u64 = dirty.iter().map(DirtyBitmap::count).sum::<u64>() * PAGE_SIZE;
+        match self.ctl.next_step(now, dirty_bytes) {
+            Step::Precopy { round, .. } => self.begin_round(now, round, false, ranges_of(&dirty)),
+            Step::StopAndCopy(reason) => {
+                self.report.stop_reason = Some(reason);
+                self.pause_asked = true;
+                self.report.downtime = Some(Downtime {
+                    pause_asked: now,
+                    ..Downtime::default()
+                });
+                self.push(SourceCommand::Pause);
+                Stage::Pausing(dirty)
+            }
+            Step::Abort(reason) => {
+                self.report.stop_reason = Some(reason);
+                self.abort(format!("pre-copy gave up: {reason}"), true)
+            }
+        }
+    }
+
+    fn peer_running(&mut self, now: Duration, detail: String) {
+        if let Some(d) = self.report.downtime.as_mut() {
+            d.running = Some(now);
+        }
+        self.report.peer_detail = Some(detail);
+    }
+
+    fn stop_vm(&mut self) -> Stage {
+        if self.vmm_reachable {
+            self.push(SourceCommand::Stop);
+            Stage::Stopping
+        } else {
+            self.report.warnings.push(
+                "the source VMM was not reachable to stop the VM; it stays paused until it reconnects and is told"
+                    .into(),
+            );
+            Stage::Done(SourceOutcome::Committed)
+        }
+    }
+
+    /// Gives up before the commit point: tell the peer, then resume the VM if asked.
+    fn abort(&mut self, reason: String, resume: bool) -> Stage {
+        if self.report.error.is_none() {
+            self.report.error = Some(reason.clone());
+        }
+        if self.peer_reachable {
+            self.push(SourceCommand::AbortPeer(reason));
+            Stage::AbortingPeer { resume }
+        } else if resume && self.vmm_reachable {
+            self.push(SourceCommand::Resume);
+            Stage::Resuming
+        } else {
+            Stage::Done(SourceOutcome::Aborted)
+        }
+    }
+
+    fn on_failure(&mut self, now: Duration, stage: Stage, f: Failure) -> Stage {
+        match f.kind {
+            FailureKind::PeerLost | FailureKind::PeerRefused => self.peer_reachable = false,
+            FailureKind::VmmLost => self.vmm_reachable = false,
+            _ => {}
+        }
+        match stage {
+            // Before the commit point: the VM runs here again.
+            Stage::Negotiating
+            | Stage::StartingLog
+            | Stage::Observing
+            | Stage::WindowDirty(_)
+            | Stage::Window(_)
+            | Stage::AfterRound(_)
+            | Stage::Pausing(_)
+            | Stage::FinalDirty(_)
+            | Stage::SavingState
+            | Stage::SendingState
+            | Stage::HashingStrict
+            | Stage::AwaitingReady
+            | Stage::Fencing => {
+                if f.kind == FailureKind::PeerRefused
+                    && f.reason.starts_with("memory digest mismatch")
+                {
+                    self.report.digest_match = Some(false);
+                }
+                // A VMM that answered an error still runs this loop: resume it. One whose
+                // link broke resumes itself unless it was fenced, and a fenced one learns
+                // from the record (none: resume) when it reconnects.
+                self.abort(f.reason, true)
+            }
+            Stage::RecordingCommit => self.abort(
+                format!("the commit decision could not be recorded ({f})"),
+                true,
+            ),
+            // After it: never resume. Deliver the decision instead.
+            Stage::Committing => {
+                self.report.replayed = true;
+                self.report.warnings.push(format!(
+                    "the link failed after the commit decision ({f}); replaying it"
+                ));
+                self.push(SourceCommand::ReplayCommit);
+                Stage::Replaying {
+                    deadline: now + self.cfg.replay_window,
+                }
+            }
+            Stage::Replaying { deadline } | Stage::ReplaySleep { deadline } => {
+                self.report.replayed = true;
+                if now + self.cfg.replay_interval < deadline {
+                    self.push(SourceCommand::Sleep(self.cfg.replay_interval));
+                    Stage::ReplaySleep { deadline }
+                } else {
+                    self.report.error = Some(format!(
+                        "the commit decision is recorded but the destination did not confirm it within the replay window (last error: {f}): \
+                         the source VM stays paused (never resumed) and the destination holds the loaded VM"
+                    ));
+                    Stage::Done(SourceOutcome::CommittedUnconfirmed)
+                }
+            }
+            Stage::RecordingConfirmed | Stage::HashingAfterResume { .. } => {
+                self.report
+                    .warnings
+                    .push(format!("after the destination confirmed: {f}"));
+                if self.theirs.is_some() && matches!(stage, Stage::HashingAfterResume { .. }) {
+                    self.report.digest_match = None;
+                }
+                self.stop_vm()
+            }
+            Stage::Stopping => {
+                self.report
+                    .warnings
+                    .push(format!("the source VMM did not stop cleanly: {f}"));
+                Stage::Done(SourceOutcome::Committed)
+            }
+            Stage::AskingDiscard => {
+                self.report.error = Some(format!(
+                    "the destination did not confirm it discarded its copy ({f}); nothing was rolled back"
+                ));
+                Stage::Done(SourceOutcome::CommittedUnconfirmed)
+            }
+            Stage::RecordingAbort => {
+                self.report.error = Some(format!(
+                    "the roll-back could not be recorded ({f}); the source VM stays paused"
+                ));
+                Stage::Done(SourceOutcome::CommittedUnconfirmed)
+            }
+            Stage::AbortingPeer { resume } => {
+                if resume && self.vmm_reachable {
+                    self.push(SourceCommand::Resume);
+                    Stage::Resuming
+                } else {
+                    Stage::Done(SourceOutcome::Aborted)
+                }
+            }
+            Stage::Resuming => {
+                let e = self.report.error.take().unwrap_or_default();
+                self.report.error = Some(format!("{e}; resuming the source VM failed: {f}"));
+                Stage::Done(SourceOutcome::Aborted)
+            }
+            Stage::Done(o) => Stage::Done(o),
+        }
+    }
+}

@@ -1,0 +1,660 @@
+//! The peer protocol: between two sidecars, on control and data connections (inside TLS,
+//! or after [`crate::auth`]'s handshake in `--insecure-psk` mode).
+//!
+//! ```text
+//! source sidecar                                   destination sidecar
+//!   [TLS 1.3, mutual certificates]  or  [PskHello/PskChallenge/PskProof/PskWelcome]
+//!   Hello{version}                 ---->               (TLS mode)
+//!                                  <----   Welcome{version}
+//!   Offer{vm, layout, channels, transports, cpu, session} ---->
+//!                                  <----   Accept{prepare_us} | Refused{reason}
+//!   N data connections: DataHello{session, channel} -> DataChallenge{nonce}
+//!                       -> DataProof{HMAC(session key, nonce | channel)} -> DataOk
+//!   [RdmaOffer -> RdmaAnswer | RdmaUnavailable]
+//!   per window: RoundStart{round} -> (TCP: data frames | RDMA: PullRanges...)
+//!                                  <----   RoundDone{round, pages, torn} | RdmaFailed
+//!   StateBlob{blob}                ---->               (the VMM loads, does not run)
+//!                                  <----   Ready{digest}
+//!   (decision recorded: COMMIT POINT)
+//!   Commit                         ---->               (recorded, then Start)
+//!                                  <----   Running{detail} | StartFailed{reason}
+//!   any failure before the commit point: Abort{reason} ----> (Discard)
+//!   on a fresh connection later: Decision{session, commit} ---->
+//!                                  <----   Running | StartFailed | Discarded | Refused
+//! ```
+
+use ferry_engine::digest::MemoryDigest;
+use ferry_engine::plan::PageRange;
+use ferry_engine::session::SessionId;
+
+use crate::codec::{Reader, Writer};
+use crate::common::{
+    get_regions, get_vm_id, put_regions, Message, RegionInfo, MAX_BLOB, MAX_FRAME, MAX_REGIONS,
+    MAX_STR, PEER_MAGIC,
+};
+use crate::ProtoError;
+
+/// Most page ranges one `PullRanges` message may carry: 65,536 ranges x 20 bytes =
+/// 1.25 MiB, so a round's list streams in pieces the destination pulls as they come.
+pub const MAX_PULL_RANGES: usize = 65_536;
+/// Most page ranges an `RdmaFailed` may hand back (a round's whole list at worst).
+pub const MAX_UNFINISHED: usize = 4 << 20;
+/// Pages one round may report as torn: more than this means the link corrupts data,
+/// not that the guest raced a send, and the migration aborts.
+pub const MAX_TORN: usize = 65_536;
+
+/// Bit of [`PeerMsg::Offer`]'s `transports` for TCP.
+pub const OFFER_TCP: u8 = 1 << 1;
+/// Bit of [`PeerMsg::Offer`]'s `transports` for RDMA.
+pub const OFFER_RDMA: u8 = 1 << 2;
+
+/// A message of the peer protocol.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMsg {
+    /// Connecting side, first message inside TLS: its protocol version.
+    Hello {
+        /// Protocol version.
+        version: u16,
+    },
+    /// Listening side: accepted.
+    Welcome {
+        /// Protocol version.
+        version: u16,
+    },
+    /// A refusal; the sender closes the connection after it.
+    Refused {
+        /// Why.
+        reason: String,
+    },
+    /// `--insecure-psk`: the connecting side's greeting with its challenge.
+    PskHello {
+        /// Protocol version.
+        version: u16,
+        /// Challenge for the listener.
+        nonce: [u8; 32],
+    },
+    /// `--insecure-psk`: the listener's challenge (no proof yet: a peer that does not
+    /// know the key learns nothing it could test guesses against).
+    PskChallenge {
+        /// Protocol version.
+        version: u16,
+        /// Challenge for the connecting side.
+        nonce: [u8; 32],
+    },
+    /// `--insecure-psk`: the connecting side's proof.
+    PskProof {
+        /// HMAC proving the connecting side knows the key.
+        proof: [u8; 32],
+    },
+    /// `--insecure-psk`: accepted, with the listener's proof.
+    PskWelcome {
+        /// HMAC proving the listener knows the key.
+        proof: [u8; 32],
+    },
+    /// Source to destination: a migration proposal.
+    Offer {
+        /// The VM's id.
+        vm_id: String,
+        /// Guest page size.
+        page_size: u32,
+        /// Region layout (gpa, size); offsets are the destination's own.
+        regions: Vec<RegionInfo>,
+        /// Data channels wanted.
+        channels: u16,
+        /// Transports the source can use ([`OFFER_TCP`], [`OFFER_RDMA`]).
+        transports: u8,
+        /// The source VMM's CPU compatibility blob.
+        cpu_profile: Vec<u8>,
+        /// The migration's id.
+        session: SessionId,
+    },
+    /// Destination: ready for data.
+    Accept {
+        /// How long preparing (populating) the destination memory took.
+        prepare_us: u64,
+    },
+    /// First frame of a data connection.
+    DataHello {
+        /// The migration it belongs to.
+        session: SessionId,
+        /// Channel index.
+        channel: u16,
+    },
+    /// Destination: a fresh challenge for this data connection.
+    DataChallenge {
+        /// Nonce.
+        nonce: [u8; 32],
+    },
+    /// Source: `HMAC(session key, "ferry-data" | session | channel | nonce)`.
+    DataProof {
+        /// The proof.
+        proof: [u8; 32],
+    },
+    /// Destination: the data connection is bound to the session.
+    DataOk,
+    /// Source: a window (wire round) begins.
+    RoundStart {
+        /// Wire round number.
+        round: u32,
+        /// Whether the source VM is paused.
+        final_round: bool,
+    },
+    /// Destination: every channel delivered the round.
+    RoundDone {
+        /// Wire round number.
+        round: u32,
+        /// Pages received (payload and zero markers).
+        pages: u64,
+        /// Payload bytes received.
+        bytes: u64,
+        /// Pages whose checksum did not match.
+        torn: Vec<PageRange>,
+    },
+    /// Source: the VM state blob.
+    StateBlob {
+        /// State bytes.
+        blob: Vec<u8>,
+    },
+    /// Destination: loaded (vCPUs not running), and its memory digest.
+    Ready {
+        /// Digest of the received memory.
+        digest: MemoryDigest,
+    },
+    /// Source: the decision is recorded: run the VM.
+    Commit,
+    /// Source: give up and discard.
+    Abort {
+        /// Why.
+        reason: String,
+    },
+    /// Destination: the VM runs.
+    Running {
+        /// What the destination VMM checked.
+        detail: String,
+    },
+    /// Destination: the VM could not start; the loaded copy is kept.
+    StartFailed {
+        /// Why.
+        reason: String,
+    },
+    /// Destination: its copy of the session's VM is thrown away (answer to a roll-back).
+    Discarded,
+    /// Source, on a fresh connection: the decision for a session whose `Commit` (or roll-
+    /// back) may not have arrived.
+    Decision {
+        /// The migration.
+        session: SessionId,
+        /// True: run the VM. False: discard it (the source resumes its own).
+        commit: bool,
+    },
+    /// Source: its RDMA export (QP endpoints and read-only rkeys), opaque to the sidecar.
+    RdmaOffer {
+        /// Encoded by `ferry_verbs::RdmaExport::offer`.
+        blob: Vec<u8>,
+    },
+    /// Destination: its QP endpoints; RDMA READ is the data path from now on.
+    RdmaAnswer {
+        /// Encoded by `ferry_verbs::RdmaPuller::new`.
+        blob: Vec<u8>,
+    },
+    /// Either side: RDMA cannot be used; the migration goes over TCP.
+    RdmaUnavailable {
+        /// Why, for the summary.
+        reason: String,
+    },
+    /// Source: ranges the destination pulls with RDMA READ for `round`.
+    PullRanges {
+        /// Wire round number.
+        round: u32,
+        /// The ranges.
+        ranges: Vec<PageRange>,
+        /// Whether this is the round's last piece of the list.
+        last: bool,
+    },
+    /// Destination: RDMA failed in `round`; these ranges were not confirmed and must be
+    /// re-sent over TCP, which carries the rest of the migration.
+    RdmaFailed {
+        /// Wire round number.
+        round: u32,
+        /// What failed.
+        reason: String,
+        /// Pages confirmed by RDMA in this round before the failure.
+        confirmed_pages: u64,
+        /// Ranges not confirmed.
+        unfinished: Vec<PageRange>,
+    },
+}
+
+impl Message for PeerMsg {
+    const PROTOCOL: &'static str = "peer";
+    const MAGIC: u16 = PEER_MAGIC;
+
+    fn tag(&self) -> u16 {
+        match self {
+            PeerMsg::Hello { .. } => 1,
+            PeerMsg::Welcome { .. } => 2,
+            PeerMsg::Refused { .. } => 3,
+            PeerMsg::PskHello { .. } => 4,
+            PeerMsg::PskChallenge { .. } => 5,
+            PeerMsg::PskProof { .. } => 6,
+            PeerMsg::PskWelcome { .. } => 7,
+            PeerMsg::Offer { .. } => 8,
+            PeerMsg::Accept { .. } => 9,
+            PeerMsg::DataHello { .. } => 10,
+            PeerMsg::DataChallenge { .. } => 11,
+            PeerMsg::DataProof { .. } => 12,
+            PeerMsg::DataOk => 13,
+            PeerMsg::RoundStart { .. } => 14,
+            PeerMsg::RoundDone { .. } => 15,
+            PeerMsg::StateBlob { .. } => 16,
+            PeerMsg::Ready { .. } => 17,
+            PeerMsg::Commit => 18,
+            PeerMsg::Abort { .. } => 19,
+            PeerMsg::Running { .. } => 20,
+            PeerMsg::StartFailed { .. } => 21,
+            PeerMsg::Discarded => 22,
+            PeerMsg::Decision { .. } => 23,
+            PeerMsg::RdmaOffer { .. } => 24,
+            PeerMsg::RdmaAnswer { .. } => 25,
+            PeerMsg::RdmaUnavailable { .. } => 26,
+            PeerMsg::PullRanges { .. } => 27,
+            PeerMsg::RdmaFailed { .. } => 28,
+        }
+    }
+
+    fn name(&self) -> &'static str {
+        match self {
+            PeerMsg::Hello { .. } => "Hello",
+            PeerMsg::Welcome { .. } => "Welcome",
+            PeerMsg::Refused { .. } => "Refused",
+            PeerMsg::PskHello { .. } => "PskHello",
+            PeerMsg::PskChallenge { .. } => "PskChallenge",
+            PeerMsg::PskProof { .. } => "PskProof",
+            PeerMsg::PskWelcome { .. } => "PskWelcome",
+            PeerMsg::Offer { .. } => "Offer",
+            PeerMsg::Accept { .. } => "Accept",
+            PeerMsg::DataHello { .. } => "DataHello",
+            PeerMsg::DataChallenge { .. } => "DataChallenge",
+            PeerMsg::DataProof { .. } => "DataProof",
+            PeerMsg::DataOk => "DataOk",
+            PeerMsg::RoundStart { .. } => "RoundStart",
+            PeerMsg::RoundDone { .. } => "RoundDone",
+            PeerMsg::StateBlob { .. } => "StateBlob",
+            PeerMsg::Ready { .. } => "Ready",
+            PeerMsg::Commit => "Commit",
+            PeerMsg::Abort { .. } => "Abort",
+            PeerMsg::Running { .. } => "Running",
+            PeerMsg::StartFailed { .. } => "StartFailed",
+            PeerMsg::Discarded => "Discarded",
+            PeerMsg::Decision { .. } => "Decision",
+            PeerMsg::RdmaOffer { .. } => "RdmaOffer",
+            PeerMsg::RdmaAnswer { .. } => "RdmaAnswer",
+            PeerMsg::RdmaUnavailable { .. } => "RdmaUnavailable",
+            PeerMsg::PullRanges { .. } => "PullRanges",
+            PeerMsg::RdmaFailed { .. } => "RdmaFailed",
+        }
+    }
+
+    fn encode(&self, w: &mut Writer) {
+        match self {
+            PeerMsg::Hello { version } | PeerMsg::Welcome { version } => {
+                w.u16(*version);
+            }
+            PeerMsg::Refused { reason: s }
+            | PeerMsg::Abort { reason: s }
+            | PeerMsg::Running { detail: s }
+            | PeerMsg::StartFailed { reason: s }
+            | PeerMsg::RdmaUnavailable { reason: s } => {
+                w.str(s);
+            }
+            PeerMsg::PskHello { version, nonce } | PeerMsg::PskChallenge { version, nonce } => {
+                w.u16(*version).fixed(nonce);
+            }
+            PeerMsg::PskProof { proof }
+            | PeerMsg::PskWelcome { proof }
+            | PeerMsg::DataProof { proof } => {
+                w.fixed(proof);
+            }
+            PeerMsg::DataChallenge { nonce } => {
+                w.fixed(nonce);
+            }
+            PeerMsg::Offer {
+                vm_id,
+                page_size,
+                regions,
+                channels,
+                transports,
+                cpu_profile,
+                session,
+            } => {
+                w.str(vm_id).u32(*page_size);
+                put_regions(w, regions);
+                w.u16(*channels)
+                    .u8(*transports)
+                    .bytes(cpu_profile)
+                    .session(session);
+            }
+            PeerMsg::Accept { prepare_us } => {
+                w.u64(*prepare_us);
+            }
+            PeerMsg::DataHello { session, channel } => {
+                w.session(session).u16(*channel);
+            }
+            PeerMsg::RoundStart { round, final_round } => {
+                w.u32(*round).bool(*final_round);
+            }
+            PeerMsg::RoundDone {
+                round,
+                pages,
+                bytes,
+                torn,
+            } => {
+                w.u32(*round).u64(*pages).u64(*bytes).ranges(torn);
+            }
+            PeerMsg::StateBlob { blob }
+            | PeerMsg::RdmaOffer { blob }
+            | PeerMsg::RdmaAnswer { blob } => {
+                w.bytes(blob);
+            }
+            PeerMsg::Ready { digest } => {
+                w.u32(digest.regions.len() as u32);
+                for r in &digest.regions {
+                    w.u32(r.len() as u32);
+                    for c in r {
+                        w.u128(*c);
+                    }
+                }
+            }
+            PeerMsg::Decision { session, commit } => {
+                w.session(session).bool(*commit);
+            }
+            PeerMsg::PullRanges {
+                round,
+                ranges,
+                last,
+            } => {
+                w.u32(*round).bool(*last).ranges(ranges);
+            }
+            PeerMsg::RdmaFailed {
+                round,
+                reason,
+                confirmed_pages,
+                unfinished,
+            } => {
+                w.u32(*round)
+                    .str(reason)
+                    .u64(*confirmed_pages)
+                    .ranges(unfinished);
+            }
+            PeerMsg::DataOk | PeerMsg::Commit | PeerMsg::Discarded => {}
+        }
+    }
+
+    fn decode(tag: u16, r: &mut Reader<'_>) -> Result<Self, ProtoError> {
+        Ok(match tag {
+            1 => PeerMsg::Hello { version: r.u16()? },
+            2 => PeerMsg::Welcome { version: r.u16()? },
+            3 => PeerMsg::Refused {
+                reason: r.str(MAX_STR)?,
+            },
+            4 => PeerMsg::PskHello {
+                version: r.u16()?,
+                nonce: r.array()?,
+            },
+            5 => PeerMsg::PskChallenge {
+                version: r.u16()?,
+                nonce: r.array()?,
+            },
+            6 => PeerMsg::PskProof { proof: r.array()? },
+            7 => PeerMsg::PskWelcome { proof: r.array()? },
+            8 => PeerMsg::Offer {
+                vm_id: get_vm_id(r)?,
+                page_size: r.u32()?,
+                regions: get_regions(r)?,
+                channels: r.u16()?,
+                transports: r.u8()?,
+                cpu_profile: r.bytes(MAX_BLOB)?.to_vec(),
+                session: r.session()?,
+            },
+            9 => PeerMsg::Accept {
+                prepare_us: r.u64()?,
+            },
+            10 => PeerMsg::DataHello {
+                session: r.session()?,
+                channel: r.u16()?,
+            },
+            11 => PeerMsg::DataChallenge { nonce: r.array()? },
+            12 => PeerMsg::DataProof { proof: r.array()? },
+            13 => PeerMsg::DataOk,
+            14 => PeerMsg::RoundStart {
+                round: r.u32()?,
+                final_round: r.bool("final_round")?,
+            },
+            15 => PeerMsg::RoundDone {
+                round: r.u32()?,
+                pages: r.u64()?,
+                bytes: r.u64()?,
+                torn: r.ranges(MAX_TORN)?,
+            },
+            16 => PeerMsg::StateBlob {
+                blob: r.bytes(MAX_BLOB)?.to_vec(),
+            },
+            17 => {
+                let n = r.count(MAX_REGIONS, 4)?;
+                let mut regions = Vec::with_capacity(n);
+                for _ in 0..n {
+                    let c = r.count(MAX_FRAME / 16, 16)?;
+                    regions.push((0..c).map(|_| r.u128()).collect::<Result<_, _>>()?);
+                }
+                PeerMsg::Ready {
+                    digest: MemoryDigest { regions },
+                }
+            }
+            18 => PeerMsg::Commit,
+            19 => PeerMsg::Abort {
+                reason: r.str(MAX_STR)?,
+            },
+            20 => PeerMsg::Running {
+                detail: r.str(MAX_STR)?,
+            },
+            21 => PeerMsg::StartFailed {
+                reason: r.str(MAX_STR)?,
+            },
+            22 => PeerMsg::Discarded,
+            23 => PeerMsg::Decision {
+                session: r.session()?,
+                commit: r.bool("commit")?,
+            },
+            24 => PeerMsg::RdmaOffer {
+                blob: r.bytes(MAX_BLOB)?.to_vec(),
+            },
+            25 => PeerMsg::RdmaAnswer {
+                blob: r.bytes(MAX_BLOB)?.to_vec(),
+            },
+            26 => PeerMsg::RdmaUnavailable {
+                reason: r.str(MAX_STR)?,
+            },
+            27 => {
+                let round = r.u32()?;
+                let last = r.bool("last")?;
+                PeerMsg::PullRanges {
+                    round,
+                    last,
+                    ranges: r.ranges(MAX_PULL_RANGES)?,
+                }
+            }
+            28 => PeerMsg::RdmaFailed {
+                round: r.u32()?,
+                reason: r.str(MAX_STR)?,
+                confirmed_pages: r.u64()?,
+                unfinished: r.ranges(MAX_UNFINISHED)?,
+            },
+            tag => {
+                return Err(ProtoError::UnknownTag {
+                    protocol: Self::PROTOCOL,
+                    tag,
+                })
+            }
+        })
+    }
+}
+
+/// Maps a reply that is not what the protocol expects to an error (a `Refused` reply
+/// carries the peer's reason).
+pub fn unexpected(expected: &'static str, got: PeerMsg) -> ProtoError {
+    match got {
+        PeerMsg::Refused { reason } => ProtoError::Refused { reason },
+        other => ProtoError::Unexpected {
+            expected,
+            got: other.name(),
+        },
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use crate::common::{decode_payload, encode_payload};
+
+    pub(crate) fn samples() -> Vec<PeerMsg> {
+        let r = |region, first, count| PageRange {
+            region,
+            first,
+            count,
+        };
+        vec![
+            PeerMsg::Hello { version: 2 },
+            PeerMsg::Welcome { version: 2 },
+            PeerMsg::Refused { reason: "x".into() },
+            PeerMsg::PskHello {
+                version: 2,
+                nonce: [3; 32],
+            },
+            PeerMsg::PskChallenge {
+                version: 2,
+                nonce: [4; 32],
+            },
+            PeerMsg::PskProof { proof: [6; 32] },
+            PeerMsg::PskWelcome { proof: [5; 32] },
+            PeerMsg::Offer {
+                vm_id: "vm1".into(),
+                page_size: 4096,
+                regions: vec![RegionInfo {
+                    gpa: 0,
+                    size: 1 << 30,
+                    offset: 0,
+                }],
+                channels: 4,
+                transports: OFFER_TCP | OFFER_RDMA,
+                cpu_profile: vec![9],
+                session: SessionId([8; 16]),
+            },
+            PeerMsg::Accept { prepare_us: 1234 },
+            PeerMsg::DataHello {
+                session: SessionId([1; 16]),
+                channel: 3,
+            },
+            PeerMsg::DataChallenge { nonce: [2; 32] },
+            PeerMsg::DataProof { proof: [7; 32] },
+            PeerMsg::DataOk,
+            PeerMsg::RoundStart {
+                round: 1,
+                final_round: false,
+            },
+            PeerMsg::RoundDone {
+                round: 1,
+                pages: 10,
+                bytes: 40960,
+                torn: vec![r(0, 5, 1)],
+            },
+            PeerMsg::StateBlob { blob: vec![1, 2] },
+            PeerMsg::Ready {
+                digest: MemoryDigest {
+                    regions: vec![vec![1, 2], vec![3]],
+                },
+            },
+            PeerMsg::Commit,
+            PeerMsg::Abort { reason: "x".into() },
+            PeerMsg::Running { detail: "y".into() },
+            PeerMsg::StartFailed { reason: "z".into() },
+            PeerMsg::Discarded,
+            PeerMsg::Decision {
+                session: SessionId([4; 16]),
+                commit: true,
+            },
+            PeerMsg::RdmaOffer { blob: vec![1, 2] },
+            PeerMsg::RdmaAnswer { blob: vec![3] },
+            PeerMsg::RdmaUnavailable {
+                reason: "no device".into(),
+            },
+            PeerMsg::PullRanges {
+                round: 2,
+                ranges: vec![r(0, 1, 2), r(1, 5, 9)],
+                last: true,
+            },
+            PeerMsg::RdmaFailed {
+                round: 2,
+                reason: "qp".into(),
+                confirmed_pages: 7,
+                unfinished: vec![r(0, 3, 4)],
+            },
+        ]
+    }
+
+    #[test]
+    fn every_message_round_trips_and_rejects_cut_or_extended_payloads() {
+        let all = samples();
+        let tags: std::collections::HashSet<u16> = all.iter().map(Message::tag).collect();
+        assert_eq!(tags.len(), 28, "one sample per tag");
+        for m in all {
+            let b = encode_payload(&m);
+            assert_eq!(
+                decode_payload::<PeerMsg>(m.tag(), &b).ok().as_ref(),
+                Some(&m),
+                "{}",
+                m.name()
+            );
+            for cut in 0..b.len() {
+                assert!(
+                    decode_payload::<PeerMsg>(m.tag(), &b[..cut]).is_err(),
+                    "{} cut {cut}",
+                    m.name()
+                );
+            }
+            let mut longer = b.clone();
+            longer.push(0);
+            assert!(
+                decode_payload::<PeerMsg>(m.tag(), &longer).is_err(),
+                "{}",
+                m.name()
+            );
+        }
+    }
+
+    #[test]
+    fn hostile_counts_and_ranges_are_refused() {
+        // A RoundDone claiming 2^32-1 torn pages.
+        let mut w = Writer::new();
+        w.u32(1).u64(0).u64(0).u32(u32::MAX);
+        assert!(matches!(
+            decode_payload::<PeerMsg>(15, &w.finish()),
+            Err(ProtoError::TooLong { .. })
+        ));
+        // A range that wraps around.
+        let mut w = Writer::new();
+        w.u32(1).u8(1).ranges(&[PageRange {
+            region: 0,
+            first: u64::MAX,
+            count: 2,
+        }]);
+        assert!(decode_payload::<PeerMsg>(27, &w.finish()).is_err());
+        // An empty range.
+        let mut w = Writer::new();
+        w.u32(1).u8(1).ranges(&[PageRange {
+            region: 0,
+            first: 3,
+            count: 0,
+        }]);
+        assert!(decode_payload::<PeerMsg>(27, &w.finish()).is_err());
+    }
+}

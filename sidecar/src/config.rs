@@ -1,0 +1,161 @@
+//! `ferry serve`'s settings: a TOML file (`--config`), each key overridable by a flag.
+//!
+//! ```toml
+//! socket = "/run/ferry/ferry.sock"
+//! listen = "0.0.0.0:7780"
+//! state_dir = "/var/lib/ferry"
+//! replay_window_s = 120
+//! rdma_peers = ["10.0.0.2"]        # RDMA is not encrypted: only to hosts listed here
+//!
+//! [tls]                            # mutual TLS 1.3 (`ferry cert` makes these)
+//! ca = "/etc/ferry/ca.pem"
+//! cert = "/etc/ferry/host.pem"
+//! key = "/etc/ferry/host-key.pem"
+//!
+//! # insecure_psk_key_file = "/etc/ferry/key"   # instead of [tls]: nothing encrypted
+//! ```
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use serde::Deserialize;
+
+use crate::daemon::DaemonConfig;
+use crate::peer::PeerAuth;
+use ferry_tls::{Tls, TlsFiles};
+
+/// The `[tls]` table.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsSection {
+    /// The fleet CA certificate.
+    pub ca: Option<PathBuf>,
+    /// This host's certificate.
+    pub cert: Option<PathBuf>,
+    /// This host's private key.
+    pub key: Option<PathBuf>,
+}
+
+/// The configuration file.
+#[derive(Clone, Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FileConfig {
+    /// Unix socket for VMMs and the CLI.
+    pub socket: Option<PathBuf>,
+    /// Peer listen address.
+    pub listen: Option<String>,
+    /// Decisions and incoming records.
+    pub state_dir: Option<PathBuf>,
+    /// Replay window in seconds.
+    pub replay_window_s: Option<u64>,
+    /// Hosts RDMA may be used with.
+    #[serde(default)]
+    pub rdma_peers: Vec<String>,
+    /// TLS identity.
+    #[serde(default)]
+    pub tls: TlsSection,
+    /// `--insecure-psk`'s key file.
+    pub insecure_psk_key_file: Option<PathBuf>,
+}
+
+impl FileConfig {
+    /// Reads a configuration file.
+    ///
+    /// # Errors
+    ///
+    /// Unreadable file, bad TOML, unknown keys.
+    pub fn load(path: &Path) -> anyhow::Result<Self> {
+        let text =
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+        toml::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+}
+
+/// Flags of `ferry serve` (each overrides the file).
+#[derive(Clone, Debug, Default)]
+pub struct ServeFlags {
+    /// `--socket`.
+    pub socket: Option<PathBuf>,
+    /// `--listen`.
+    pub listen: Option<String>,
+    /// `--state-dir`.
+    pub state_dir: Option<PathBuf>,
+    /// `--replay-window-s`.
+    pub replay_window_s: Option<u64>,
+    /// `--rdma-peer`.
+    pub rdma_peers: Vec<String>,
+    /// `--tls-ca`.
+    pub tls_ca: Option<PathBuf>,
+    /// `--tls-cert`.
+    pub tls_cert: Option<PathBuf>,
+    /// `--tls-key`.
+    pub tls_key: Option<PathBuf>,
+    /// `--insecure-psk`.
+    pub insecure_psk: bool,
+    /// `--key-file`.
+    pub key_file: Option<PathBuf>,
+}
+
+/// Default Unix socket.
+pub const DEFAULT_SOCKET: &str = "/run/ferry/ferry.sock";
+
+/// Merges file and flags into the daemon's settings and its peer authentication.
+///
+/// # Errors
+///
+/// Missing or contradictory authentication settings, unreadable or unsafe key files.
+pub fn resolve(file: FileConfig, f: ServeFlags) -> anyhow::Result<(DaemonConfig, PeerAuth)> {
+    let cfg = DaemonConfig {
+        socket: f
+            .socket
+            .or(file.socket)
+            .unwrap_or_else(|| DEFAULT_SOCKET.into()),
+        listen: f
+            .listen
+            .or(file.listen)
+            .unwrap_or_else(|| "0.0.0.0:7780".into()),
+        state_dir: f
+            .state_dir
+            .or(file.state_dir)
+            .unwrap_or_else(|| "/var/lib/ferry".into()),
+        replay_window: Duration::from_secs(
+            f.replay_window_s.or(file.replay_window_s).unwrap_or(120),
+        ),
+        rdma_peers: if f.rdma_peers.is_empty() {
+            file.rdma_peers
+        } else {
+            f.rdma_peers
+        },
+    };
+    let tls = (
+        f.tls_ca.or(file.tls.ca),
+        f.tls_cert.or(file.tls.cert),
+        f.tls_key.or(file.tls.key),
+    );
+    // The file's key is named `insecure_psk_key_file`: setting it is the explicit choice.
+    let explicit = f.insecure_psk || file.insecure_psk_key_file.is_some();
+    let psk = f.key_file.or(file.insecure_psk_key_file);
+    let insecure = explicit || (psk.is_some() && tls == (None, None, None));
+    let auth = match (tls, insecure, psk) {
+        ((Some(ca), Some(cert), Some(key)), false, _) => {
+            PeerAuth::Tls(Tls::load(&TlsFiles { ca, cert, key })?)
+        }
+        ((None, None, None), true, Some(k)) => {
+            if !explicit {
+                bail!("a shared key alone does not encrypt anything: give --tls-ca/--tls-cert/--tls-key (see `ferry cert`), or choose --insecure-psk explicitly");
+            }
+            PeerAuth::Psk(
+                ferry_proto::auth::Key::from_file(&k)
+                    .with_context(|| format!("reading key file {}", k.display()))?,
+            )
+        }
+        ((None, None, None), true, None) => bail!("--insecure-psk needs --key-file"),
+        ((None, None, None), false, None) => {
+            bail!("peers must authenticate: give --tls-ca, --tls-cert and --tls-key (see `ferry cert`), or --insecure-psk --key-file")
+        }
+        (_, true, _) => bail!("choose TLS or --insecure-psk, not both"),
+        _ => bail!("TLS needs all three of --tls-ca, --tls-cert and --tls-key"),
+    };
+    Ok((cfg, auth))
+}

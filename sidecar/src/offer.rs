@@ -1,0 +1,161 @@
+//! The source's side of a migration's start: connect and authenticate, offer the VM,
+//! open the data connections, and find out whether RDMA works between the two hosts.
+//!
+//! TCP data connections always exist, so RDMA can hand its unfinished ranges to them
+//! mid-round without a pause. RDMA is tried only when the operator asked for it or allowed
+//! it for this destination (`--rdma-peer`), and both hosts have a device.
+
+use std::sync::Arc;
+
+use anyhow::{bail, Context};
+use ferry_engine::session::{SessionId, TransportKind};
+use ferry_engine::PAGE_SIZE;
+use ferry_proto::cli::{MigrateRequest, TransportChoice};
+use ferry_proto::common::MAX_FRAME;
+use ferry_proto::frame::{read_msg, write_msg};
+use ferry_proto::peer::{unexpected, PeerMsg, OFFER_RDMA, OFFER_TCP};
+use ferry_tcp_fallback::TcpSender;
+use ferry_verbs::RdmaExport;
+
+use crate::daemon::Daemon;
+use crate::peer::{connect_control, connect_data, Control, PeerStream};
+use crate::registry::SourceVm;
+
+/// What the start of a migration set up.
+pub struct Negotiated {
+    /// The authenticated control connection.
+    pub ctl: Control,
+    /// The TCP data path.
+    pub sender: TcpSender,
+    /// The RDMA export, when RDMA is the data path.
+    pub rdma: Option<RdmaExport>,
+    /// Transports in order of use, with their channels.
+    pub transports: Vec<(TransportKind, usize)>,
+    /// Why this transport, for the summary.
+    pub reason: String,
+    /// How long the destination took to prepare its memory.
+    pub prepare_us: u64,
+}
+
+/// Connects, offers and sets up the data paths for migrating `vm`.
+///
+/// # Errors
+///
+/// Anything that stops the migration before its first page; the destination's reason
+/// when it refused.
+pub fn negotiate(
+    d: &Daemon,
+    req: &MigrateRequest,
+    vm: &SourceVm,
+    session: SessionId,
+) -> anyhow::Result<Negotiated> {
+    let channels = usize::from(req.channels);
+    let (mut export, mut reason) = match req.transport {
+        TransportChoice::Tcp => (None, "requested".to_string()),
+        choice => {
+            let explicit = choice == TransportChoice::Rdma;
+            let device = match ferry_verbs::device_reports() {
+                Ok(r) if !r.is_empty() => Ok(()),
+                Ok(_) => Err("no device".to_string()),
+                Err(e) => Err(e.to_string()),
+            };
+            match device {
+                Err(e) if explicit => bail!("RDMA was requested but is unavailable on the source: {e}"),
+                Err(e) => (None, format!("auto: no RDMA on the source ({e})")),
+                Ok(()) if !explicit && !d.rdma_allowed(&req.to) => (
+                    None,
+                    format!(
+                        "auto: RDMA is not allowed for {} (ferry serve --rdma-peer); RDMA is not encrypted",
+                        req.to
+                    ),
+                ),
+                Ok(()) => match RdmaExport::new(&vm.mem, channels) {
+                    Ok(e) => (Some(e), String::new()),
+                    Err(e) if explicit => {
+                        bail!("RDMA was requested but is unavailable on the source: {e}")
+                    }
+                    Err(e) => (None, format!("auto: no RDMA on the source ({e})")),
+                },
+            }
+        }
+    };
+    let mut ctl = connect_control(&d.auth, &req.to)?;
+    write_msg(
+        &mut ctl.stream,
+        &PeerMsg::Offer {
+            vm_id: req.vm_id.clone(),
+            page_size: PAGE_SIZE as u32,
+            regions: vm.regions.clone(),
+            channels: req.channels,
+            transports: OFFER_TCP | if export.is_some() { OFFER_RDMA } else { 0 },
+            cpu_profile: vm.cpu_profile.clone(),
+            session,
+        },
+    )?;
+    let prepare_us = match read_msg(&mut ctl.stream, MAX_FRAME)? {
+        PeerMsg::Accept { prepare_us } => prepare_us,
+        other => return Err(unexpected("Accept", other).into()),
+    };
+    let mut streams = Vec::with_capacity(channels);
+    for ch in 0..req.channels {
+        streams.push(connect_data(&d.auth, &req.to, session, &ctl.key, ch)?.into_channel()?);
+    }
+    let sender = TcpSender::with_channels(streams, Arc::clone(&vm.mem));
+    let mut transports = vec![(TransportKind::Tcp, channels)];
+    if let Some(exp) = export.as_mut() {
+        match rdma_handshake(&mut ctl.stream, exp)? {
+            Ok(()) => {
+                reason = format!(
+                    "both sidecars have RDMA and {channels} queue pairs connected ({}); the destination pulls with RDMA READ (not encrypted)",
+                    exp.describe()
+                );
+                transports.insert(0, (TransportKind::Rdma, channels));
+            }
+            Err(why) if req.transport == TransportChoice::Rdma => {
+                bail!("RDMA was requested: {why}")
+            }
+            Err(why) => reason = format!("auto: {why}"),
+        }
+    }
+    if transports[0].0 == TransportKind::Tcp {
+        export = None;
+    }
+    Ok(Negotiated {
+        ctl,
+        sender,
+        rdma: export,
+        transports,
+        reason,
+        prepare_us,
+    })
+}
+
+/// Offers the export and connects its queue pairs; `Ok(Err(why))` when RDMA is not to be.
+fn rdma_handshake(
+    ctl: &mut PeerStream,
+    exp: &mut RdmaExport,
+) -> anyhow::Result<Result<(), String>> {
+    write_msg(ctl, &PeerMsg::RdmaOffer { blob: exp.offer() })?;
+    Ok(
+        match read_msg(ctl, MAX_FRAME).context("waiting for the RDMA answer")? {
+            PeerMsg::RdmaAnswer { blob } => match exp.connect(&blob) {
+                Ok(()) => Ok(()),
+                Err(e) => {
+                    // The destination thinks RDMA is on: tell it otherwise.
+                    let reason = format!("the source could not connect its queue pairs: {e}");
+                    write_msg(
+                        ctl,
+                        &PeerMsg::RdmaUnavailable {
+                            reason: reason.clone(),
+                        },
+                    )?;
+                    Err(reason)
+                }
+            },
+            PeerMsg::RdmaUnavailable { reason } => {
+                Err(format!("no RDMA at the destination ({reason})"))
+            }
+            other => return Err(unexpected("RdmaAnswer", other).into()),
+        },
+    )
+}
