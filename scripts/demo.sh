@@ -4,8 +4,10 @@
 # Two network namespaces stand in for two hosts ("ferry-demo-a" 10.78.0.1 and
 # "ferry-demo-b" 10.78.0.2, joined by a veth pair). Each runs a `ferry serve`
 # sidecar; host A runs a real KVM guest (64-bit, 2 vCPUs, CPL3 on /dev/kvm) that keeps
-# dirtying memory and stamping pages, host B a VMM waiting for it. `ferry migrate` moves it over TCP with 4 streams, shows progress, prints
-# the summary, then the demo shows the guest carrying on at B.
+# dirtying memory and stamping pages, host B a VMM waiting for it. The sidecars
+# authenticate each other with TLS 1.3 certificates from one fleet CA (made with
+# `ferry cert`); `ferry migrate` moves the VM over TLS-encrypted TCP with 4 streams,
+# shows progress, prints the summary, then the demo shows the guest carrying on at B.
 #
 # Options: --mem-mib N (1024)  --rate-mib N (64, guest dirtying rate)
 #          --streams N (4)     --vmm kvm|workload (kvm; workload = memfd writer threads)
@@ -48,11 +50,14 @@ ip link add fdemo-a netns $NA type veth peer name fdemo-b netns $NB
 ip -n $NA addr add 10.78.0.1/24 dev fdemo-a; ip -n $NA link set fdemo-a up
 ip -n $NB addr add 10.78.0.2/24 dev fdemo-b; ip -n $NB link set fdemo-b up
 
-"$B/ferry" keygen "$D/key"
+"$B/ferry" cert ca --out "$D/ca" >/dev/null
+"$B/ferry" cert host --ca "$D/ca" --name a --san 10.78.0.1 --out "$D/certs" >/dev/null
+"$B/ferry" cert host --ca "$D/ca" --name b --san 10.78.0.2 --out "$D/certs" >/dev/null
 for side in a b; do
   ns=$NA; addr=10.78.0.1; [ $side = b ] && { ns=$NB; addr=10.78.0.2; }
   ip netns exec $ns "$B/ferry" serve --socket "$D/$side.sock" --listen $addr:7780 \
-    --key-file "$D/key" --state-dir "$D/state-$side" 2>"$D/sidecar-$side.log" &
+    --tls-ca "$D/ca/ca.pem" --tls-cert "$D/certs/$side.pem" --tls-key "$D/certs/$side-key.pem" \
+    --state-dir "$D/state-$side" 2>"$D/sidecar-$side.log" &
   PIDS+=($!)
 done
 for side in a b; do for _ in $(seq 100); do [ -S "$D/$side.sock" ] && break; sleep 0.1; done; done

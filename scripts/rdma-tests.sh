@@ -26,12 +26,11 @@ JSON=$(mktemp)
 trap 'rm -f "$JSON"' EXIT
 cargo test --release --locked -p ferry-verbs --no-run --message-format=json-render-diagnostics > "$JSON"
 # The end-to-end RDMA migration test starts the real binaries: build them too.
-cargo build --release --locked -p ferry-sidecar -p ferry-workload-vmm
+cargo build --release --locked -p ferry-sidecar -p ferry-workload-vmm --features ferry-sidecar/fault-injection
 cargo test --release --locked -p ferry-tests --test rdma_migration --no-run \
   --message-format=json-render-diagnostics >> "$JSON"
-# Test executables of ferry-verbs are the only artifacts with an "executable"
-# (dependencies are libraries). Keep paths under the shared repo.
-mapfile -t EXES < <(grep '"reason":"compiler-artifact"' "$JSON" |
+# Test executables (profile.test) only: the fault-matrix binary also has an "executable". Keep paths under the shared repo.
+mapfile -t EXES < <(grep '"reason":"compiler-artifact"' "$JSON" | grep '"profile":{[^}]*"test":true' |
   grep -o '"executable":"[^"]*"' | sed 's/^"executable":"//; s/"$//' | sort -u)
 [ ${#EXES[@]} -gt 0 ] || { echo "rdma-tests: no test executables built" >&2; exit 1; }
 for e in "${EXES[@]}"; do

@@ -20,16 +20,19 @@ fail=0
 step "dependencies"
 scripts/deps.sh || exit 1
 
+FEATURES="--features ferry-sidecar/fault-injection"
+
 step "build"
-cargo build --release --locked --workspace --all-targets || exit 1
+cargo build --release --locked --workspace --all-targets $FEATURES || exit 1
 
 step "lints"
 cargo fmt --all -- --check || { echo "lint: cargo fmt found unformatted code"; fail=1; }
-cargo clippy --release --locked --workspace --all-targets -- -D warnings || fail=1
+(cd fuzz && cargo fmt --all -- --check) || { echo "lint: cargo fmt found unformatted fuzz targets"; fail=1; }
+cargo clippy --release --locked --workspace --all-targets $FEATURES -- -D warnings || fail=1
 RUSTDOCFLAGS="-D warnings" cargo doc --release --locked --workspace --no-deps -q || fail=1
 
 step "host tests (unit, KVM, end-to-end)"
-cargo test --release --locked --workspace 2>&1 | tee -a "$LOG"
+cargo test --release --locked --workspace $FEATURES 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || fail=1
 
 step "RDMA tests in the SoftRoCE guest"

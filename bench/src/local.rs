@@ -53,18 +53,86 @@ pub struct LocalPair {
     pub port_b: u16,
 }
 
+/// How the benchmark's sidecars authenticate each other.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairAuth {
+    /// `--insecure-psk`: plain TCP (the setting every earlier figure was measured in).
+    Psk,
+    /// Mutual TLS 1.3: control and data connections encrypted.
+    Tls,
+}
+
+fn run_ferry(ferry: &Path, args: &[&str]) -> anyhow::Result<()> {
+    let out = Command::new(ferry).args(args).output()?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ferry {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
 impl LocalPair {
-    /// Starts both sidecars; `tag` keeps concurrent pairs apart.
+    /// Starts both sidecars (`--insecure-psk`); `tag` keeps concurrent pairs apart.
     ///
     /// # Errors
     ///
     /// When a sidecar does not come up.
     pub fn start(tag: &str, port_base: u16) -> anyhow::Result<Self> {
+        Self::start_with(tag, port_base, PairAuth::Psk)
+    }
+
+    /// Starts both sidecars authenticating with `auth`.
+    ///
+    /// # Errors
+    ///
+    /// When a sidecar does not come up.
+    pub fn start_with(tag: &str, port_base: u16, auth: PairAuth) -> anyhow::Result<Self> {
+        use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir)?;
-        std::fs::write(dir.join("key"), "bench-shared-key-0123456789\n")?;
         let ferry = bin("ferry")?;
+        let auth_args: Vec<String> = match auth {
+            PairAuth::Psk => {
+                let key = dir.join("key");
+                std::fs::write(&key, "bench-shared-key-0123456789\n")?;
+                std::fs::set_permissions(&key, std::fs::Permissions::from_mode(0o600))?;
+                vec![
+                    "--insecure-psk".into(),
+                    "--key-file".into(),
+                    key.display().to_string(),
+                ]
+            }
+            PairAuth::Tls => {
+                let (ca, certs) = (dir.join("ca"), dir.join("certs"));
+                let (ca_s, certs_s) = (ca.display().to_string(), certs.display().to_string());
+                run_ferry(&ferry, &["cert", "ca", "--out", &ca_s])?;
+                run_ferry(
+                    &ferry,
+                    &[
+                        "cert",
+                        "host",
+                        "--ca",
+                        &ca_s,
+                        "--name",
+                        "local",
+                        "--san",
+                        "127.0.0.1",
+                        "--out",
+                        &certs_s,
+                    ],
+                )?;
+                vec![
+                    "--tls-ca".into(),
+                    ca.join("ca.pem").display().to_string(),
+                    "--tls-cert".into(),
+                    certs.join("local.pem").display().to_string(),
+                    "--tls-key".into(),
+                    certs.join("local-key.pem").display().to_string(),
+                ]
+            }
+        };
         let mut sidecars = Vec::new();
         for (i, side) in ["a", "b"].iter().enumerate() {
             let log = std::fs::File::create(dir.join(format!("sidecar-{side}.log")))?;
@@ -74,8 +142,8 @@ impl LocalPair {
                 .arg(dir.join(format!("{side}.sock")))
                 .arg("--listen")
                 .arg(format!("127.0.0.1:{}", port_base + i as u16))
-                .arg("--key-file")
-                .arg(dir.join("key"))
+                .args(&auth_args)
+                .args(["--rdma-peer", "127.0.0.1"])
                 .arg("--state-dir")
                 .arg(dir.join(format!("state-{side}")))
                 .env("RUST_LOG", "warn")

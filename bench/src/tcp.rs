@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::local::{cpu_seconds, Kid, LocalPair};
+use crate::local::{cpu_seconds, Kid, LocalPair, PairAuth};
 
 /// Options of `ferry-bench tcp`.
 #[derive(clap::Args, Debug)]
@@ -17,9 +17,14 @@ pub struct TcpArgs {
     /// Stream counts to measure.
     #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
     pub streams: Vec<u16>,
-    /// Runs per stream count (the best is reported for both Ferry and iperf3).
-    #[arg(long, default_value_t = 1)]
+    /// Runs per stream count (median, min and max are reported for both Ferry and
+    /// iperf3, alternating).
+    #[arg(long, default_value_t = 3)]
     pub runs: u32,
+    /// Encrypt: mutual TLS 1.3 on the control and data connections (default: the plain
+    /// `--insecure-psk` setting, as every figure before TLS was measured).
+    #[arg(long)]
+    pub tls: bool,
 }
 
 /// One measurement.
@@ -30,9 +35,14 @@ struct Sample {
 }
 
 fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> {
-    let mut pair = LocalPair::start(
+    let mut pair = LocalPair::start_with(
         &format!("tcp{streams}-{run}"),
         27_000 + streams * 10 + run as u16 * 100,
+        if args.tls {
+            PairAuth::Tls
+        } else {
+            PairAuth::Psk
+        },
     )?;
     let a = pair.socket("a").display().to_string();
     let b = pair.socket("b").display().to_string();
@@ -143,32 +153,34 @@ fn iperf_once(bytes: u64, streams: u16, port: u16) -> anyhow::Result<Sample> {
     })
 }
 
-fn best(samples: Vec<Sample>) -> Option<Sample> {
-    samples.into_iter().max_by(|a, b| a.gbps.total_cmp(&b.gbps))
+/// Median, lowest and highest of `v` (non-empty).
+fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
-/// Runs the benchmark and prints the table; the last line is the ratio at 4 streams
-/// (or the largest stream count measured).
+/// Runs the benchmark and prints the table; the last line is the median ratio at 4
+/// streams (or the largest stream count measured).
 ///
 /// # Errors
 ///
 /// When a run fails.
 pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
+    anyhow::ensure!(args.runs > 0, "--runs must be at least 1");
+    let mode = if args.tls {
+        "TLS 1.3 (control and data encrypted)"
+    } else {
+        "plain TCP (--insecure-psk)"
+    };
     println!(
-        "ferry-bench tcp: {} MiB random-filled region over loopback, {} run(s) each, best reported",
+        "ferry-bench tcp: {} MiB random-filled region over loopback, {mode}, {} run(s) each, Ferry and iperf3 alternating",
         args.mem_mib, args.runs
     );
     println!("Ferry verifies a per-page XXH3 checksum of every page and both memory digests (strict mode).");
+    println!("Per stream count: median [min-max] of the runs; the ratio is taken run by run.");
     println!(
-        "{:>8} {:>12} {:>12} {:>7} {:>14} {:>14} {:>14} {:>14}",
-        "streams",
-        "ferry Gb/s",
-        "iperf3 Gb/s",
-        "ratio",
-        "ferry src s/GiB",
-        "ferry dst s/GiB",
-        "iperf src s/GiB",
-        "iperf dst s/GiB"
+        "{:>8} {:>22} {:>22} {:>22} {:>16} {:>16}",
+        "streams", "ferry Gb/s", "iperf3 Gb/s", "ratio", "ferry src s/GiB", "ferry dst s/GiB"
     );
     let mut last = None;
     for &n in &args.streams {
@@ -178,25 +190,25 @@ pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
             f.push(ferry_once(args, n, run)?);
             i.push(iperf_once(args.mem_mib << 20, n, 27_900 + n)?);
         }
-        let (f, i) = (
-            best(f).context("no ferry run")?,
-            best(i).context("no iperf3 run")?,
-        );
-        let ratio = f.gbps / i.gbps;
+        let ratios: Vec<f64> = f.iter().zip(&i).map(|(a, b)| a.gbps / b.gbps).collect();
+        let show = |(m, lo, hi): (f64, f64, f64), p: usize| format!("{m:.p$} [{lo:.p$}-{hi:.p$}]");
+        let (ratio, ..) = spread(ratios.clone());
         println!(
-            "{:>8} {:>12.2} {:>12.2} {:>7.3} {:>14.3} {:>14.3} {:>14.3} {:>14.3}",
+            "{:>8} {:>22} {:>22} {:>22} {:>16} {:>16}",
             n,
-            f.gbps,
-            i.gbps,
-            ratio,
-            f.cpu_src_per_gib,
-            f.cpu_dst_per_gib,
-            i.cpu_src_per_gib,
-            i.cpu_dst_per_gib
+            show(spread(f.iter().map(|s| s.gbps).collect()), 2),
+            show(spread(i.iter().map(|s| s.gbps).collect()), 2),
+            show(spread(ratios), 3),
+            show(spread(f.iter().map(|s| s.cpu_src_per_gib).collect()), 2),
+            show(spread(f.iter().map(|s| s.cpu_dst_per_gib).collect()), 2),
         );
         last = Some((n, ratio));
     }
     let (n, ratio) = last.context("no stream count given")?;
-    println!("ratio ferry/iperf3 streams={n}: {ratio:.3}");
+    if args.tls {
+        println!("ratio ferry-tls/iperf3 streams={n}: {ratio:.3}");
+    } else {
+        println!("ratio ferry/iperf3 streams={n}: {ratio:.3}");
+    }
     Ok(())
 }

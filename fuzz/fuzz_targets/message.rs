@@ -13,7 +13,11 @@ use libfuzzer_sys::fuzz_target;
 fn check<M: Message + PartialEq + std::fmt::Debug>(tag: u16, payload: &[u8]) {
     if let Ok(m) = decode_payload::<M>(tag, payload) {
         assert_eq!(m.tag(), tag);
-        assert_eq!(encode_payload(&m), payload, "{m:?} does not re-encode to its payload");
+        assert_eq!(
+            encode_payload(&m),
+            payload,
+            "{m:?} does not re-encode to its payload"
+        );
     }
 }
 

@@ -6,9 +6,9 @@ use crate::ProtoError;
 
 /// Longest VM id, reason or other short string on the wire.
 pub const MAX_STR: usize = 4096;
-/// Most RAM regions a VM may register: KVM allows 32764 memslots, but a VMM with more
-/// than 1024 RAM regions is not one Ferry has been tried with, and the cap bounds work.
-pub const MAX_REGIONS: usize = 1024;
+/// Most RAM regions a VM may register: one memfd per region rides with one message, and
+/// Linux passes at most 253 descriptors per `sendmsg` (`SCM_MAX_FD`).
+pub const MAX_REGIONS: usize = 253;
 /// Largest state blob: Firecracker caps snapshot reads at 10 MB; a VMM with device state
 /// plus per-page records (the workload VMM keeps 8 bytes per page: 2 MiB per GiB) needs
 /// more, and 64 MiB covers 32 GiB of workload-VMM guest.
@@ -114,6 +114,52 @@ pub fn check_vm_id(id: &str) -> Result<(), ProtoError> {
     }
 }
 
+/// Checks a VM's layout: at least one region, each a whole number of pages at a
+/// page-aligned guest-physical address and memfd offset, none overlapping another.
+///
+/// # Errors
+///
+/// What is wrong, for the VMM's operator.
+pub fn check_layout(regions: &[RegionInfo]) -> Result<(), String> {
+    const PAGE: u64 = 4096;
+    if regions.is_empty() {
+        return Err("no RAM regions".into());
+    }
+    let mut spans = Vec::with_capacity(regions.len());
+    for (i, r) in regions.iter().enumerate() {
+        if r.size == 0 || r.size % PAGE != 0 || r.gpa % PAGE != 0 || r.offset % PAGE != 0 {
+            return Err(format!(
+                "region {i} (gpa {:#x}, size {:#x}, offset {:#x}) is not whole, aligned pages",
+                r.gpa, r.size, r.offset
+            ));
+        }
+        let end = r
+            .gpa
+            .checked_add(r.size)
+            .ok_or_else(|| format!("region {i} wraps around the address space"))?;
+        spans.push((r.gpa, end, i));
+    }
+    spans.sort();
+    for w in spans.windows(2) {
+        if w[1].0 < w[0].1 {
+            return Err(format!("regions {} and {} overlap", w[0].2, w[1].2));
+        }
+    }
+    Ok(())
+}
+
+/// An error with its causes, for a message that crosses a socket.
+pub fn chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
 /// Reads a VM id and checks it.
 ///
 /// # Errors
@@ -169,6 +215,21 @@ mod tests {
                 "{bad:?}"
             );
         }
+    }
+
+    #[test]
+    fn layouts_must_be_aligned_and_disjoint() {
+        let r = |gpa, size| RegionInfo {
+            gpa,
+            size,
+            offset: 0,
+        };
+        assert!(check_layout(&[r(0, 1 << 20), r(1 << 32, 1 << 20)]).is_ok());
+        assert!(check_layout(&[]).is_err());
+        assert!(check_layout(&[r(0, 1000)]).is_err());
+        assert!(check_layout(&[r(100, 4096)]).is_err());
+        assert!(check_layout(&[r(0, 8192), r(4096, 4096)]).is_err());
+        assert!(check_layout(&[r(u64::MAX - 4095, 8192)]).is_err());
     }
 
     #[test]

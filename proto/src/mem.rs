@@ -112,7 +112,7 @@ impl GuestRegion {
     pub fn map_guarded(fd: BorrowedFd<'_>, offset: u64, size: u64) -> Result<Self, ProtoError> {
         crate::guard::check_covers(fd, offset, size).map_err(|e| ProtoError::Io {
             op: "check the memfd's size",
-            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, e.to_string()),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidInput, crate::common::chain(&e)),
         })?;
         let mut r = Self::map(fd, offset, size)?;
         r.guard = Some(

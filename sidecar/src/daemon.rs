@@ -182,7 +182,12 @@ fn bind_socket(path: &PathBuf) -> anyhow::Result<UnixListener> {
         );
     }
     let _ = std::fs::remove_file(path);
-    UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))
+    let l = UnixListener::bind(path).with_context(|| format!("binding {}", path.display()))?;
+    // VMMs and the CLI run as this user (root): nobody else may register a VM or migrate.
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .with_context(|| format!("restricting {}", path.display()))?;
+    Ok(l)
 }
 
 /// Checks the state directory exists and can be written (decisions go there).

@@ -326,6 +326,8 @@ pub fn reattach(d: &Arc<Daemon>, vm_id: &str, session: SessionId, vmm: WaitingVm
         .filter(|r| r.session == session)
         .map(|r| r.record);
     tracing::warn!(vm = vm_id, %session, record = ?rec.as_ref().map(|r| r.name()), "a VMM reattached holding a loaded VM this daemon did not know");
+    // A replayed decision arriving meanwhile waits for this to end (take_held).
+    d.registry.begin_incoming(session, vm_id, None);
     let mut s = DestSession::restored(rec, true);
     let mut ex = Executor {
         d,
@@ -341,6 +343,7 @@ pub fn reattach(d: &Arc<Daemon>, vm_id: &str, session: SessionId, vmm: WaitingVm
     let vmm = ex.vmm.take();
     let held = s.phase() == &DestPhase::Held;
     settle_vmm(d, vm_id, session, s, vmm, held);
+    d.registry.end_incoming(session);
 }
 
 /// What `ferry recover` on a destination host reports (it settles nothing: the source

@@ -4,7 +4,6 @@
 //! or nothing).
 
 use std::os::fd::AsRawFd;
-use std::time::Duration;
 
 use ferry_engine::session::{
     DestCommand, DestEvent, DestPhase, DestRecord, DestSession, Failure, FailureKind, SessionId,
@@ -19,7 +18,7 @@ use crate::daemon::Daemon;
 use crate::intake::{Intake, Landing};
 use crate::peer::PeerStream;
 use crate::registry::{HeldVm, WaitingVmm};
-use crate::vmm::request;
+use crate::vmm::{request, VmmError};
 
 /// Carries out a destination session's commands: the VMM (when one holds the VM), the
 /// source's connection (when there is one), the records.
@@ -44,12 +43,20 @@ impl Executor<'_> {
         DestEvent::Told
     }
 
-    fn vmm(&mut self, m: &VmmMsg, fds: &[i32]) -> Result<VmmMsg, Failure> {
-        let vmm = self
-            .vmm
-            .as_ref()
-            .ok_or_else(|| Failure::new(FailureKind::VmmLost, "no destination VMM holds the VM"))?;
-        request(&vmm.link, m, fds).map_err(|e| e.failure())
+    fn vmm(&mut self, m: &VmmMsg, fds: &[i32]) -> Result<VmmMsg, VmmError> {
+        let vmm = self.vmm.as_ref().ok_or(VmmError::NotDelivered {
+            request: m.name(),
+            source: ferry_proto::ProtoError::Closed,
+        })?;
+        let r = request(&vmm.link, m, fds);
+        if matches!(
+            r,
+            Err(VmmError::Link { .. } | VmmError::NotDelivered { .. })
+        ) {
+            // Gone, or out of step (a late reply would answer the next request).
+            self.vmm = None;
+        }
+        r
     }
 
     fn record(&mut self, record: DestRecord) -> DestEvent {
@@ -91,8 +98,15 @@ impl Executor<'_> {
                 DestCommand::SendDiscarded => self.tell(&PeerMsg::Discarded),
                 DestCommand::Refuse(reason) => self.tell(&PeerMsg::Refused { reason }),
                 DestCommand::Discard => {
-                    if let Err(f) = self.vmm(&VmmMsg::Discard, &[]) {
-                        tracing::warn!(vm = %self.vm_id, "the VMM did not take Discard: {f}");
+                    match self.vmm(&VmmMsg::Discard, &[]) {
+                        Ok(VmmMsg::Ok) => {}
+                        Ok(other) => {
+                            tracing::warn!(vm = %self.vm_id, "the VMM answered {} to Discard", other.name());
+                            self.vmm = None;
+                        }
+                        Err(e) => {
+                            tracing::warn!(vm = %self.vm_id, "the VMM did not take Discard: {e}")
+                        }
                     }
                     DestEvent::Discarded
                 }
@@ -133,21 +147,13 @@ impl Executor<'_> {
             Ok(other) => {
                 DestEvent::LoadFailed(format!("the VMM answered {} to Load", other.name()))
             }
-            Err(f) => DestEvent::LoadFailed(f.reason),
+            Err(e) => DestEvent::LoadFailed(e.to_string()),
         }
     }
 
     fn start(&mut self) -> DestEvent {
         #[cfg(feature = "fault-injection")]
         crate::faults::before_start(&self.vm_id);
-        if self.vmm.is_none() {
-            // A VMM that lost its link while holding the VM may be about to reattach.
-            self.vmm = self
-                .d
-                .registry
-                .take_held(self.session, Duration::ZERO)
-                .and_then(|h| h.vmm);
-        }
         match self.vmm(&VmmMsg::Start, &[]) {
             Ok(VmmMsg::Running { detail }) => {
                 tracing::info!(vm = %self.vm_id, %detail, "VM runs here");
@@ -156,8 +162,15 @@ impl Executor<'_> {
             Ok(other) => {
                 DestEvent::StartFailed(format!("the VMM answered {} to Start", other.name()))
             }
-            Err(f) if f.kind == FailureKind::VmmRefused => DestEvent::StartFailed(f.reason),
-            Err(f) => DestEvent::Failed(f),
+            Err(e @ VmmError::Refused { .. }) => DestEvent::StartFailed(e.to_string()),
+            // Start never reached a VMM: nothing ran.
+            Err(e @ VmmError::NotDelivered { .. }) => {
+                self.vmm = None;
+                DestEvent::StartFailed(format!(
+                    "no destination VMM holds the loaded VM any more ({e}); nothing ran there"
+                ))
+            }
+            Err(e) => DestEvent::Failed(Failure::new(FailureKind::VmmLost, e.to_string())),
         }
     }
 }

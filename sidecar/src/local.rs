@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use anyhow::bail;
 use ferry_engine::session::{DecisionState, SourceOutcome};
 use ferry_proto::cli::{CliMsg, MigrateRequest, RecoverMode};
-use ferry_proto::common::{Message, CLI_MAGIC, MAX_FRAME, VMM_MAGIC};
+use ferry_proto::common::{chain, check_layout, Message, CLI_MAGIC, MAX_FRAME, VMM_MAGIC};
 use ferry_proto::frame::{recv_frame_with_fds, recv_with_fds, write_msg};
 use ferry_proto::mem::GuestRegion;
 use ferry_proto::net::Timeouts;
@@ -107,27 +107,29 @@ fn map_regions(
     regions: &[ferry_proto::common::RegionInfo],
     fds: &[std::os::fd::OwnedFd],
 ) -> Result<Vec<GuestRegion>, String> {
-    if fds.len() != regions.len() || regions.is_empty() {
+    if fds.len() != regions.len() {
         return Err(format!(
             "{} memfds for {} regions",
             fds.len(),
             regions.len()
         ));
     }
+    check_layout(regions)?;
     let mut mem = Vec::with_capacity(regions.len());
     for (i, (r, fd)) in regions.iter().zip(fds).enumerate() {
         let m = GuestRegion::map_guarded(fd.as_fd(), r.offset, r.size)
-            .map_err(|e| format!("region {i} cannot be mapped: {e}"))?;
-        // Map the VM's RAM into our page tables now, off the migration's path.
-        m.prefault_read(2)
-            .map_err(|e| format!("region {i} cannot be read: {e}"))?;
+            .map_err(|e| format!("region {i} cannot be mapped: {}", chain(&e)))?;
         mem.push(m);
     }
     Ok(mem)
 }
 
 fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()> {
-    let (msg, fds) = recv_with_fds::<VmmMsg>(&s, MAX_FRAME)?;
+    let (msg, fds) = match recv_with_fds::<VmmMsg>(&s, MAX_FRAME) {
+        Ok(m) => m,
+        Err(e) if e.is_disconnect() => return Err(e.into()),
+        Err(e) => return refuse_vmm(&s, chain(&e)),
+    };
     drop(armed);
     match msg {
         VmmMsg::RegisterVm {
@@ -136,6 +138,9 @@ fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
             cpu_profile,
             fence,
         } => {
+            if let Err(reason) = d.registry.can_add_source(&vm_id, fence.as_ref()) {
+                return refuse_vmm(&s, reason);
+            }
             let mem = match map_regions(&regions, &fds) {
                 Ok(m) => m,
                 Err(reason) => return refuse_vmm(&s, reason),
@@ -146,6 +151,13 @@ fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
                 write_msg(&mut w, &VmmMsg::Ok)?;
             }
             s.set_timeouts(None)?;
+            // Map the VM's RAM into our page tables now, off the migration's path (after
+            // Ok: a large VM takes seconds, and the VMM waits for the answer).
+            for m in &mem {
+                if let Err(e) = m.prefault_read(2) {
+                    tracing::warn!(vm = %vm_id, "prefaulting guest RAM: {}", chain(&e));
+                }
+            }
             let vm = SourceVm {
                 link: s,
                 regions,
@@ -171,6 +183,11 @@ fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
             Ok(())
         }
         VmmMsg::AwaitIncoming { vm_id, held } => {
+            if held.is_none() {
+                if let Err(reason) = d.registry.can_add_waiting(&vm_id) {
+                    return refuse_vmm(&s, reason);
+                }
+            }
             {
                 let mut w = &s;
                 write_msg(&mut w, &VmmMsg::Ok)?;

@@ -7,7 +7,7 @@ use std::time::Duration;
 use ferry_engine::digest::MemoryDigest;
 use ferry_engine::precopy::{ConvergencePolicy, LimitAction};
 use ferry_engine::session::{
-    DecisionState, Failure, FailureKind, SessionId, SourceConfig, SourceSession,
+    DecisionState, Failure, FailureKind, SessionId, SourceConfig, SourceOutcome, SourceSession,
 };
 use ferry_proto::auth::random;
 use ferry_proto::cli::{CliMsg, MigrateRequest, OnLimit};
@@ -129,19 +129,19 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
     drv.req = Some(req);
     drv.report = Some(report);
     drv.run(&mut s);
-    let outcome = s
-        .outcome()
-        .cloned()
-        .unwrap_or(ferry_engine::session::SourceOutcome::Aborted);
+    let outcome = s.outcome().cloned().unwrap_or(SourceOutcome::Aborted);
     let net = drv.net.take();
     summary.fill(&s, &outcome, net.as_ref(), drv.t0.elapsed());
     // Deregister guest RAM from the NIC (rkeys die), success or failure.
     drop(net);
     let keep = match outcome {
-        ferry_engine::session::SourceOutcome::Committed => None,
+        SourceOutcome::Committed => None,
         _ if !drv.vmm_alive => None,
         _ => drv.vm.take(),
     };
+    if outcome == SourceOutcome::Committed {
+        crate::replay::stop_reattached(d, &req.vm_id);
+    }
     d.registry.end_outgoing(&req.vm_id, keep);
     summary
 }

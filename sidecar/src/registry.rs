@@ -13,6 +13,7 @@ use std::time::{Duration, Instant};
 use crossbeam_channel::Sender;
 use ferry_engine::session::SessionId;
 use ferry_proto::auth::SessionKey;
+use ferry_proto::vmm::Fence;
 
 pub use crate::entries::{
     link_alive, DataWaiter, HeldVm, Incoming, Outgoing, SourceVm, WaitingVmm,
@@ -81,6 +82,42 @@ impl Registry {
         }
     }
 
+    /// Whether [`Registry::add_source`] would take a registration of `vm_id` (checked
+    /// before the VMM is told `Ok`).
+    ///
+    /// # Errors
+    ///
+    /// Why not.
+    pub fn can_add_source(&self, vm_id: &str, fence: Option<&Fence>) -> Result<(), String> {
+        let g = self.lock();
+        if let Some(o) = g.outgoing.get(vm_id) {
+            return match (fence, o.session) {
+                (Some(f), Some(s)) if f.session == s => Ok(()),
+                _ => Err(format!("VM {vm_id} is being migrated")),
+            };
+        }
+        match g.sources.get(vm_id) {
+            Some(old) if link_alive(&old.link) => {
+                Err(format!("VM {vm_id} is already registered by a running VMM"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// Whether [`Registry::add_waiting`] would take a VMM waiting for `vm_id`.
+    ///
+    /// # Errors
+    ///
+    /// Another live VMM already waits for it.
+    pub fn can_add_waiting(&self, vm_id: &str) -> Result<(), String> {
+        match self.lock().waiting.get(vm_id) {
+            Some(old) if link_alive(&old.link) => {
+                Err(format!("another VMM already waits for VM {vm_id}"))
+            }
+            _ => Ok(()),
+        }
+    }
+
     /// Registers a source VM. A VMM re-registering under the fence of a migration in
     /// progress is handed to that migration instead.
     ///
@@ -146,6 +183,36 @@ impl Registry {
     /// Whether a migration of `vm_id` is going out.
     pub fn has_outgoing(&self, vm_id: &str) -> bool {
         self.lock().outgoing.contains_key(vm_id)
+    }
+
+    /// Marks a recorded decision of `vm_id` being settled (replayed or rolled back) as
+    /// an outgoing migration, so a fenced VMM that re-registers meanwhile is handed to it;
+    /// returns the VM if its VMM is registered now.
+    ///
+    /// # Errors
+    ///
+    /// A migration or settlement of the VM is already in progress.
+    pub fn begin_settle(
+        &self,
+        vm_id: &str,
+        to: &str,
+        session: SessionId,
+    ) -> Result<Option<SourceVm>, String> {
+        let mut g = self.lock();
+        if g.outgoing.contains_key(vm_id) {
+            return Err(format!("VM {vm_id} is already being migrated or settled"));
+        }
+        let vm = g.sources.remove(vm_id);
+        g.outgoing.insert(
+            vm_id.to_owned(),
+            Outgoing {
+                to: to.to_owned(),
+                session: Some(session),
+                phase: "committed",
+                ..Outgoing::default()
+            },
+        );
+        Ok(vm)
     }
 
     /// Updates an outgoing migration's status.

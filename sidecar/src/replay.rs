@@ -55,7 +55,10 @@ pub fn settle_recorded(
         None => SourceSession::deliver_recorded(cfg),
         Some(force) => SourceSession::roll_back(cfg, force),
     };
-    let vm = d.registry.take_source(vm_id, Duration::ZERO);
+    let vm = match d.registry.begin_settle(vm_id, &dec.to, dec.session) {
+        Ok(vm) => vm,
+        Err(e) => return (SourceOutcome::CommittedUnconfirmed, e),
+    };
     let had_vmm = vm.is_some();
     let mut drv = Driver::new(d, vm_id, &dec.to, dec.session, vm);
     drv.vmm_alive = had_vmm;
@@ -90,10 +93,21 @@ pub fn settle_recorded(
         _ if !drv.vmm_alive => None,
         _ => drv.vm.take(),
     };
-    if let Some(vm) = keep {
-        let _ = d.registry.add_source(vm_id, vm);
+    if outcome == SourceOutcome::Committed {
+        stop_reattached(d, vm_id);
     }
+    d.registry.end_outgoing(vm_id, keep);
     (outcome, line)
+}
+
+/// A fenced VMM that re-registered while its migration was being settled, and was not
+/// stopped by it: the VM runs elsewhere now.
+pub fn stop_reattached(d: &Daemon, vm_id: &str) {
+    if let Some(v) = d.registry.take_reattached(vm_id, Duration::ZERO) {
+        if let Err(e) = request_ok(&v.link, &VmmMsg::Stop) {
+            tracing::warn!(vm = vm_id, "the VMM did not stop cleanly: {e}");
+        }
+    }
 }
 
 /// A restarted daemon: every VM with a committed, unconfirmed decision gets its

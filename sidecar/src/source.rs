@@ -121,7 +121,14 @@ impl<'a> Driver<'a> {
             .vm
             .as_ref()
             .ok_or_else(|| Failure::new(FailureKind::VmmLost, "the source VMM is not connected"))?;
-        request_ok(&vm.link, m).map_err(|e| e.failure())
+        request_ok(&vm.link, m).map_err(|e| {
+            let f = e.failure();
+            if f.kind == FailureKind::VmmLost {
+                // A late reply would answer the next request: this link is done.
+                self.vmm_alive = false;
+            }
+            f
+        })
     }
 
     fn mem(&self) -> Option<&Arc<Vec<GuestRegion>>> {

@@ -17,6 +17,15 @@ pub const VMM_REPLY_TIMEOUT: Duration = Duration::from_secs(120);
 /// Errors talking to a VMM.
 #[derive(Debug, thiserror::Error)]
 pub enum VmmError {
+    /// The request could not be sent: the VMM is gone and never saw it.
+    #[error("VMM link closed before {request} was delivered")]
+    NotDelivered {
+        /// Request name.
+        request: &'static str,
+        /// Cause.
+        #[source]
+        source: ProtoError,
+    },
     /// The link failed (the VMM died, closed it, or did not answer in time).
     #[error("VMM link failed during {request}")]
     Link {
@@ -48,7 +57,7 @@ impl VmmError {
     /// The failure the sessions see.
     pub fn failure(&self) -> Failure {
         let kind = match self {
-            VmmError::Link { .. } => FailureKind::VmmLost,
+            VmmError::Link { .. } | VmmError::NotDelivered { .. } => FailureKind::VmmLost,
             _ => FailureKind::VmmRefused,
         };
         Failure::new(kind, self.to_string())
@@ -69,7 +78,10 @@ pub fn request(sock: &UnixStream, req: &VmmMsg, fds: &[RawFd]) -> Result<VmmMsg,
     };
     sock.set_read_timeout(Some(VMM_REPLY_TIMEOUT))
         .map_err(|e| link(ProtoError::io("set VMM timeout")(e)))?;
-    send_with_fds(sock, req, fds).map_err(link)?;
+    send_with_fds(sock, req, fds).map_err(|source| VmmError::NotDelivered {
+        request: name,
+        source,
+    })?;
     let (reply, _fds) = recv_with_fds::<VmmMsg>(sock, MAX_FRAME).map_err(link)?;
     match reply {
         VmmMsg::Error { message } | VmmMsg::Refused { reason: message } => Err(VmmError::Refused {

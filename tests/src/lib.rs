@@ -5,6 +5,8 @@
 //! The binaries come from the same target directory as the test executable
 //! (`cargo build --release --workspace` first; the test command does that).
 
+pub mod matrix;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -257,6 +259,21 @@ pub struct VmStatus {
     /// KVM VMM only: outcome of a record check run after the guest resumed.
     #[serde(default)]
     pub record_check: String,
+    /// The VMM's process id.
+    #[serde(default)]
+    pub pid: Option<u32>,
+}
+
+impl VmStatus {
+    /// Whether the VM runs: its VMM says so and is alive (a killed VMM leaves its last
+    /// status file behind).
+    pub fn runs(&self) -> bool {
+        self.state == "running"
+            && self.pid.is_none_or(|p| {
+                std::fs::read_to_string(format!("/proc/{p}/stat"))
+                    .is_ok_and(|s| !s.split(") ").nth(1).is_some_and(|r| r.starts_with('Z')))
+            })
+    }
 }
 
 /// Reads a status file (None while it does not exist or is being replaced).
@@ -284,9 +301,11 @@ pub fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) -> any
 /// A two-host Ferry setup: a sidecar in each namespace, a source VMM on A and an
 /// incoming VMM on B (workload or KVM VMM: [`VmmKind`]).
 pub struct Cluster {
-    /// The hosts (dropped last).
+    /// The processes (killed first on drop).
     pub procs: Vec<Proc>,
-    /// Hosts.
+    /// The tmpfs on the source's state directory, if asked for.
+    pub tmpfs: Option<Tmpfs>,
+    /// Hosts (removed last).
     pub hosts: TwoHosts,
 }
 
@@ -328,6 +347,10 @@ pub struct ClusterOpts {
     pub dest_env: Vec<(String, String)>,
     /// Extra args for the source VMM.
     pub source_vmm_args: Vec<String>,
+    /// Further subject alternative names in B's certificate (a proxy's address).
+    pub dest_sans: Vec<String>,
+    /// A 64 KiB tmpfs on the source's state directory ([`Cluster::tmpfs`]).
+    pub state_tmpfs: bool,
 }
 
 impl Default for ClusterOpts {
@@ -343,7 +366,65 @@ impl Default for ClusterOpts {
             source_sidecar_args: Vec::new(),
             dest_env: Vec::new(),
             source_vmm_args: Vec::new(),
+            dest_sans: Vec::new(),
+            state_tmpfs: false,
         }
+    }
+}
+
+/// A tmpfs mounted on a directory (a state directory made to fail), unmounted on drop.
+pub struct Tmpfs(PathBuf);
+
+impl Tmpfs {
+    /// Mounts a 64 KiB tmpfs on `path`.
+    ///
+    /// # Errors
+    ///
+    /// `mount` failing (not root).
+    pub fn mount(path: &Path) -> anyhow::Result<Self> {
+        std::fs::create_dir_all(path)?;
+        sh(&[
+            "mount",
+            "-t",
+            "tmpfs",
+            "-o",
+            "size=64k",
+            "ferry-test",
+            &path.display().to_string(),
+        ])?;
+        Ok(Self(path.to_owned()))
+    }
+
+    /// Fills every block (writes fail with ENOSPC from now on).
+    ///
+    /// # Errors
+    ///
+    /// When `dd` cannot run.
+    pub fn fill(&self) -> anyhow::Result<()> {
+        // dd stops with "No space left on device": that is the point.
+        let _ = Command::new("dd")
+            .args([
+                "if=/dev/zero",
+                &format!("of={}/filler", self.0.display()),
+                "bs=4k",
+            ])
+            .output()?;
+        Ok(())
+    }
+
+    /// Makes the file system read-only.
+    ///
+    /// # Errors
+    ///
+    /// `mount` failing.
+    pub fn read_only(&self) -> anyhow::Result<()> {
+        sh(&["mount", "-o", "remount,ro", &self.0.display().to_string()])
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).output();
     }
 }
 
@@ -373,8 +454,8 @@ fn ferry(args: &[&str]) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Makes a fleet CA in `dir/<ca>` and a host certificate for each `(name, address)` in
-/// `dir/certs`, with `ferry cert` as an operator would.
+/// Makes a fleet CA in `dir/<ca>` and a host certificate for each `(name, addresses)`
+/// (comma-separated) in `dir/certs`, with `ferry cert` as an operator would.
 ///
 /// # Errors
 ///
@@ -384,10 +465,14 @@ pub fn make_certs(dir: &Path, ca: &str, hosts: &[(&str, &str)]) -> anyhow::Resul
     let ca_s = ca_dir.display().to_string();
     ferry(&["cert", "ca", "--out", &ca_s])?;
     let certs = dir.join("certs").display().to_string();
-    for (name, addr) in hosts {
-        ferry(&[
-            "cert", "host", "--ca", &ca_s, "--name", name, "--san", addr, "--out", &certs,
-        ])?;
+    for (name, addrs) in hosts {
+        let mut args = vec![
+            "cert", "host", "--ca", &ca_s, "--name", name, "--out", &certs,
+        ];
+        for a in addrs.split(',') {
+            args.extend(["--san", a]);
+        }
+        ferry(&args)?;
     }
     Ok(())
 }
@@ -442,13 +527,12 @@ pub const VMM_A: usize = 2;
 pub const VMM_B: usize = 3;
 
 impl Cluster {
-    /// Starts sidecars and VMMs and waits until the VM is registered and the
-    /// destination VMM waits.
+    /// Starts sidecars and VMMs without waiting for the VM to register.
     ///
     /// # Errors
     ///
-    /// When any part does not come up.
-    pub fn start(opts: &ClusterOpts) -> anyhow::Result<Self> {
+    /// When any part cannot be spawned.
+    pub fn start_unregistered(opts: &ClusterOpts) -> anyhow::Result<Self> {
         let hosts = TwoHosts::new()?;
         if opts.psk {
             write_key(&hosts.path("key-a"), "e2e-shared-key-0123456789\n")?;
@@ -459,12 +543,21 @@ impl Cluster {
             };
             write_key(&hosts.path("key-b"), key_b)?;
         } else {
-            make_certs(&hosts.dir, "ca", &[("a", ADDR_A), ("b", ADDR_B)])?;
+            let b_sans = std::iter::once(ADDR_B)
+                .chain(opts.dest_sans.iter().map(String::as_str))
+                .collect::<Vec<_>>()
+                .join(",");
+            make_certs(&hosts.dir, "ca", &[("a", ADDR_A), ("b", &b_sans)])?;
             if opts.wrong_key {
                 // B's certificate comes from another CA.
                 make_certs(&hosts.dir.join("other"), "ca", &[("b", ADDR_B)])?;
             }
         }
+        let tmpfs = if opts.state_tmpfs {
+            Some(Tmpfs::mount(&hosts.path("state-a"))?)
+        } else {
+            None
+        };
         let mut procs = Vec::new();
         for i in 0..2 {
             procs.push(Self::spawn_sidecar(&hosts, opts, i)?);
@@ -522,7 +615,21 @@ impl Cluster {
             .arg(hosts.path("vm-b.json"))
             .args(&opts.dest_vmm_args);
         procs.push(Proc::spawn("vmm-b", c, hosts.path("vmm-b.log"))?);
-        let cl = Self { procs, hosts };
+        Ok(Self {
+            procs,
+            tmpfs,
+            hosts,
+        })
+    }
+
+    /// Starts sidecars and VMMs and waits until the VM is registered and the destination
+    /// VMM waits.
+    ///
+    /// # Errors
+    ///
+    /// When any part does not come up.
+    pub fn start(opts: &ClusterOpts) -> anyhow::Result<Self> {
+        let cl = Self::start_unregistered(opts)?;
         cl.wait_registered()?;
         Ok(cl)
     }
@@ -639,25 +746,28 @@ impl Cluster {
     ///
     /// When it cannot be spawned.
     pub fn spawn_migrate(&self, extra: &[&str]) -> anyhow::Result<Child> {
+        self.spawn_migrate_to(&format!("{ADDR_B}:{PORT}"), extra)
+    }
+
+    /// As [`Cluster::spawn_migrate`], to another address (a proxy in front of B).
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be spawned.
+    pub fn spawn_migrate_to(&self, to: &str, extra: &[&str]) -> anyhow::Result<Child> {
         let mut c = self.hosts.cmd(0, &bin("ferry"));
-        c.args([
-            "migrate",
-            "vm1",
-            "--to",
-            &format!("{ADDR_B}:{PORT}"),
-            "--json",
-        ])
-        .arg("--socket")
-        .arg(self.hosts.path("a.sock"))
-        .args(extra)
-        // Tests verify strictly (before the destination resumes) unless they ask.
-        .args(if extra.contains(&"--verify") {
-            &[][..]
-        } else {
-            &["--verify", "strict"][..]
-        })
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped());
+        c.args(["migrate", "vm1", "--to", to, "--json"])
+            .arg("--socket")
+            .arg(self.hosts.path("a.sock"))
+            .args(extra)
+            // Tests verify strictly (before the destination resumes) unless they ask.
+            .args(if extra.contains(&"--verify") {
+                &[][..]
+            } else {
+                &["--verify", "strict"][..]
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
         Ok(c.spawn()?)
     }
 

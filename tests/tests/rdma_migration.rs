@@ -1,7 +1,7 @@
 //! End-to-end over RDMA: two sidecars and two workload VMMs on one SoftRoCE device
 //! (rxe0 on `lo`; rdma_cm does not work there, so Ferry exchanges QP data over its own
 //! authenticated control connection). `#[ignore]`d on hosts without RDMA (listed as
-//! ignored, not passed); `ci/rdma-tests.sh` runs them inside the SoftRoCE guest with
+//! ignored, not passed); `scripts/rdma-tests.sh` runs them inside the SoftRoCE guest with
 //! `--include-ignored`, and an explicitly requested test without a device fails.
 
 use std::path::{Path, PathBuf};
@@ -135,7 +135,7 @@ impl Drop for Loopback {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn migrates_over_rdma_read_with_four_queue_pairs() -> anyhow::Result<()> {
     require_rdma();
     let _g = serial();
@@ -164,7 +164,7 @@ fn migrates_over_rdma_read_with_four_queue_pairs() -> anyhow::Result<()> {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn a_failed_queue_pair_falls_back_to_tcp_and_loses_nothing() -> anyhow::Result<()> {
     require_rdma();
     let _g = serial();
@@ -198,7 +198,7 @@ fn a_failed_queue_pair_falls_back_to_tcp_and_loses_nothing() -> anyhow::Result<(
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn ferry_devices_lists_the_softroce_device() {
     require_rdma();
     let out = Command::new(bin("ferry"))

@@ -1,9 +1,9 @@
 //! Tests that need a real RDMA device: run inside the SoftRoCE guest by
-//! `ci/rdma-tests.sh` (one `rxe0` on `lo`, both ends of every connection on
+//! `scripts/rdma-tests.sh` (one `rxe0` on `lo`, both ends of every connection on
 //! that one device, over loopback).
 //!
 //! Each test is `#[ignore]`d, so a host without RDMA lists it as ignored rather than
-//! passed; `ci/rdma-tests.sh` runs them with `--include-ignored`, and an explicitly
+//! passed; `scripts/rdma-tests.sh` runs them with `--include-ignored`, and an explicitly
 //! requested test that finds no device fails.
 
 use std::collections::HashSet;
@@ -186,7 +186,7 @@ fn drain(qp: &mut ConnectedQp, buf: &mut CompletionBuffer, limit: Duration) -> V
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn lists_devices_ports_and_gids() {
     let ctx = device();
     let list = ferry_verbs::devices().expect("device list");
@@ -244,7 +244,7 @@ fn lists_devices_ports_and_gids() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn pulls_64_mib_over_four_qps_and_every_byte_matches() {
     let ctx = device();
     let gid = gid_index(&ctx);
@@ -344,7 +344,7 @@ fn pulls_64_mib_over_four_qps_and_every_byte_matches() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn reads_outside_the_region_or_with_a_wrong_rkey_fail_with_remote_access_error() {
     let ctx = device();
     let gid = gid_index(&ctx);
@@ -489,7 +489,7 @@ fn reads_outside_the_region_or_with_a_wrong_rkey_fail_with_remote_access_error()
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn forced_error_state_flushes_outstanding_reads_with_typed_errors() {
     let ctx = device();
     let gid = gid_index(&ctx);
@@ -569,5 +569,55 @@ fn forced_error_state_flushes_outstanding_reads_with_typed_errors() {
     assert_eq!(
         unfinished,
         reqs[..8].iter().map(|r| r.wr_id).collect::<Vec<_>>()
+    );
+}
+
+#[test]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
+fn a_read_with_the_rkey_of_a_deregistered_region_fails() {
+    // What happens to a migration's source memory when the migration ends: its region is
+    // deregistered, and a READ with the old rkey (a peer that kept it) is refused.
+    let ctx = device();
+    let gid = gid_index(&ctx);
+    const LEN: usize = 64 << 10;
+    let source_pd = ctx.alloc_pd().expect("pd");
+    let dest_pd = ctx.alloc_pd().expect("pd");
+    let mut src = SharedMapping::new(LEN);
+    src.fill_pattern(7);
+    let dst = SharedMapping::new(LEN);
+    // SAFETY: both mappings outlive their regions.
+    let src_mr: MemoryRegion<RemoteRead> =
+        unsafe { source_pd.register::<RemoteRead>(src.ptr, LEN) }.expect("register");
+    // SAFETY: as above.
+    let dst_mr: MemoryRegion<LocalWrite> = unsafe { dst.register_in(&dest_pd, u64::MAX) };
+    let old = src_mr.remote_regions()[0];
+    let remote = RemoteMemory::new(vec![old]).expect("regions");
+    let read = |qp: &mut ConnectedQp| {
+        let req = ReadRequest {
+            wr_id: 1,
+            local_addr: dst.addr(),
+            remote_addr: old.addr,
+            len: 4096,
+        };
+        assert_eq!(qp.post_reads(&dst_mr, &remote, &[req]).expect("post"), 1);
+        let mut buf = CompletionBuffer::new(4);
+        drain(qp, &mut buf, Duration::from_secs(30))
+    };
+    // While registered, the READ works.
+    let (mut qp, _responder) = connect_pair(&ctx, &dest_pd, &source_pd, gid);
+    let ok = read(&mut qp);
+    assert!(ok.iter().all(ReadCompletion::is_ok), "{ok:?}");
+    assert_eq!(dst.snapshot()[..4096], src.snapshot()[..4096]);
+    // The migration ends: the region is deregistered (the source's queue pairs stay up
+    // here, so only the rkey can refuse the READ).
+    drop(src_mr);
+    let (mut qp, _responder) = connect_pair(&ctx, &dest_pd, &source_pd, gid);
+    let after = read(&mut qp);
+    println!("after deregistration: {after:?}");
+    assert_eq!(after.len(), 1);
+    assert_eq!(
+        after[0].status,
+        Err(WcError::RemoteAccessError),
+        "{after:?}"
     );
 }

@@ -1,9 +1,9 @@
 //! The RDMA transport ([`RdmaExport`] / [`RdmaPuller`]) against a real RDMA
-//! device: run inside the SoftRoCE guest by `ci/rdma-tests.sh` (one `rxe0`
+//! device: run inside the SoftRoCE guest by `scripts/rdma-tests.sh` (one `rxe0`
 //! on `lo` serves both ends).
 //!
 //! Each test is `#[ignore]`d, so a host without RDMA lists it as ignored rather than
-//! passed; `ci/rdma-tests.sh` runs them with `--include-ignored`, and an explicitly
+//! passed; `scripts/rdma-tests.sh` runs them with `--include-ignored`, and an explicitly
 //! requested test that finds no device fails.
 
 use std::os::fd::OwnedFd;
@@ -158,7 +158,7 @@ fn whole(ram: &Ram) -> Vec<PageRange> {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn pulls_scattered_ranges_and_whole_regions_over_four_qps() {
     require_rdma();
     let sizes = [48 * MIB, 16 * MIB];
@@ -259,7 +259,7 @@ fn pulls_scattered_ranges_and_whole_regions_over_four_qps() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn qp_failure_mid_pull_returns_every_unconfirmed_page() {
     require_rdma();
     let sizes = [48 * MIB, 16 * MIB];
@@ -336,7 +336,7 @@ fn qp_failure_mid_pull_returns_every_unconfirmed_page() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn a_dead_source_is_detected_by_the_stall_timeout() {
     require_rdma();
     let sizes = [8 * MIB];
@@ -372,7 +372,7 @@ fn a_dead_source_is_detected_by_the_stall_timeout() {
 }
 
 #[test]
-#[ignore = "needs an RDMA device: ci/rdma-tests.sh runs it in the SoftRoCE guest"]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn dropping_export_and_puller_deregisters_their_memory() {
     require_rdma();
     let sizes = [16 * MIB, 8 * MIB];

@@ -132,6 +132,9 @@ pub enum DestPhase {
     },
     /// Thrown away (or never here); the source keeps the VM.
     Discarded,
+    /// `Commit` is on this host's record, but no VMM holds the loaded VM yet (a restarted
+    /// sidecar, before the VMM reattached): a replayed `Commit` is asked to come again.
+    AwaitingVmm,
 }
 
 impl DestPhase {
@@ -146,6 +149,7 @@ impl DestPhase {
             DestPhase::Running(_) => "running",
             DestPhase::StartFailed { .. } => "start-failed",
             DestPhase::Discarded => "discarded",
+            DestPhase::AwaitingVmm => "awaiting-vmm",
         }
     }
 
@@ -223,12 +227,10 @@ impl DestSession {
             None => s.phase = DestPhase::Discarded,
             // The decision was commit: carry it out.
             Some(DestRecord::Committed) if holds_vm => s.start(),
-            Some(DestRecord::Committed) => {
-                s.phase = DestPhase::StartFailed {
-                    reason: "the commit arrived but no VMM holds the loaded VM".into(),
-                    may_have_run: false,
-                }
-            }
+            Some(DestRecord::Committed) => s.phase = DestPhase::AwaitingVmm,
+            // A VMM still holding the loaded VM never got (or lost) the Start the record
+            // was written for: the decision was commit, carry it out.
+            Some(DestRecord::Running(_)) if holds_vm => s.start(),
             Some(DestRecord::Running(d)) => s.phase = DestPhase::Running(d),
             Some(DestRecord::StartFailed {
                 reason,
@@ -281,6 +283,10 @@ impl DestSession {
     /// A VMM reattached holding this session's loaded VM.
     pub fn vm_reattached(&mut self) {
         self.has_vm = true;
+        if self.phase == DestPhase::AwaitingVmm && self.pending == Pending::None {
+            self.start();
+            return;
+        }
         if self.phase == DestPhase::Discarded && self.pending == Pending::None {
             self.pending = Pending::Discard {
                 then_record: false,
@@ -511,6 +517,15 @@ impl DestSession {
             ),
             (DestPhase::Discarded, E::Abort(_)) => {
                 self.cmd(Pending::TellDiscarded, DestCommand::SendDiscarded)
+            }
+            (DestPhase::AwaitingVmm, E::Commit) => self.cmd(
+                Pending::Refusing,
+                DestCommand::Refuse(
+                    "the commit is recorded here but the VMM holding the VM has not reattached yet; try again".into(),
+                ),
+            ),
+            (DestPhase::AwaitingVmm, E::Abort(_)) => {
+                self.discard_then(true, Some(DestCommand::SendDiscarded))
             }
             (DestPhase::Discarded, E::Commit) => self.cmd(
                 Pending::Refusing,

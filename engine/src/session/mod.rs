@@ -72,11 +72,19 @@ pub enum TransportKind {
 }
 
 impl TransportKind {
-    /// The name the summary prints.
+    /// The name the summary's `transport` prints.
     pub fn name(self) -> &'static str {
         match self {
             TransportKind::Tcp => "tcp",
             TransportKind::Rdma => "rdma",
+        }
+    }
+
+    /// The name in prose.
+    pub fn label(self) -> &'static str {
+        match self {
+            TransportKind::Tcp => "TCP",
+            TransportKind::Rdma => "RDMA",
         }
     }
 }

@@ -947,11 +947,11 @@ impl SourceSession {
                 self.report.transports.push(to);
                 self.report.fallback = Some(format!(
                     "{} failed in round {} ({reason}): {} unfinished ranges re-sent over {}, {} from then on",
-                    from.map_or("?", TransportKind::name),
+                    from.map_or("?", TransportKind::label),
                     run.round,
                     unfinished.len(),
-                    to.name(),
-                    to.name()
+                    to.label(),
+                    to.label()
                 ));
                 run.in_flight = unfinished;
                 self.send_in_flight(run)

@@ -1020,6 +1020,17 @@ fn a_restarted_destination_resumes_from_its_record() {
         drive_dest(&mut s, &mut healthy),
         vec![DestCommand::SendRunning("line".into())]
     );
+    // Commit recorded, no VMM yet: a replay is asked to come again; the VMM's return starts it.
+    let mut s = DestSession::restored(Some(DestRecord::Committed), false);
+    assert_eq!(s.phase(), &DestPhase::AwaitingVmm);
+    s.handle(DestEvent::Commit);
+    assert!(matches!(
+        drive_dest(&mut s, &mut healthy)[..],
+        [DestCommand::Refuse(_)]
+    ));
+    s.vm_reattached();
+    assert_eq!(drive_dest(&mut s, &mut healthy)[0], DestCommand::Start);
+    assert_eq!(s.phase(), &DestPhase::Running("ok".into()));
     // Nothing known: a commit is refused (the source keeps trying), an abort acknowledged.
     let mut s = DestSession::restored(None, false);
     s.handle(DestEvent::Commit);

@@ -25,7 +25,7 @@ use ferry_kvm_glue::endpoint::{
 };
 use ferry_proto::common::RegionInfo;
 use ferry_proto::mem::PAGE;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, OwnedFd};
 
 use workload::{Pattern, Workload, WriterConfig};
 
@@ -76,8 +76,8 @@ struct Args {
     /// committed VM; it stays loaded, not running).
     #[arg(long, default_value_t = 0)]
     refuse_start: u32,
-    /// Register the first region this many MiB larger than its memfd (fault injection:
-    /// the sidecar must refuse the registration).
+    /// Register the highest region this many MiB larger than its memfd (fault injection:
+    /// the sidecar must refuse the registration; the highest, so it overlaps no other).
     #[arg(long, default_value_t = 0)]
     register_extra_mib: u64,
     /// Truncate the first memfd to half its size when the migration starts (fault
@@ -130,6 +130,8 @@ struct Vm {
     refuse_load: bool,
     refuse_start: u32,
     truncate_on_migrate: bool,
+    /// What loading found (the start line repeats it).
+    loaded_detail: String,
 }
 
 impl Vm {
@@ -150,15 +152,8 @@ impl MigratableVm for Vm {
         let wl = self.wl()?;
         wl.clear_dirty();
         if truncate {
-            let half = wl.layout[0].size / 2;
-            tracing::warn!("test fault injection: truncating region 0's memfd to {half} bytes");
-            // SAFETY: ftruncate on our own open memfd changes its size, no memory of ours:
-            // the writers keep to their own mapping (only the sidecar's mapping of the cut
-            // half matters to the test).
-            let rc = unsafe { libc::ftruncate(wl.memfds[0].as_raw_fd(), half as libc::off_t) };
-            if rc != 0 {
-                return Err(format!("ftruncate: {}", std::io::Error::last_os_error()).into());
-            }
+            tracing::warn!("test fault injection: truncating region 0's memfd to half its size");
+            wl.cut_region0().map_err(|e| format!("ftruncate: {e}"))?;
         }
         Ok(())
     }
@@ -222,13 +217,11 @@ impl IncomingVm for Vm {
                 )
                 .into());
             }
-            self.set_state(
-                "loaded",
-                format!("verified {} pages ({} zero)", v.pages, v.zero),
-            );
+            self.loaded_detail = format!("verified {} pages ({} zero)", v.pages, v.zero);
         } else {
-            self.set_state("loaded", "page check skipped".into());
+            self.loaded_detail = "page check skipped".into();
         }
+        self.set_state("loaded", self.loaded_detail.clone());
         self.status.lock().expect("status lock").probe = Some(wl.counter_probe());
         self.wl = Some(wl);
         Ok(())
@@ -243,7 +236,7 @@ impl IncomingVm for Vm {
             );
             return Err("this VMM was told to fail Start (--refuse-start)".into());
         }
-        let detail = self.status.lock().expect("status lock").detail.clone();
+        let detail = self.loaded_detail.clone();
         let wl = self.wl()?;
         let counters = wl.counters();
         wl.start();
@@ -292,6 +285,7 @@ fn main() -> anyhow::Result<()> {
         refuse_load: args.refuse_load,
         refuse_start: args.refuse_start,
         truncate_on_migrate: args.truncate_on_migrate,
+        loaded_detail: String::new(),
     };
 
     // Status reporter: counters as of the writers' last save, every 100 ms.
@@ -349,11 +343,16 @@ fn main() -> anyhow::Result<()> {
         (wl.layout.clone(), fds)
     };
     if args.register_extra_mib > 0 {
+        let last = layout
+            .iter_mut()
+            .max_by_key(|r| r.gpa)
+            .context("no region")?;
         tracing::warn!(
-            "test fault injection: registering region 0 {} MiB larger than its memfd",
+            "test fault injection: registering the region at {:#x} {} MiB larger than its memfd",
+            last.gpa,
             args.register_extra_mib
         );
-        layout[0].size += args.register_extra_mib << 20;
+        last.size += args.register_extra_mib << 20;
     }
     let borrowed: Vec<_> = fds.iter().map(|f| f.as_fd()).collect();
     let mut ep = SourceEndpoint::new(&args.socket, &args.vm_id, layout, Vec::new());

@@ -1,7 +1,7 @@
 //! The workload VM: guest RAM in memfds, writer threads standing in for vCPUs, the
 //! VMM's own-writes dirty bitmap, and the state blob.
 
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::thread::JoinHandle;
@@ -69,6 +69,8 @@ struct Shared {
     gate: Mutex<()>,
     wake: Condvar,
     cfg: WriterConfig,
+    /// Global pages `[hole.0, hole.1)` writers leave alone (memory cut off on purpose).
+    hole: (AtomicU64, AtomicU64),
 }
 
 /// A running (or paused) workload VM.
@@ -178,7 +180,9 @@ impl Shared {
                 }
             };
             let page = idx * cfg.writers as u64 + w as u64;
-            if page < span {
+            let in_hole = page >= self.hole.0.load(Ordering::Acquire)
+                && page < self.hole.1.load(Ordering::Acquire);
+            if page < span && !in_hole {
                 self.write(page);
                 st.count += 1;
                 since += 1;
@@ -191,6 +195,29 @@ impl Shared {
 }
 
 impl Workload {
+    /// Cuts region 0's memfd to half its size (fault injection: the sidecar mapping it
+    /// must survive); the writers stay out of the cut half from now on.
+    ///
+    /// # Errors
+    ///
+    /// `ftruncate` failing.
+    pub fn cut_region0(&self) -> std::io::Result<()> {
+        let pages = self.layout[0].size / PAGE as u64;
+        let half = pages / 2;
+        self.shared.hole.1.store(pages, Ordering::Release);
+        self.shared.hole.0.store(half, Ordering::Release);
+        // Writers that picked a page of the hole before seeing it finish their page first.
+        std::thread::sleep(Duration::from_millis(50));
+        let len = (self.layout[0].offset + half * PAGE as u64) as libc::off_t;
+        // SAFETY: ftruncate on our own open memfd changes its size, no memory of ours:
+        // the writers keep out of the cut half (above), and nothing else here reads it.
+        let rc = unsafe { libc::ftruncate(self.memfds[0].as_raw_fd(), len) };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(())
+    }
+
     /// Creates RAM (`region_sizes` bytes each, memfds), fills `fill_pct` % of the pages
     /// with generation 1 (the rest stays zero), and starts the writers.
     ///
@@ -283,6 +310,7 @@ impl Workload {
             gate: Mutex::new(()),
             wake: Condvar::new(),
             cfg,
+            hole: (AtomicU64::new(0), AtomicU64::new(0)),
         });
         Ok(Self {
             shared,
