@@ -130,6 +130,11 @@ seed() { # seed TARGET NAME HEX
 seed_corpus() { # seed_corpus TARGET: only into an empty corpus
     local t=$1 dir=$FUZZ/corpus/$1
     [[ -z $(ls -A "$dir") ]] || return 0
+    # Binary seeds kept in the repository (fuzz/seeds/<target>/, e.g. a vm_state blob saved
+    # from a real KVM vCPU by kvm-glue's tests with FERRY_DUMP_STATE_SEED set).
+    if [[ -d $FUZZ/seeds/$t ]]; then
+        cp "$FUZZ/seeds/$t"/* "$dir"/
+    fi
     case $t in
         data_header) # magic "FDAT", kind, reserved 0, round, region, first page, count
             seed "$t" pages 4644415401000000030000000100000010000000000000000001000000000000
@@ -140,7 +145,7 @@ seed_corpus() { # seed_corpus TARGET: only into an empty corpus
             seed "$t" 130-pages 8200000000000000ffffffffffffffff0f00000000000080ffffffffffffffff
             seed "$t" 64-pages 4000000000000000aaaaaaaaaaaaaaaa
             ;;
-        frame) # len u32, tag u16, magic ("FV": VMM protocol), payload
+        frame | unix_frame) # len u32, tag u16, magic ("FV": VMM protocol), payload
             seed "$t" vmm-ok 0000000006004656
             seed "$t" vmm-hello 02000000010046560100
             seed "$t" vmm-welcome 02000000020046560100

@@ -354,6 +354,10 @@ fn state_moves_to_a_fresh_vm_and_the_guest_continues() {
         control.stop(Duration::from_secs(1)).expect("stop");
         (blob, rax, rip)
     });
+    if let Some(path) = std::env::var_os("FERRY_DUMP_STATE_SEED") {
+        // The vm_state fuzz target's seed (fuzz/seeds/vm_state): selector byte 0, then the blob.
+        std::fs::write(path, [&[0u8][..], &blob].concat()).expect("seed written");
+    }
     let stored = if saved_rip == store_rip {
         saved_rax - 1
     } else {
