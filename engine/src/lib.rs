@@ -15,10 +15,16 @@
 //!
 //! ```
 //! use std::time::Duration;
-//! use ferry_engine::session::{SourceCommand, SourceConfig, SourceEvent, SourceSession, TransportKind};
+//! use ferry_engine::session::{
+//!     DecisionState, SourceCommand, SourceConfig, SourceEvent, SourceSession, TransportKind,
+//! };
 //!
 //! // A 1 MiB VM (256 pages) in one region, migrated over one TCP channel.
 //! let mut s = SourceSession::new(SourceConfig::new(vec![256]));
+//! // First the migration is recorded as started, undecided (durably: a restarted sidecar
+//! // must know the destination may hold a copy).
+//! assert_eq!(s.poll(), Some(SourceCommand::Record(DecisionState::Undecided)));
+//! s.handle(Duration::ZERO, SourceEvent::Recorded);
 //! assert_eq!(s.poll(), Some(SourceCommand::Negotiate));
 //! s.handle(Duration::ZERO, SourceEvent::Negotiated(vec![(TransportKind::Tcp, 1)]));
 //! assert_eq!(s.poll(), Some(SourceCommand::StartDirtyLog));

@@ -230,7 +230,7 @@ impl Sim<'_> {
                 self.now += d;
                 E::Slept
             }
-            C::AbortPeer(_) => E::PeerTold,
+            C::AbortPeer { .. } | C::ReleasePeer => E::PeerTold,
             C::Resume => {
                 self.paused = false;
                 E::Resumed

@@ -190,6 +190,40 @@ pub fn encode_payload<M: Message>(m: &M) -> Vec<u8> {
     w.finish()
 }
 
+/// Test helper: every sample decodes back to itself, and every shorter or longer payload
+/// is refused; the samples cover `tags` distinct tags.
+#[cfg(test)]
+pub(crate) fn assert_round_trips<M: Message + PartialEq + std::fmt::Debug>(
+    samples: Vec<M>,
+    tags: usize,
+) {
+    let seen: std::collections::HashSet<u16> = samples.iter().map(Message::tag).collect();
+    assert_eq!(seen.len(), tags, "one sample per tag");
+    for m in samples {
+        let b = encode_payload(&m);
+        assert_eq!(
+            decode_payload::<M>(m.tag(), &b).ok().as_ref(),
+            Some(&m),
+            "{}",
+            m.name()
+        );
+        for cut in 0..b.len() {
+            assert!(
+                decode_payload::<M>(m.tag(), &b[..cut]).is_err(),
+                "{} cut {cut}",
+                m.name()
+            );
+        }
+        let mut longer = b.clone();
+        longer.push(0);
+        assert!(
+            decode_payload::<M>(m.tag(), &longer).is_err(),
+            "{}",
+            m.name()
+        );
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -142,6 +142,14 @@ fn read_full<R: Read>(r: &mut R, buf: &mut [u8], at_boundary: bool) -> Result<()
             Ok(0) => return Err(ProtoError::Truncated { what: "frame" }),
             Ok(n) => got += n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                return Err(ProtoError::TimedOut { op: "read frame" })
+            }
             Err(e) => {
                 return Err(ProtoError::Io {
                     op: "read frame",

@@ -9,8 +9,9 @@
 //! fixed [`data`] header after their handshake. Peers authenticate with TLS 1.3 (the
 //! sidecar's `tls` module) or, when the operator chose `--insecure-psk`, with [`auth`].
 //!
-//! The byte-level VMM protocol is written out in `docs/vmm-protocol.md`; the peer
-//! protocol and the sequence of a whole migration in `docs/design.md`.
+//! The byte-level VMM protocol is written out in `docs/vmm-protocol.md`, the peer
+//! protocol in `docs/peer-protocol.md`, and the rules a whole migration keeps in
+//! `docs/design.md`.
 //!
 //! # Versions
 //!
@@ -79,6 +80,12 @@ pub enum ProtoError {
     /// The peer closed the connection at a frame boundary.
     #[error("Connection closed by peer")]
     Closed,
+    /// The socket's read timeout passed: the peer is silent (gone, or stuck).
+    #[error("No answer in time ({op} timed out)")]
+    TimedOut {
+        /// What was being done.
+        op: &'static str,
+    },
     /// A deadline for a whole exchange (a handshake) passed.
     #[error("{what} did not finish within {secs} s")]
     Deadline {
@@ -223,7 +230,10 @@ impl ProtoError {
     pub fn is_disconnect(&self) -> bool {
         matches!(
             self,
-            ProtoError::Closed | ProtoError::Io { .. } | ProtoError::Deadline { .. }
+            ProtoError::Closed
+                | ProtoError::TimedOut { .. }
+                | ProtoError::Io { .. }
+                | ProtoError::Deadline { .. }
         )
     }
 }

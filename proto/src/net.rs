@@ -122,6 +122,7 @@ impl<S: Timeouts + Write> Write for Deadline<'_, S> {
 /// passed (a socket timeout reports `WouldBlock` or `TimedOut`).
 pub fn deadline_error(e: ProtoError, expired: bool, what: &'static str, secs: u64) -> ProtoError {
     match e {
+        ProtoError::TimedOut { .. } => ProtoError::Deadline { what, secs },
         ProtoError::Io { ref source, .. }
             if expired
                 || matches!(

@@ -9,7 +9,8 @@
 //!   Offer{vm, layout, channels, transports, cpu, session} ---->
 //!                                  <----   Accept{prepare_us} | Refused{reason}
 //!   N data connections: DataHello{session, channel} -> DataChallenge{nonce}
-//!                       -> DataProof{HMAC(session key, nonce | channel)} -> DataOk
+//!                       -> DataProof{HMAC(session key, "ferry-data" | session | channel | nonce)}
+//!                       -> DataOk
 //!   [RdmaOffer -> RdmaAnswer | RdmaUnavailable]
 //!   per window: RoundStart{round} -> (TCP: data frames | RDMA: PullRanges...)
 //!                                  <----   RoundDone{round, pages, torn} | RdmaFailed
@@ -19,9 +20,13 @@
 //!   Commit                         ---->               (recorded, then Start)
 //!                                  <----   Running{detail} | StartFailed{reason}
 //!   any failure before the commit point: Abort{reason} ----> (Discard)
-//!   on a fresh connection later: Decision{session, commit} ---->
+//!                                  <----   Discarded (once the VM was loaded)
+//!   on a fresh connection later (a replayed decision, or a release of an aborted
+//!   migration's copy): Decision{session, commit} ---->
 //!                                  <----   Running | StartFailed | Discarded | Refused
 //! ```
+//!
+//! Byte by byte, with every check and refusal: `docs/peer-protocol.md`.
 
 use ferry_engine::digest::MemoryDigest;
 use ferry_engine::plan::PageRange;
@@ -37,8 +42,10 @@ use crate::ProtoError;
 /// Most page ranges one `PullRanges` message may carry: 65,536 ranges x 20 bytes =
 /// 1.25 MiB, so a round's list streams in pieces the destination pulls as they come.
 pub const MAX_PULL_RANGES: usize = 65_536;
-/// Most page ranges an `RdmaFailed` may hand back (a round's whole list at worst).
-pub const MAX_UNFINISHED: usize = 4 << 20;
+/// Most page ranges an `RdmaFailed` may hand back (a round's whole list at worst): as
+/// many 20-byte ranges as fit one frame with room for its other fields (3,355,443; a
+/// round more fragmented than that fails over to TCP by aborting instead).
+pub const MAX_UNFINISHED: usize = MAX_BLOB / 20;
 /// Pages one round may report as torn: more than this means the link corrupts data,
 /// not that the guest raced a send, and the migration aborts.
 pub const MAX_TORN: usize = 65_536;
@@ -603,32 +610,7 @@ pub(crate) mod tests {
 
     #[test]
     fn every_message_round_trips_and_rejects_cut_or_extended_payloads() {
-        let all = samples();
-        let tags: std::collections::HashSet<u16> = all.iter().map(Message::tag).collect();
-        assert_eq!(tags.len(), 28, "one sample per tag");
-        for m in all {
-            let b = encode_payload(&m);
-            assert_eq!(
-                decode_payload::<PeerMsg>(m.tag(), &b).ok().as_ref(),
-                Some(&m),
-                "{}",
-                m.name()
-            );
-            for cut in 0..b.len() {
-                assert!(
-                    decode_payload::<PeerMsg>(m.tag(), &b[..cut]).is_err(),
-                    "{} cut {cut}",
-                    m.name()
-                );
-            }
-            let mut longer = b.clone();
-            longer.push(0);
-            assert!(
-                decode_payload::<PeerMsg>(m.tag(), &longer).is_err(),
-                "{}",
-                m.name()
-            );
-        }
+        crate::common::assert_round_trips(samples(), 28);
     }
 
     #[test]
@@ -656,5 +638,28 @@ pub(crate) mod tests {
             count: 0,
         }]);
         assert!(decode_payload::<PeerMsg>(27, &w.finish()).is_err());
+    }
+
+    #[test]
+    fn the_largest_rdma_failed_fits_one_frame_and_decodes() {
+        let m = PeerMsg::RdmaFailed {
+            round: 1,
+            reason: "x".repeat(MAX_STR),
+            confirmed_pages: 0,
+            unfinished: (0..MAX_UNFINISHED as u64)
+                .map(|i| PageRange {
+                    region: 0,
+                    first: 2 * i,
+                    count: 1,
+                })
+                .collect(),
+        };
+        let payload = encode_payload(&m);
+        assert!(
+            payload.len() <= MAX_FRAME,
+            "{} > {MAX_FRAME}",
+            payload.len()
+        );
+        assert_eq!(decode_payload::<PeerMsg>(28, &payload).expect("decodes"), m);
     }
 }

@@ -1,6 +1,8 @@
 //! Durable records in the state directory: the source's decision about a VM
-//! (`<vm>.decision`) and the destination's account of an incoming session
-//! (`<vm>.incoming`).
+//! (`<vm>.decision`), the destination's account of an incoming session
+//! (`<vm>.incoming`), and the source's pending releases (`<session>.release`: a
+//! destination that may still hold a loaded copy of an aborted migration, to be told to
+//! discard it).
 //!
 //! A record is written to a temporary file, synced, renamed over the old one, and the
 //! directory is synced: once [`write`] returns, a crash of the process or the host cannot
@@ -64,6 +66,17 @@ pub struct Decision {
     pub to: String,
 }
 
+/// A destination that may still hold a loaded copy of an aborted migration.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Release {
+    /// The aborted migration.
+    pub session: SessionId,
+    /// Its VM.
+    pub vm_id: String,
+    /// Its destination, as the operator named it.
+    pub to: String,
+}
+
 /// The destination's account of one incoming session.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Incoming {
@@ -86,6 +99,11 @@ pub fn decision_path(dir: &Path, vm_id: &str) -> PathBuf {
 /// Where a VM's incoming record is kept.
 pub fn incoming_path(dir: &Path, vm_id: &str) -> PathBuf {
     path_of(dir, vm_id, "incoming")
+}
+
+/// Where a pending release is kept.
+pub fn release_path(dir: &Path, session: SessionId) -> PathBuf {
+    dir.join(format!("{session}.release"))
 }
 
 /// Writes `text` durably to `path` (temporary file, sync, rename, directory sync).
@@ -149,6 +167,52 @@ pub fn write_incoming(dir: &Path, vm_id: &str, r: &Incoming) -> Result<(), Recor
         DestRecord::Committed | DestRecord::Discarded => {}
     }
     write(&incoming_path(dir, vm_id), "the incoming session", &text)
+}
+
+/// Records a pending release.
+///
+/// # Errors
+///
+/// [`RecordError::Write`]: the caller must keep its own record of the obligation.
+pub fn write_release(dir: &Path, r: &Release) -> Result<(), RecordError> {
+    debug_assert!(check_vm_id(&r.vm_id).is_ok());
+    let text = format!(
+        "{HEADER}\nkind=release\nsession={}\nvm={}\nto={}\n",
+        r.session,
+        r.vm_id,
+        one_line(&r.to)
+    );
+    write(&release_path(dir, r.session), "the pending release", &text)
+}
+
+/// Forgets a release the destination answered.
+pub fn remove_release(dir: &Path, session: SessionId) {
+    let _ = std::fs::remove_file(release_path(dir, session));
+}
+
+/// Every pending release in `dir`, and the files that are not valid release records.
+pub fn pending_releases(dir: &Path) -> (Vec<Release>, Vec<RecordError>) {
+    let (mut ok, mut bad) = (Vec::new(), Vec::new());
+    let Ok(entries) = std::fs::read_dir(dir) else {
+        return (ok, bad);
+    };
+    for e in entries.flatten() {
+        let path = e.path();
+        if path.extension().and_then(|x| x.to_str()) != Some("release") {
+            continue;
+        }
+        match read_small(&path).and_then(|t| {
+            parse_release(t.as_deref().unwrap_or_default()).map_err(|why| RecordError::Invalid {
+                path: path.display().to_string(),
+                why,
+            })
+        }) {
+            Ok(r) => ok.push(r),
+            Err(e) => bad.push(e),
+        }
+    }
+    ok.sort_by_key(|r| r.session.0);
+    (ok, bad)
 }
 
 fn one_line(s: &str) -> String {
@@ -283,6 +347,22 @@ pub fn parse_decision(text: &str) -> Result<Decision, String> {
     })
 }
 
+/// Parses a release record.
+///
+/// # Errors
+///
+/// What is wrong, for the operator.
+pub fn parse_release(text: &str) -> Result<Release, String> {
+    let f = fields(text, "release")?;
+    let vm_id = get(&f, "vm")?;
+    check_vm_id(vm_id).map_err(|e| format!("bad vm {vm_id:?}: {e}"))?;
+    Ok(Release {
+        session: session_of(&f)?,
+        vm_id: vm_id.to_owned(),
+        to: get(&f, "to")?.to_owned(),
+    })
+}
+
 /// Parses an incoming record.
 ///
 /// # Errors
@@ -351,6 +431,30 @@ mod tests {
             assert_eq!(back.record.name(), inc.record.name());
         }
         assert!(!d.join("vm1.tmp").exists());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn pending_releases_are_listed_until_removed_and_bad_files_reported() {
+        let d = dir("rel");
+        let r = |b: u8, vm: &str| Release {
+            session: SessionId([b; 16]),
+            vm_id: vm.into(),
+            to: "10.0.0.2:7780".into(),
+        };
+        write_release(&d, &r(2, "vm2")).expect("write");
+        write_release(&d, &r(1, "vm1")).expect("write");
+        std::fs::write(
+            d.join("junk.release"),
+            "ferry-record 1\nkind=release\nvm=../x\n",
+        )
+        .expect("junk");
+        let (ok, bad) = pending_releases(&d);
+        assert_eq!(ok, vec![r(1, "vm1"), r(2, "vm2")]);
+        assert_eq!(bad.len(), 1, "{bad:?}");
+        remove_release(&d, SessionId([1; 16]));
+        assert_eq!(pending_releases(&d).0, vec![r(2, "vm2")]);
+        assert!(parse_release("ferry-record 1\nkind=decision\n").is_err());
         let _ = std::fs::remove_dir_all(&d);
     }
 

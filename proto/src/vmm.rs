@@ -357,7 +357,7 @@ pub fn unexpected(expected: &'static str, got: VmmMsg) -> ProtoError {
 #[cfg(test)]
 pub(crate) mod tests {
     use super::*;
-    use crate::common::{decode_payload, encode_payload};
+    use crate::common::decode_payload;
 
     pub(crate) fn samples() -> Vec<VmmMsg> {
         let regions = vec![RegionInfo {
@@ -431,32 +431,7 @@ pub(crate) mod tests {
 
     #[test]
     fn every_message_round_trips_and_rejects_cut_or_extended_payloads() {
-        let all = samples();
-        let tags: std::collections::HashSet<u16> = all.iter().map(Message::tag).collect();
-        assert_eq!(tags.len(), 23, "one sample per tag");
-        for m in all {
-            let b = encode_payload(&m);
-            assert_eq!(
-                decode_payload::<VmmMsg>(m.tag(), &b).ok().as_ref(),
-                Some(&m),
-                "{}",
-                m.name()
-            );
-            for cut in 0..b.len() {
-                assert!(
-                    decode_payload::<VmmMsg>(m.tag(), &b[..cut]).is_err(),
-                    "{} cut {cut}",
-                    m.name()
-                );
-            }
-            let mut longer = b.clone();
-            longer.push(0);
-            assert!(
-                decode_payload::<VmmMsg>(m.tag(), &longer).is_err(),
-                "{}",
-                m.name()
-            );
-        }
+        crate::common::assert_round_trips(samples(), 23);
         assert!(matches!(
             decode_payload::<VmmMsg>(0, &[]),
             Err(ProtoError::UnknownTag { tag: 0, .. })

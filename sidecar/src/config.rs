@@ -21,7 +21,7 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 use serde::Deserialize;
 
-use crate::daemon::DaemonConfig;
+use crate::context::DaemonConfig;
 use crate::peer::PeerAuth;
 use ferry_tls::{Tls, TlsFiles};
 

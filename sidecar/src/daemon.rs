@@ -17,6 +17,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
+use crate::context::{Daemon, DaemonConfig};
 use crate::peer::{accept, Accepted, PeerAuth, HANDSHAKE_DEADLINE};
 use crate::registry::Registry;
 use crate::watchdog::watchdog;
@@ -27,42 +28,6 @@ use crate::watchdog::watchdog;
 pub const MAX_PEER_CONNECTIONS: usize = 256;
 /// Most local (VMM and CLI) connections at once.
 pub const MAX_LOCAL_CONNECTIONS: usize = 256;
-
-/// The daemon's settings.
-#[derive(Clone, Debug)]
-pub struct DaemonConfig {
-    /// Unix socket for VMMs and the CLI.
-    pub socket: PathBuf,
-    /// Peer listen address.
-    pub listen: String,
-    /// Where decisions and incoming records are kept.
-    pub state_dir: PathBuf,
-    /// How long a decision the link lost is replayed before the operator is asked.
-    pub replay_window: Duration,
-    /// Destinations (host or host:port) RDMA may be used with; RDMA is not encrypted.
-    pub rdma_peers: Vec<String>,
-}
-
-/// Shared daemon state.
-pub struct Daemon {
-    /// Settings.
-    pub cfg: DaemonConfig,
-    /// How peers authenticate.
-    pub auth: PeerAuth,
-    /// What the daemon holds.
-    pub registry: Registry,
-}
-
-impl Daemon {
-    /// Whether RDMA may carry a migration to `to` (the operator allowed that host).
-    pub fn rdma_allowed(&self, to: &str) -> bool {
-        let host = to.rsplit_once(':').map_or(to, |(h, _)| h);
-        self.cfg
-            .rdma_peers
-            .iter()
-            .any(|p| p == "*" || p == to || p == host)
-    }
-}
 
 /// A slot among a capped number of connections; released on drop.
 struct Slot(Arc<AtomicUsize>);
@@ -224,8 +189,10 @@ pub fn serve(cfg: DaemonConfig, auth: PeerAuth) -> anyhow::Result<()> {
         cfg,
         auth,
         registry: Registry::default(),
+        started: std::time::Instant::now(),
     });
-    crate::replay::resume_recorded(&d);
+    crate::outgoing::resume_recorded(&d);
+    crate::replay::spawn_releaser(&d);
     {
         let d = Arc::clone(&d);
         std::thread::spawn(move || loop {

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::bail;
-use ferry_engine::session::{DestEvent, DestPhase, DestSession, SessionId};
+use ferry_engine::session::{DestEvent, DestPhase, DestSession, Failure, FailureKind, SessionId};
 use ferry_proto::common::{Message, RegionInfo, MAX_FRAME};
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::mem::PAGE;
@@ -15,7 +15,7 @@ use ferry_proto::vmm::VmmMsg;
 use ferry_tcp_fallback::TcpReceiver;
 use ferry_verbs::RdmaPuller;
 
-use crate::daemon::Daemon;
+use crate::context::Daemon;
 use crate::dest_exec::{settle_vmm, Executor};
 use crate::intake::{collect_data, prepare, Intake};
 use crate::peer::{refuse, Control, PeerStream};
@@ -34,6 +34,11 @@ const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 /// notice the link is gone and park the loaded VM.
 const SETTLE_WAIT: Duration = Duration::from_secs(30);
 
+/// How long after this daemon starts a VMM holding a loaded VM may still be reattaching
+/// (VMMs retry every half second): until then "nothing of that session here" is not an
+/// answer a release may rely on.
+const REATTACH_GRACE: Duration = Duration::from_secs(10);
+
 fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -42,7 +47,12 @@ fn mem_available() -> Option<u64> {
 }
 
 /// Checks an offer against what this host can do; the error text goes to the source.
-fn check_offer(page_size: u32, regions: &[RegionInfo], channels: u16) -> Result<u64, String> {
+fn check_offer(
+    page_size: u32,
+    regions: &[RegionInfo],
+    channels: u16,
+    transports: u8,
+) -> Result<u64, String> {
     if page_size as usize != PAGE {
         return Err(format!(
             "page size {page_size} is not supported (only {PAGE})"
@@ -51,23 +61,19 @@ fn check_offer(page_size: u32, regions: &[RegionInfo], channels: u16) -> Result<
     if regions.is_empty() {
         return Err("the offer has no RAM regions".into());
     }
+    if transports & ferry_proto::peer::OFFER_TCP == 0 {
+        // TCP carries the control messages and the fallback: it is never optional.
+        return Err(format!("transports {transports:#x} do not include TCP"));
+    }
+    // Whole pages, aligned, in order, not overlapping: what a VMM may register.
+    ferry_proto::common::check_layout(regions)?;
     if channels == 0 || channels > MAX_CHANNELS {
         return Err(format!(
             "{channels} channels requested; 1 to {MAX_CHANNELS} are allowed"
         ));
     }
-    let mut total = 0u64;
-    for r in regions {
-        if r.size == 0 || r.size % PAGE as u64 != 0 {
-            return Err(format!(
-                "region at {:#x} has size {} (not whole pages)",
-                r.gpa, r.size
-            ));
-        }
-        total = total
-            .checked_add(r.size)
-            .ok_or_else(|| "region sizes overflow".to_string())?;
-    }
+    // Non-overlapping spans of the address space: their sizes add up without overflow.
+    let total: u64 = regions.iter().map(|r| r.size).sum();
     if let Some(avail) = mem_available() {
         // Keep 256 MiB for the host: the destination must not push its host into OOM.
         if total.saturating_add(256 << 20) > avail {
@@ -92,14 +98,14 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
         page_size,
         regions,
         channels,
-        transports: _,
+        transports,
         cpu_profile,
         session,
     } = offer
     else {
         bail!("not an offer");
     };
-    if let Err(reason) = check_offer(page_size, &regions, channels) {
+    if let Err(reason) = check_offer(page_size, &regions, channels, transports) {
         return Err(refuse(&mut ctl.stream, reason));
     }
     let Some(vmm) = d.registry.take_waiting(&vm_id) else {
@@ -125,7 +131,7 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
         &mut ctl,
         &vm_id,
         &regions,
-        channels,
+        (channels, transports),
         session,
         &mut s,
         &mut ex_vmm,
@@ -135,10 +141,12 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
         let lost = e
             .downcast_ref::<ferry_proto::ProtoError>()
             .is_some_and(ferry_proto::ProtoError::is_disconnect);
+        // Only the source's own `Abort` discards a loaded VM: a broken, corrupted or
+        // out-of-step link leaves it held for the source's decision.
         s.handle(if lost {
             DestEvent::LinkLost
         } else {
-            DestEvent::Abort(format!("{e:#}"))
+            DestEvent::Failed(Failure::new(FailureKind::PeerRefused, format!("{e:#}")))
         });
         let mut ex = Executor {
             d,
@@ -152,13 +160,15 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
         };
         let held = ex.drive(&mut s);
         ex_vmm = ex.vmm.take();
-        d.registry.end_incoming(session);
+        // Parked before the session stops counting as incoming: a decision arriving in
+        // between finds one or the other (`Registry::take_held`).
         settle_vmm(d, &vm_id, session, s, ex_vmm, held);
+        d.registry.end_incoming(session);
         return res;
     }
-    d.registry.end_incoming(session);
     let held = matches!(s.phase(), DestPhase::Held);
     settle_vmm(d, &vm_id, session, s, ex_vmm, held);
+    d.registry.end_incoming(session);
     res
 }
 
@@ -168,12 +178,21 @@ fn receive(
     ctl: &mut Control,
     vm_id: &str,
     regions: &[RegionInfo],
-    channels: u16,
+    (channels, transports): (u16, u8),
     session: SessionId,
     s: &mut DestSession,
     vmm: &mut Option<WaitingVmm>,
 ) -> anyhow::Result<()> {
-    let mut landing = prepare(vm_id, regions)?;
+    // Failures before any data moved are told to the source, with the reason.
+    let mut landing = match prepare(vm_id, regions) {
+        Ok(l) => l,
+        Err(e) => {
+            return Err(refuse(
+                &mut ctl.stream,
+                format!("the destination cannot prepare the VM's memory: {e:#}"),
+            ))
+        }
+    };
     tracing::info!(vm = %vm_id, ms = landing.prepare.as_millis() as u64, "destination memory prepared");
     write_msg(
         &mut ctl.stream,
@@ -181,10 +200,13 @@ fn receive(
             prepare_us: landing.prepare.as_micros() as u64,
         },
     )?;
-    let streams = collect_data(&d.registry, session, ctl.key, channels)?
-        .into_iter()
-        .map(PeerStream::into_channel)
-        .collect::<std::io::Result<Vec<_>>>()?;
+    let streams = match collect_data(&d.registry, session, ctl.key, channels) {
+        Ok(s) => s,
+        Err(e) => return Err(refuse(&mut ctl.stream, format!("{e:#}"))),
+    }
+    .into_iter()
+    .map(PeerStream::into_channel)
+    .collect::<std::io::Result<Vec<_>>>()?;
     let mut intake = Intake {
         tcp: Some(TcpReceiver::with_channels(
             streams,
@@ -196,9 +218,19 @@ fn receive(
     ctl.stream
         .tcp()
         .set_read_timeout(Some(CONTROL_IDLE_TIMEOUT))?;
+    let rdma_offered = transports & ferry_proto::peer::OFFER_RDMA != 0;
+    let mut last_round = (0u32, false);
     loop {
         let msg = read_msg(&mut ctl.stream, MAX_FRAME)?;
+        // Data moves only before the state blob: after it the memory is the VMM's.
+        let receiving = s.phase() == &DestPhase::Receiving;
         let event = match msg {
+            PeerMsg::RdmaOffer { .. } | PeerMsg::RoundStart { .. } if !receiving => {
+                bail!("{} after the state blob", msg.name())
+            }
+            PeerMsg::RdmaOffer { .. } if !rdma_offered => {
+                bail!("RdmaOffer, but the offer did not include RDMA")
+            }
             PeerMsg::RdmaOffer { blob } => {
                 let answer = match RdmaPuller::new(&landing.mem, &blob) {
                     Ok((p, answer)) => {
@@ -220,7 +252,18 @@ fn receive(
                 intake.rdma = None;
                 continue;
             }
-            PeerMsg::RoundStart { round, .. } => {
+            PeerMsg::RoundStart { round, final_round } => {
+                // Windows are numbered upwards (a window a failed transport handed back is
+                // sent again under its number); none follows the final round but its own.
+                if round < last_round.0 || (last_round.1 && (round != last_round.0 || !final_round))
+                {
+                    bail!(
+                        "window {round} (final: {final_round}) after window {} (final: {})",
+                        last_round.0,
+                        last_round.1
+                    );
+                }
+                last_round = (round, final_round);
                 let reply = if intake.rdma.is_some() {
                     intake.rdma_window(&mut ctl.stream, &landing.mem, &landing.landed, round)?
                 } else {
@@ -273,6 +316,18 @@ pub fn settle(
         Some(h) => (h.vm_id, h.session, h.vmm),
         None => match records::find_incoming(&d.cfg.state_dir, session) {
             Some((vm_id, rec)) => (vm_id, DestSession::restored(Some(rec.record), false), None),
+            None if !commit && d.started.elapsed() < REATTACH_GRACE => {
+                return Err(refuse(
+                    &mut ctl.stream,
+                    "this sidecar just started: a VMM holding that session's VM may not have reattached yet; try again".into(),
+                ))
+            }
+            None if !commit => {
+                // Nothing of that session here: that is what a release asks for.
+                tracing::info!(%session, "released: no copy of that session is held here");
+                write_msg(&mut ctl.stream, &PeerMsg::Discarded)?;
+                return Ok(());
+            }
             None => {
                 return Err(refuse(
                     &mut ctl.stream,
@@ -365,14 +420,24 @@ mod tests {
             size,
             offset: 0,
         };
-        assert!(check_offer(4096, &[r(1 << 20)], 4).is_ok());
-        assert!(check_offer(8192, &[r(1 << 20)], 4).is_err());
-        assert!(check_offer(4096, &[], 4).is_err());
-        assert!(check_offer(4096, &[r(1 << 20)], 0).is_err());
-        assert!(check_offer(4096, &[r(1 << 20)], 65).is_err());
-        assert!(check_offer(4096, &[r(1000)], 4).is_err());
-        assert!(check_offer(4096, &[r(u64::MAX - 4095), r(1 << 20)], 4).is_err());
-        let huge = check_offer(4096, &[r(1 << 50)], 4).expect_err("too big");
+        let both = ferry_proto::peer::OFFER_TCP | ferry_proto::peer::OFFER_RDMA;
+        assert!(check_offer(4096, &[r(1 << 20)], 4, both).is_ok());
+        assert!(check_offer(8192, &[r(1 << 20)], 4, both).is_err());
+        assert!(check_offer(4096, &[], 4, both).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 0, both).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 65, both).is_err());
+        assert!(check_offer(4096, &[r(1000)], 4, both).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 4, ferry_proto::peer::OFFER_RDMA).is_err());
+        assert!(check_offer(4096, &[r(u64::MAX - 4095), r(1 << 20)], 4, both).is_err());
+        // Overlapping and unaligned regions.
+        assert!(check_offer(4096, &[r(1 << 20), r(1 << 20)], 4, both).is_err());
+        let unaligned = RegionInfo {
+            gpa: 100,
+            size: 1 << 20,
+            offset: 0,
+        };
+        assert!(check_offer(4096, &[unaligned], 4, both).is_err());
+        let huge = check_offer(4096, &[r(1 << 50)], 4, both).expect_err("too big");
         assert!(huge.contains("MiB available"), "{huge}");
     }
 }

@@ -14,7 +14,7 @@ use ferry_proto::peer::PeerMsg;
 use ferry_proto::records::{self, Incoming};
 use ferry_proto::vmm::VmmMsg;
 
-use crate::daemon::Daemon;
+use crate::context::Daemon;
 use crate::intake::{Intake, Landing};
 use crate::peer::PeerStream;
 use crate::registry::{HeldVm, WaitingVmm};
@@ -143,7 +143,11 @@ impl Executor<'_> {
             blob,
         };
         match self.vmm(&msg, &raw) {
-            Ok(VmmMsg::Loaded) => DestEvent::Loaded,
+            Ok(VmmMsg::Loaded) => {
+                #[cfg(feature = "fault-injection")]
+                crate::faults::hold("loaded");
+                DestEvent::Loaded
+            }
             Ok(other) => {
                 DestEvent::LoadFailed(format!("the VMM answered {} to Load", other.name()))
             }

@@ -7,18 +7,21 @@
 //!   (after round 1's first window), `round2` (after round 2's first window), `paused`
 //!   (the VM just paused), `decided` (the commit decision just recorded, `Commit` not
 //!   sent), `running` (the destination confirmed it runs the VM; the source not stopped).
-//!   Destination point: `commit-received` (`Commit` recorded, the VMM not told to start).
+//!   Destination points: `loaded` (the VMM loaded the VM, `Ready` not sent) and
+//!   `commit-received` (`Commit` recorded, the VMM not told to start).
 //! - `FERRY_TEST_DROP_COMMIT=<ms>`: after recording the commit decision, cut the control
 //!   link instead of sending `Commit`, then wait `<ms>` before the replay starts.
 //! - `FERRY_TEST_FAIL_RDMA_AFTER_BYTES=<n>` (destination): fail RDMA queue pair 0 after
 //!   `n` bytes pulled.
+//! - `FERRY_TEST_CONTROL_TIMEOUT_MS=<ms>` (source): the wait for the destination's
+//!   answers on the control connection, instead of minutes.
 
 use std::time::Duration;
 
 use ferry_engine::session::{DecisionState, SourceCommand, SourceEvent};
 use ferry_verbs::RdmaPuller;
 
-use crate::source::Driver;
+use std::net::TcpStream;
 
 fn env(name: &str) -> Option<String> {
     std::env::var(name).ok()
@@ -52,7 +55,7 @@ pub fn point_of(cmd: &SourceCommand) -> Option<&'static str> {
 }
 
 /// After a command was carried out: hold, or break the link, as the test asked.
-pub fn after(drv: &mut Driver<'_>, point: Option<&'static str>, ev: &SourceEvent) {
+pub fn after(ctl: Option<&TcpStream>, point: Option<&'static str>, ev: &SourceEvent) {
     let Some(point) = point else { return };
     let ok = !matches!(ev, SourceEvent::Failed(_) | SourceEvent::RecordFailed(_));
     if !ok {
@@ -70,13 +73,20 @@ pub fn after(drv: &mut Driver<'_>, point: Option<&'static str>, ev: &SourceEvent
     if point == "decided" {
         if let Some(ms) = env("FERRY_TEST_DROP_COMMIT").and_then(|v| v.parse::<u64>().ok()) {
             tracing::warn!("test fault injection: dropping the link instead of sending Commit");
-            if let Some(n) = drv.net.as_ref() {
-                let _ = n.ctl.stream.tcp().shutdown(std::net::Shutdown::Both);
+            if let Some(c) = ctl {
+                let _ = c.shutdown(std::net::Shutdown::Both);
             }
             std::thread::sleep(Duration::from_millis(ms));
         }
     }
     hold(point);
+}
+
+/// The source's control-connection timeout, shortened if the test asked.
+pub fn control_timeout(default: Duration) -> Duration {
+    env("FERRY_TEST_CONTROL_TIMEOUT_MS")
+        .and_then(|v| v.parse().ok())
+        .map_or(default, Duration::from_millis)
 }
 
 /// The destination's puller, with a queue pair set to fail if the test asked.

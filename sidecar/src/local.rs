@@ -17,7 +17,7 @@ use ferry_proto::net::Timeouts;
 use ferry_proto::vmm::VmmMsg;
 use ferry_proto::{check_version, VERSION};
 
-use crate::daemon::Daemon;
+use crate::context::Daemon;
 use crate::dest::MAX_CHANNELS;
 use crate::registry::{SourceVm, WaitingVmm};
 use crate::watchdog::{watchdog, Armed};
@@ -226,8 +226,17 @@ fn check(req: &MigrateRequest) -> Result<(), String> {
     if req.max_rounds == 0 {
         return Err("--max-rounds must be at least 1".into());
     }
+    if req.observe_ms > MAX_OBSERVE_MS {
+        // The destination gives up on a control connection silent for 300 s.
+        return Err(format!(
+            "--observe-ms must be at most {MAX_OBSERVE_MS} (one minute)"
+        ));
+    }
     Ok(())
 }
+
+/// Longest cold-first observation window before round 1.
+const MAX_OBSERVE_MS: u32 = 60_000;
 
 fn handle_cli(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()> {
     let (msg, _) = recv_with_fds::<CliMsg>(&s, ferry_proto::common::MAX_STR * 3)?;
@@ -290,7 +299,25 @@ fn recover(d: &Arc<Daemon>, vm_id: &str, mode: RecoverMode) -> anyhow::Result<St
         }
         bail!("no decision is recorded for VM {vm_id} on this host");
     };
+    let released = |line: String| {
+        let mut out = vec![line];
+        out.extend(crate::replay::release_vm_now(d, vm_id));
+        out.join("; ")
+    };
     match (dec.state, mode) {
+        (DecisionState::Undecided, _) => {
+            if d.registry.has_outgoing(vm_id) {
+                bail!(
+                    "a migration of {vm_id} to {} is in progress: nothing to recover",
+                    dec.to
+                );
+            }
+            crate::replay::settle_undecided(d, vm_id, &dec)?;
+            Ok(released(format!(
+                "the migration of {vm_id} to {} ended before any decision: the VM is this host's",
+                dec.to
+            )))
+        }
         (DecisionState::Confirmed, _) => {
             // A fenced VMM that never heard: stop it now.
             if let Some(vm) = d.registry.take_source(vm_id, Duration::ZERO) {
@@ -311,10 +338,10 @@ fn recover(d: &Arc<Daemon>, vm_id: &str, mode: RecoverMode) -> anyhow::Result<St
                 dec.to
             ))
         }
-        (DecisionState::Aborted, _) => Ok(format!(
-            "the migration of {vm_id} to {} was rolled back; the VM is this host's",
+        (DecisionState::Aborted, _) => Ok(released(format!(
+            "the migration of {vm_id} to {} was aborted or rolled back; the VM is this host's",
             dec.to
-        )),
+        ))),
         (DecisionState::Committed, mode) => {
             let roll_back = match mode {
                 RecoverMode::Deliver => None,
@@ -322,7 +349,7 @@ fn recover(d: &Arc<Daemon>, vm_id: &str, mode: RecoverMode) -> anyhow::Result<St
                 RecoverMode::ForceAbort => Some(true),
             };
             let (outcome, line) =
-                crate::replay::settle_recorded(d, vm_id, &dec, roll_back, RECOVER_WINDOW);
+                crate::outgoing::settle_recorded(d, vm_id, &dec, roll_back, RECOVER_WINDOW);
             match outcome {
                 SourceOutcome::Committed | SourceOutcome::Aborted => Ok(line),
                 _ => bail!("{line}"),

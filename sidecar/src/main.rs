@@ -16,6 +16,7 @@
 
 mod cli;
 mod config;
+mod context;
 mod daemon;
 mod dest;
 mod dest_exec;
@@ -24,6 +25,7 @@ mod entries;
 mod faults;
 mod intake;
 mod local;
+mod memory;
 mod offer;
 mod outgoing;
 mod peer;
@@ -191,7 +193,8 @@ enum Cmd {
         /// Data transport.
         #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
         transport: TransportArg,
-        /// Watch writes this long before round 1 and send those pages last (0: off).
+        /// Watch writes this long before round 1 and send those pages last (0: off; at most
+        /// 60000).
         #[arg(long, default_value_t = 0)]
         observe_ms: u32,
         /// When to compare the memory digests.

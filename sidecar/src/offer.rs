@@ -2,8 +2,9 @@
 //! open the data connections, and find out whether RDMA works between the two hosts.
 //!
 //! TCP data connections always exist, so RDMA can hand its unfinished ranges to them
-//! mid-round without a pause. RDMA is tried only when the operator asked for it or allowed
-//! it for this destination (`--rdma-peer`), and both hosts have a device.
+//! mid-round without a pause. RDMA is tried only with a destination the operator allowed
+//! (`--rdma-peer`: RDMA is not encrypted), when both hosts have a device; `--transport
+//! rdma` makes a missing device or permission an error instead of a fall back to TCP.
 
 use std::sync::Arc;
 
@@ -13,11 +14,12 @@ use ferry_engine::PAGE_SIZE;
 use ferry_proto::cli::{MigrateRequest, TransportChoice};
 use ferry_proto::common::MAX_FRAME;
 use ferry_proto::frame::{read_msg, write_msg};
+use ferry_proto::net::Timeouts;
 use ferry_proto::peer::{unexpected, PeerMsg, OFFER_RDMA, OFFER_TCP};
 use ferry_tcp_fallback::TcpSender;
 use ferry_verbs::RdmaExport;
 
-use crate::daemon::Daemon;
+use crate::context::Daemon;
 use crate::peer::{connect_control, connect_data, Control, PeerStream};
 use crate::registry::SourceVm;
 
@@ -35,6 +37,19 @@ pub struct Negotiated {
     pub reason: String,
     /// How long the destination took to prepare its memory.
     pub prepare_us: u64,
+}
+
+/// Longest the source waits for any answer on the control connection: the destination
+/// VMM's longest request (`VMM_REPLY_TIMEOUT`: `CheckCompat`, `Load`, `Start`) with a
+/// margin, plus 1 s per 64 MiB of guest RAM for what grows with it (populating memory, a
+/// final round pulled over RDMA). A destination that is alive but stuck cannot keep the
+/// source waiting, its VM paused, for longer.
+pub fn control_timeout(guest_bytes: u64) -> std::time::Duration {
+    let t =
+        crate::vmm::VMM_REPLY_TIMEOUT + std::time::Duration::from_secs(30 + (guest_bytes >> 26));
+    #[cfg(feature = "fault-injection")]
+    let t = crate::faults::control_timeout(t);
+    t
 }
 
 /// Connects, offers and sets up the data paths for migrating `vm`.
@@ -62,7 +77,12 @@ pub fn negotiate(
             match device {
                 Err(e) if explicit => bail!("RDMA was requested but is unavailable on the source: {e}"),
                 Err(e) => (None, format!("auto: no RDMA on the source ({e})")),
-                Ok(()) if !explicit && !d.rdma_allowed(&req.to) => (
+                // RDMA is not encrypted: only to peers the operator listed, asked for or not.
+                Ok(()) if explicit && !d.rdma_allowed(&req.to) => bail!(
+                    "RDMA was requested but {} is not an allowed RDMA peer (ferry serve --rdma-peer): RDMA is not encrypted",
+                    req.to
+                ),
+                Ok(()) if !d.rdma_allowed(&req.to) => (
                     None,
                     format!(
                         "auto: RDMA is not allowed for {} (ferry serve --rdma-peer); RDMA is not encrypted",
@@ -80,6 +100,11 @@ pub fn negotiate(
         }
     };
     let mut ctl = connect_control(&d.auth, &req.to)?;
+    let guest: u64 = vm.regions.iter().map(|r| r.size).sum();
+    // Both ways: a destination that stops reading must not block a write forever either.
+    ctl.stream
+        .tcp()
+        .set_timeouts(Some(control_timeout(guest)))?;
     write_msg(
         &mut ctl.stream,
         &PeerMsg::Offer {

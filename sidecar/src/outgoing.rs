@@ -1,59 +1,22 @@
-//! Starting a migration out of this host: the checks before it (a recorded decision
-//! owns the VM), the session's configuration from the request, the run, and the summary
-//! the CLI gets. The run itself is [`Driver`]'s.
+//! Source sessions of this host: a migration out (the checks before it: a recorded
+//! decision owns the VM; the session's configuration from the request; the run; the
+//! summary the CLI gets), and the settling of a recorded, unconfirmed decision (`ferry
+//! recover`, or a restarted daemon). Each run itself is [`Driver`]'s.
 
+use std::sync::Arc;
 use std::time::Duration;
 
-use ferry_engine::digest::MemoryDigest;
 use ferry_engine::precopy::{ConvergencePolicy, LimitAction};
-use ferry_engine::session::{
-    DecisionState, Failure, FailureKind, SessionId, SourceConfig, SourceOutcome, SourceSession,
-};
+use ferry_engine::session::{DecisionState, SessionId, SourceConfig, SourceOutcome, SourceSession};
 use ferry_proto::auth::random;
-use ferry_proto::cli::{CliMsg, MigrateRequest, OnLimit};
+use ferry_proto::cli::{MigrateRequest, OnLimit};
 use ferry_proto::mem::GuestRegion;
-use ferry_proto::records;
+use ferry_proto::records::{self, Decision};
 
-use crate::daemon::Daemon;
-use crate::source::Driver;
+use crate::context::Daemon;
+use crate::replay::{settle_undecided, stop_reattached};
+use crate::source::{Driver, Reporter};
 use crate::summary::Summary;
-
-/// Sends progress to whoever asked for the migration.
-pub type Reporter<'a> = &'a (dyn Fn(CliMsg) + Sync);
-
-/// Digest of the source's memory. Call only while the VM is paused.
-pub fn digest_of(mem: &[GuestRegion]) -> MemoryDigest {
-    MemoryDigest {
-        regions: std::thread::scope(|s| {
-            let hs: Vec<_> = mem
-                .iter()
-                .map(|r| {
-                    s.spawn(move || {
-                        // SAFETY: the VM is paused and its VMM's writers are quiesced
-                        // (Paused was answered), and the sidecar does not write source
-                        // memory: nothing changes the bytes while they are hashed. A page
-                        // cut off by a shrinking memfd reads as zeros (the guard) and is
-                        // caught by `memory_shrank`.
-                        ferry_engine::digest::region_digest(unsafe { r.as_slice() })
-                    })
-                })
-                .collect();
-            hs.into_iter()
-                .map(|h| h.join().unwrap_or_default())
-                .collect()
-        }),
-    }
-}
-
-/// A failure if the VMM shrank a memfd under the mapping (what was read from it is void).
-pub(crate) fn memory_shrank(mem: &[GuestRegion]) -> Option<Failure> {
-    mem.iter().enumerate().find(|(_, r)| r.faulted()).map(|(i, _)| {
-        Failure::new(
-            FailureKind::VmmRefused,
-            format!("the VMM shrank the memfd of region {i} under the sidecar: its guest memory cannot be migrated"),
-        )
-    })
-}
 
 /// The session's configuration for a request.
 pub fn config_of(d: &Daemon, req: &MigrateRequest, regions: Vec<u64>) -> SourceConfig {
@@ -81,25 +44,33 @@ pub fn config_of_recovery(d: &Daemon, window: Duration) -> SourceConfig {
     c
 }
 
+/// Whether a new migration of `vm_id` may start, given its record: a committed,
+/// unconfirmed decision owns the VM (migrating it again could make it run in two places
+/// once the first destination gets its decision). With `held` (this migration holds the
+/// VM, so no other runs), an "undecided" record is a session that died before it decided:
+/// its destination is released before the new record replaces it.
+fn check_record(d: &Daemon, vm_id: &str, held: bool) -> Result<(), String> {
+    match records::read_decision(&d.cfg.state_dir, vm_id) {
+        Ok(Some(dec)) if dec.state == DecisionState::Committed => Err(format!(
+            "VM {vm_id} has a committed, unconfirmed migration to {}: run `ferry recover {vm_id}` first",
+            dec.to
+        )),
+        Ok(Some(dec)) if held && dec.state == DecisionState::Undecided => {
+            settle_undecided(d, vm_id, &dec)
+                .map_err(|e| format!("{:#}", anyhow::Error::new(e)))
+        }
+        Ok(_) => Ok(()),
+        Err(e) => Err(format!("{:#}", anyhow::Error::new(e))),
+    }
+}
+
 /// Runs a migration of `req.vm_id`; always returns a summary (result "aborted" with the
 /// reason on failure, the VM running here again).
 pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summary {
     let mut summary = Summary::new(req, d.auth.encrypted());
-    // A committed, unconfirmed decision owns this VM: migrating it again could make it
-    // run in two places once the first destination gets its decision.
-    match records::read_decision(&d.cfg.state_dir, &req.vm_id) {
-        Ok(Some(dec)) if dec.state == DecisionState::Committed => {
-            summary.error = format!(
-                "VM {} has a committed, unconfirmed migration to {}: run `ferry recover {}` first",
-                req.vm_id, dec.to, req.vm_id
-            );
-            return summary;
-        }
-        Err(e) => {
-            summary.error = format!("{:#}", anyhow::Error::new(e));
-            return summary;
-        }
-        Ok(_) => {}
+    if let Err(e) = check_record(d, &req.vm_id, false) {
+        summary.error = e;
+        return summary;
     }
     let vm = match d.registry.begin_outgoing(&req.vm_id, &req.to) {
         Ok(vm) => vm,
@@ -108,6 +79,12 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
             return summary;
         }
     };
+    // The VM is this migration's now: settle what its record says about the last one.
+    if let Err(e) = check_record(d, &req.vm_id, true) {
+        summary.error = e;
+        d.registry.end_outgoing(&req.vm_id, Some(vm));
+        return summary;
+    }
     let session = match random() {
         Ok(b) => SessionId(b),
         Err(e) => {
@@ -140,8 +117,108 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
         _ => drv.vm.take(),
     };
     if outcome == SourceOutcome::Committed {
-        crate::replay::stop_reattached(d, &req.vm_id);
+        stop_reattached(d, &req.vm_id);
     }
     d.registry.end_outgoing(&req.vm_id, keep);
     summary
+}
+
+/// Settles a recorded, unconfirmed decision with a session of its own (`ferry recover`,
+/// or a restarted daemon): deliver it (or roll it back), record the outcome, stop (or
+/// resume) the VM if its VMM is registered. Returns the outcome and a line for the
+/// operator.
+pub fn settle_recorded(
+    d: &Daemon,
+    vm_id: &str,
+    dec: &Decision,
+    roll_back: Option<bool>,
+    window: Duration,
+) -> (SourceOutcome, String) {
+    let mut cfg = crate::outgoing::config_of_recovery(d, window);
+    cfg.replay_window = window;
+    let mut s = match roll_back {
+        None => SourceSession::deliver_recorded(cfg),
+        Some(force) => SourceSession::roll_back(cfg, force),
+    };
+    let vm = match d.registry.begin_settle(vm_id, &dec.to, dec.session) {
+        Ok(vm) => vm,
+        Err(e) => return (SourceOutcome::CommittedUnconfirmed, e),
+    };
+    let had_vmm = vm.is_some();
+    let mut drv = Driver::new(d, vm_id, &dec.to, dec.session, vm);
+    drv.vmm_alive = had_vmm;
+    drv.run(&mut s);
+    let outcome = s
+        .outcome()
+        .cloned()
+        .unwrap_or(SourceOutcome::CommittedUnconfirmed);
+    let r = s.report();
+    let mut line = match &outcome {
+        SourceOutcome::Committed => format!(
+            "the migration of {vm_id} to {} is confirmed: {}",
+            dec.to,
+            r.peer_detail.clone().unwrap_or_default()
+        ),
+        SourceOutcome::Aborted => format!(
+            "rolled back: the destination {} holds no copy; VM {vm_id} runs here again",
+            dec.to
+        ),
+        SourceOutcome::StartFailed(reason) => format!(
+            "the destination {} still cannot start VM {vm_id}: {reason}",
+            dec.to
+        ),
+        _ => r.error.clone().unwrap_or_else(|| "not settled".into()),
+    };
+    for w in &r.warnings {
+        line.push_str(&format!("; {w}"));
+    }
+    // The VM goes back to the registry unless it is gone for good.
+    let keep = match outcome {
+        SourceOutcome::Committed => None,
+        _ if !drv.vmm_alive => None,
+        _ => drv.vm.take(),
+    };
+    if outcome == SourceOutcome::Committed {
+        stop_reattached(d, vm_id);
+    }
+    d.registry.end_outgoing(vm_id, keep);
+    (outcome, line)
+}
+
+/// A restarted daemon: every VM with a committed, unconfirmed decision gets its
+/// decision replayed (in the background, for the replay window).
+pub fn resume_recorded(d: &Arc<Daemon>) {
+    let Ok(entries) = std::fs::read_dir(&d.cfg.state_dir) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(vm_id) = name.strip_suffix(".decision") else {
+            continue;
+        };
+        if ferry_proto::common::check_vm_id(vm_id).is_err() {
+            continue;
+        }
+        match records::read_decision(&d.cfg.state_dir, vm_id) {
+            Ok(Some(dec)) if dec.state == DecisionState::Undecided => {
+                tracing::warn!(vm = vm_id, session = %dec.session, to = %dec.to, "a migration died before it decided: the VM is this host's; telling the destination to discard its copy");
+                if let Err(e) = settle_undecided(d, vm_id, &dec) {
+                    tracing::error!(vm = vm_id, "{:#}", anyhow::Error::new(e));
+                }
+            }
+            Ok(Some(dec)) if dec.state == DecisionState::Committed => {
+                tracing::warn!(vm = vm_id, session = %dec.session, to = %dec.to, "a committed, unconfirmed decision is on disk: replaying it");
+                let d = Arc::clone(d);
+                let vm_id = vm_id.to_owned();
+                std::thread::spawn(move || {
+                    // Give a fenced VMM a moment to re-register so it can be stopped.
+                    std::thread::sleep(Duration::from_secs(1));
+                    let (o, line) = settle_recorded(&d, &vm_id, &dec, None, d.cfg.replay_window);
+                    tracing::info!(vm = %vm_id, outcome = o.name(), "{line}");
+                });
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(vm = vm_id, "{:#}", anyhow::Error::new(e)),
+        }
+    }
 }

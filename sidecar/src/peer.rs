@@ -366,13 +366,19 @@ pub fn accept(
             })?;
             control_request(stream, key, end)
         }
-        (other, _) => Err(refuse(
-            &mut stream,
-            format!(
-                "expected Hello, PskHello or DataHello, got {}",
-                ferry_proto::common::Message::name(&other)
-            ),
-        )),
+        (other, auth) => {
+            let expected = match auth {
+                PeerAuth::Tls(_) => "Hello or DataHello (this sidecar uses TLS)",
+                PeerAuth::Psk(_) => "PskHello or DataHello (this sidecar uses --insecure-psk)",
+            };
+            Err(refuse(
+                &mut stream,
+                format!(
+                    "expected {expected}, got {}",
+                    ferry_proto::common::Message::name(&other)
+                ),
+            ))
+        }
     }
 }
 

@@ -3,28 +3,40 @@
 //! retry rule (every second, through refused connections and restarted peers, for the
 //! replay window) is the session's; this is one attempt.
 //!
-//! A daemon that starts with a committed, unconfirmed decision on disk replays it on its
-//! own ([`resume_recorded`]), and a fenced VMM that re-registers learns from the record
-//! what became of its VM ([`settle_fenced`]).
+//! (A daemon that starts with a committed, unconfirmed decision on disk replays it on its
+//! own: `outgoing::resume_recorded`.) A fenced VMM that re-registers learns from the
+//! record what became of its VM ([`settle_fenced`]).
+//!
+//! An aborted migration whose destination may still hold a loaded copy leaves a pending
+//! release on disk ([`queue_release`]); the releaser thread ([`spawn_releaser`]) tells
+//! the destination to discard it (`Decision{commit: false}`), with back-off, until it
+//! answers. A record still saying "undecided" when no migration of the VM runs here is a
+//! session that died before deciding: it becomes such a release ([`settle_undecided`]).
 
+use std::collections::HashMap;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use ferry_engine::session::{DecisionState, SessionId, SourceOutcome, SourceSession};
+use anyhow::bail;
+
+use ferry_engine::session::{DecisionState, SessionId};
 use ferry_proto::common::MAX_FRAME;
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::peer::PeerMsg;
 use ferry_proto::vmm::{Fence, VmmMsg};
 
-use crate::daemon::Daemon;
+use crate::context::Daemon;
 use crate::peer::connect_control;
 use crate::registry::SourceVm;
-use crate::source::Driver;
 use crate::vmm::request_ok;
-use ferry_proto::records::{self, Decision};
+use ferry_proto::records::{self, Decision, RecordError, Release};
 
-/// How long the destination may take to answer a replayed decision (it may start the VM).
-const ANSWER_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long the destination may take to answer a replayed decision: longer than its own
+/// wait for its VMM's `Start` (`VMM_REPLY_TIMEOUT`), so a slow start is answered, not cut.
+const ANSWER_TIMEOUT: Duration = Duration::from_secs(crate::vmm::VMM_REPLY_TIMEOUT.as_secs() + 30);
+
+/// The releaser's back-off between attempts at one release: doubling, up to this.
+const RELEASE_BACKOFF_MAX: Duration = Duration::from_secs(60);
 
 /// One attempt to deliver `commit` for `session` to `to`; returns the destination's answer.
 ///
@@ -38,106 +50,12 @@ pub fn deliver(d: &Daemon, to: &str, session: SessionId, commit: bool) -> anyhow
     Ok(read_msg(&mut c.stream, MAX_FRAME)?)
 }
 
-/// Settles a recorded, unconfirmed decision with a session of its own (`ferry recover`,
-/// or a restarted daemon): deliver it (or roll it back), record the outcome, stop (or
-/// resume) the VM if its VMM is registered. Returns the outcome and a line for the
-/// operator.
-pub fn settle_recorded(
-    d: &Daemon,
-    vm_id: &str,
-    dec: &Decision,
-    roll_back: Option<bool>,
-    window: Duration,
-) -> (SourceOutcome, String) {
-    let mut cfg = crate::outgoing::config_of_recovery(d, window);
-    cfg.replay_window = window;
-    let mut s = match roll_back {
-        None => SourceSession::deliver_recorded(cfg),
-        Some(force) => SourceSession::roll_back(cfg, force),
-    };
-    let vm = match d.registry.begin_settle(vm_id, &dec.to, dec.session) {
-        Ok(vm) => vm,
-        Err(e) => return (SourceOutcome::CommittedUnconfirmed, e),
-    };
-    let had_vmm = vm.is_some();
-    let mut drv = Driver::new(d, vm_id, &dec.to, dec.session, vm);
-    drv.vmm_alive = had_vmm;
-    drv.run(&mut s);
-    let outcome = s
-        .outcome()
-        .cloned()
-        .unwrap_or(SourceOutcome::CommittedUnconfirmed);
-    let r = s.report();
-    let mut line = match &outcome {
-        SourceOutcome::Committed => format!(
-            "the migration of {vm_id} to {} is confirmed: {}",
-            dec.to,
-            r.peer_detail.clone().unwrap_or_default()
-        ),
-        SourceOutcome::Aborted => format!(
-            "rolled back: the destination {} holds no copy; VM {vm_id} runs here again",
-            dec.to
-        ),
-        SourceOutcome::StartFailed(reason) => format!(
-            "the destination {} still cannot start VM {vm_id}: {reason}",
-            dec.to
-        ),
-        _ => r.error.clone().unwrap_or_else(|| "not settled".into()),
-    };
-    for w in &r.warnings {
-        line.push_str(&format!("; {w}"));
-    }
-    // The VM goes back to the registry unless it is gone for good.
-    let keep = match outcome {
-        SourceOutcome::Committed => None,
-        _ if !drv.vmm_alive => None,
-        _ => drv.vm.take(),
-    };
-    if outcome == SourceOutcome::Committed {
-        stop_reattached(d, vm_id);
-    }
-    d.registry.end_outgoing(vm_id, keep);
-    (outcome, line)
-}
-
 /// A fenced VMM that re-registered while its migration was being settled, and was not
 /// stopped by it: the VM runs elsewhere now.
 pub fn stop_reattached(d: &Daemon, vm_id: &str) {
     if let Some(v) = d.registry.take_reattached(vm_id, Duration::ZERO) {
         if let Err(e) = request_ok(&v.link, &VmmMsg::Stop) {
             tracing::warn!(vm = vm_id, "the VMM did not stop cleanly: {e}");
-        }
-    }
-}
-
-/// A restarted daemon: every VM with a committed, unconfirmed decision gets its
-/// decision replayed (in the background, for the replay window).
-pub fn resume_recorded(d: &Arc<Daemon>) {
-    let Ok(entries) = std::fs::read_dir(&d.cfg.state_dir) else {
-        return;
-    };
-    for e in entries.flatten() {
-        let name = e.file_name().to_string_lossy().into_owned();
-        let Some(vm_id) = name.strip_suffix(".decision") else {
-            continue;
-        };
-        if ferry_proto::common::check_vm_id(vm_id).is_err() {
-            continue;
-        }
-        match records::read_decision(&d.cfg.state_dir, vm_id) {
-            Ok(Some(dec)) if dec.state == DecisionState::Committed => {
-                tracing::warn!(vm = vm_id, session = %dec.session, to = %dec.to, "a committed, unconfirmed decision is on disk: replaying it");
-                let d = Arc::clone(d);
-                let vm_id = vm_id.to_owned();
-                std::thread::spawn(move || {
-                    // Give a fenced VMM a moment to re-register so it can be stopped.
-                    std::thread::sleep(Duration::from_secs(1));
-                    let (o, line) = settle_recorded(&d, &vm_id, &dec, None, d.cfg.replay_window);
-                    tracing::info!(vm = %vm_id, outcome = o.name(), "{line}");
-                });
-            }
-            Ok(_) => {}
-            Err(e) => tracing::error!(vm = vm_id, "{:#}", anyhow::Error::new(e)),
         }
     }
 }
@@ -171,47 +89,139 @@ pub fn settle_fenced(
             tracing::warn!(vm = vm_id, "fenced VMM re-registered; its commit decision is not confirmed yet: it stays paused (replay in progress, or `ferry recover {vm_id}`)");
             Some(vm)
         }
-        Some(DecisionState::Aborted) | None => {
-            // No decision was recorded (the sidecar died before it could be): the VM is
-            // still this host's. Resume it, and tell the destination to discard its copy.
+        Some(DecisionState::Aborted | DecisionState::Undecided) | None => {
+            // No commit was recorded (the sidecar died before it could be): the VM is
+            // still this host's. Resume it, and have the destination discard its copy.
             tracing::warn!(vm = vm_id, session = %fence.session, "fenced VMM re-registered and no commit decision is recorded: resuming it here");
             match request_ok(&vm.link, &VmmMsg::Resume) {
                 Ok(()) => vm.fence = None,
                 Err(e) => tracing::error!(vm = vm_id, "the VMM did not resume: {e}"),
             }
-            if mine.is_none() {
-                let d = Arc::clone(d);
-                let (to, session) = (fence.to.clone(), fence.session);
-                let vm_id = vm_id.to_owned();
-                std::thread::spawn(move || {
-                    let r = records::write_decision(
-                        &d.cfg.state_dir,
-                        &vm_id,
-                        &Decision {
-                            state: DecisionState::Aborted,
-                            session,
-                            to: to.clone(),
-                        },
-                    );
-                    if let Err(e) = r {
-                        tracing::warn!(vm = %vm_id, "recording the abort: {e:#}");
-                    }
-                    for _ in 0..5 {
-                        match deliver(&d, &to, session, false) {
-                            Ok(PeerMsg::Discarded) => return,
-                            Ok(other) => {
-                                tracing::warn!(vm = %vm_id, "the destination answered {other:?} to the abort");
-                                return;
-                            }
-                            Err(e) => {
-                                tracing::warn!(vm = %vm_id, "telling the destination to discard: {e:#}")
-                            }
-                        }
-                        std::thread::sleep(Duration::from_secs(2));
-                    }
-                });
+            if mine.is_none_or(|r| r.state == DecisionState::Undecided) {
+                let dec = Decision {
+                    state: DecisionState::Undecided,
+                    session: fence.session,
+                    to: fence.to.clone(),
+                };
+                if let Err(e) = settle_undecided(d, vm_id, &dec) {
+                    tracing::error!(vm = vm_id, "{:#}", anyhow::Error::new(e));
+                }
             }
             Some(vm)
         }
     }
+}
+
+/// Hands a destination's possible copy of the aborted `session` to the releaser,
+/// durably: the pending release survives a restart of this daemon.
+///
+/// # Errors
+///
+/// The release could not be recorded (the caller keeps "undecided" on disk instead).
+pub fn queue_release(
+    d: &Daemon,
+    vm_id: &str,
+    to: &str,
+    session: SessionId,
+) -> Result<(), RecordError> {
+    let r = Release {
+        session,
+        vm_id: vm_id.to_owned(),
+        to: to.to_owned(),
+    };
+    records::write_release(&d.cfg.state_dir, &r)?;
+    tracing::info!(vm = vm_id, %session, to, "the destination may hold a loaded copy: it will be told to discard it");
+    Ok(())
+}
+
+/// A VM whose record says "undecided" while no migration of it runs here: that session
+/// died before it decided. The VM is this host's; its destination is told to discard
+/// (a pending release), then the record says "aborted".
+///
+/// # Errors
+///
+/// Recording the release or the abort failed; "undecided" stays, and is settled again
+/// at the next start or `ferry recover`.
+pub fn settle_undecided(d: &Daemon, vm_id: &str, dec: &Decision) -> Result<(), RecordError> {
+    queue_release(d, vm_id, &dec.to, dec.session)?;
+    records::write_decision(
+        &d.cfg.state_dir,
+        vm_id,
+        &Decision {
+            state: DecisionState::Aborted,
+            ..dec.clone()
+        },
+    )
+}
+
+/// One attempt at a release: `Ok` once the destination holds no copy of the session.
+///
+/// # Errors
+///
+/// Unreachable, or an answer other than `Discarded`.
+pub fn release_once(d: &Daemon, r: &Release) -> anyhow::Result<()> {
+    match deliver(d, &r.to, r.session, false)? {
+        PeerMsg::Discarded => {
+            records::remove_release(&d.cfg.state_dir, r.session);
+            tracing::info!(vm = %r.vm_id, session = %r.session, to = %r.to, "released: the destination holds no copy of the aborted migration");
+            Ok(())
+        }
+        PeerMsg::Refused { reason } => bail!("{} refused to discard: {reason}", r.to),
+        other => bail!(
+            "{} answered {} to the release",
+            r.to,
+            ferry_proto::common::Message::name(&other)
+        ),
+    }
+}
+
+/// `ferry recover`: attempts every pending release of `vm_id` now; a line for each.
+pub fn release_vm_now(d: &Daemon, vm_id: &str) -> Vec<String> {
+    let (pending, _) = records::pending_releases(&d.cfg.state_dir);
+    pending
+        .iter()
+        .filter(|r| r.vm_id == vm_id)
+        .map(|r| match release_once(d, r) {
+            Ok(()) => format!("{} discarded its copy (session {})", r.to, r.session),
+            Err(e) => format!(
+                "{} may still hold a copy (session {}): {e:#}; retried in the background",
+                r.to, r.session
+            ),
+        })
+        .collect()
+}
+
+/// Starts the releaser: every pending release in the state directory is attempted, each
+/// with its own back-off (1 s doubling to a minute), until the destination answers.
+pub fn spawn_releaser(d: &Arc<Daemon>) {
+    let (_, bad) = records::pending_releases(&d.cfg.state_dir);
+    for e in bad {
+        tracing::error!("{:#}", anyhow::Error::new(e));
+    }
+    let d = Arc::clone(d);
+    std::thread::spawn(move || {
+        let mut next: HashMap<SessionId, (Instant, Duration)> = HashMap::new();
+        loop {
+            let (pending, _) = records::pending_releases(&d.cfg.state_dir);
+            next.retain(|s, _| pending.iter().any(|r| r.session == *s));
+            for r in pending {
+                let now = Instant::now();
+                let (due, backoff) = next
+                    .get(&r.session)
+                    .copied()
+                    .unwrap_or((now, Duration::ZERO));
+                if now < due {
+                    continue;
+                }
+                if let Err(e) = release_once(&d, &r) {
+                    let backoff = (backoff * 2).clamp(Duration::from_secs(1), RELEASE_BACKOFF_MAX);
+                    tracing::warn!(vm = %r.vm_id, session = %r.session, retry_in_s = backoff.as_secs(), "release not delivered yet: {e:#}");
+                    next.insert(r.session, (Instant::now() + backoff, backoff));
+                } else {
+                    next.remove(&r.session);
+                }
+            }
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    });
 }

@@ -7,6 +7,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use anyhow::Context;
 use ferry_engine::bitmap::DirtyBitmap;
 use ferry_engine::session::{
     DecisionState, Failure, FailureKind, SessionId, SourceCommand, SourceEvent, SourceSession,
@@ -20,15 +21,18 @@ use ferry_proto::mem::GuestRegion;
 use ferry_proto::peer::PeerMsg;
 use ferry_proto::vmm::{Fence, VmmMsg};
 
-use crate::daemon::Daemon;
+use crate::context::Daemon;
+use crate::memory::{digest_of, memory_shrank};
 use crate::offer::{negotiate, Negotiated};
-use crate::outgoing::{digest_of, memory_shrank, Reporter};
 use crate::peer::failure_kind;
 use crate::registry::SourceVm;
 use crate::replay;
 use crate::transport::{RdmaPath, TcpPath};
 use crate::vmm::{request, request_ok};
 use ferry_proto::records::{self, Decision};
+
+/// Sends progress to whoever asked for the migration.
+pub type Reporter<'a> = &'a (dyn Fn(CliMsg) + Sync);
 
 /// How long a VMM that lost its link may take to re-register before `Stop`/`Resume`
 /// gives up on it (it learns the outcome from the record when it comes back later).
@@ -88,7 +92,7 @@ impl<'a> Driver<'a> {
             let point = crate::faults::point_of(&cmd);
             let ev = self.execute(cmd, round);
             #[cfg(feature = "fault-injection")]
-            crate::faults::after(self, point, &ev);
+            crate::faults::after(self.net.as_ref().map(|n| n.ctl.stream.tcp()), point, &ev);
             s.handle(self.t0.elapsed(), ev);
         }
     }
@@ -184,9 +188,13 @@ impl<'a> Driver<'a> {
                 }
                 None => Err(Failure::new(FailureKind::Local, "no source memory")),
             },
-            C::AwaitReady => self.peer(|n| match read_msg(&mut n.ctl.stream, MAX_FRAME)? {
-                PeerMsg::Ready { digest } => Ok(E::PeerReady(digest)),
-                other => Err(ferry_proto::peer::unexpected("Ready", other).into()),
+            C::AwaitReady => self.peer(|n| {
+                match read_msg(&mut n.ctl.stream, MAX_FRAME)
+                    .context("waiting for the destination's Ready")?
+                {
+                    PeerMsg::Ready { digest } => Ok(E::PeerReady(digest)),
+                    other => Err(ferry_proto::peer::unexpected("Ready", other).into()),
+                }
             }),
             C::Fence => {
                 let fence = Fence {
@@ -211,7 +219,8 @@ impl<'a> Driver<'a> {
             C::SendCommit => self
                 .peer(|n| {
                     write_msg(&mut n.ctl.stream, &PeerMsg::Commit)?;
-                    Ok(read_msg(&mut n.ctl.stream, MAX_FRAME)?)
+                    read_msg(&mut n.ctl.stream, MAX_FRAME)
+                        .context("waiting for the destination's answer to Commit")
                 })
                 .and_then(decision_answer),
             C::ReplayCommit => replay::deliver(self.d, &self.to, self.session, true)
@@ -224,12 +233,12 @@ impl<'a> Driver<'a> {
                 std::thread::sleep(d);
                 Ok(E::Slept)
             }
-            C::AbortPeer(reason) => {
-                if let Some(n) = self.net.as_mut() {
-                    let _ = write_msg(&mut n.ctl.stream, &PeerMsg::Abort { reason });
-                }
-                Ok(E::PeerTold)
-            }
+            C::AbortPeer { reason, confirm } => self.peer(|n| abort_peer(n, reason, confirm)),
+            C::ReleasePeer => replay::queue_release(self.d, &self.vm_id, &self.to, self.session)
+                .map(|()| E::PeerTold)
+                .map_err(|e| {
+                    Failure::new(FailureKind::Local, format!("{:#}", anyhow::Error::new(e)))
+                }),
             C::Resume => self.vmm_final(&VmmMsg::Resume).map(|()| {
                 if let Some(vm) = self.vm.as_mut() {
                     vm.fence = None;
@@ -400,6 +409,31 @@ impl<'a> Driver<'a> {
             }
         }
     }
+}
+
+/// How long a destination that may hold a loaded copy has to confirm `Abort` (its VMM
+/// drops the VM: no more than a request).
+const ABORT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `Abort` on the control link; with `confirm`, waits for `Discarded` (a `Ready` the
+/// destination sent before it read the `Abort` comes first).
+fn abort_peer(n: &mut Negotiated, reason: String, confirm: bool) -> anyhow::Result<SourceEvent> {
+    write_msg(&mut n.ctl.stream, &PeerMsg::Abort { reason })?;
+    if !confirm {
+        return Ok(SourceEvent::PeerTold);
+    }
+    n.ctl
+        .stream
+        .tcp()
+        .set_read_timeout(Some(ABORT_CONFIRM_TIMEOUT))?;
+    for _ in 0..2 {
+        match read_msg(&mut n.ctl.stream, MAX_FRAME)? {
+            PeerMsg::Discarded => return Ok(SourceEvent::PeerTold),
+            PeerMsg::Ready { .. } => continue,
+            other => return Err(ferry_proto::peer::unexpected("Discarded", other).into()),
+        }
+    }
+    anyhow::bail!("the destination did not confirm the abort")
 }
 
 /// The destination's answer to a decision, as an event.

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::daemon::Daemon;
+use crate::context::Daemon;
 
 /// A registered VM.
 #[derive(Clone, Debug, Serialize, Deserialize)]

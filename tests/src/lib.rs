@@ -796,16 +796,16 @@ impl Cluster {
     ///
     /// When that does not happen within 90 s, or the VMM is not waiting.
     pub fn destination_discarded(&self) -> anyhow::Result<VmStatus> {
-        wait_for("destination discards", Duration::from_secs(90), || {
+        let r = wait_for("destination discards", Duration::from_secs(90), || {
             self.ferry_status(1).is_some_and(|s| {
                 s["migrating"].as_object().is_some_and(|m| m.is_empty())
                     && s["waiting_incoming"]
                         .as_array()
                         .is_some_and(|a| !a.is_empty())
-            })
-        })?;
+            }) && self.vm_b().is_some_and(|b| b.state == "waiting")
+        });
         let b = self.vm_b().context("destination status")?;
-        if b.state != "waiting" {
+        if r.is_err() {
             bail!("destination VMM is {:?}, not waiting: {b:?}", b.state);
         }
         Ok(b)

@@ -37,6 +37,8 @@ pub enum Phase {
     Round2,
     /// The VM just paused (before the final round).
     Paused,
+    /// The destination VMM loaded the VM; `Ready` not sent, nothing decided.
+    Loaded,
     /// The commit decision is recorded; `Commit` not sent.
     Decided,
     /// The destination recorded `Commit`; its VMM not told to start.
@@ -47,10 +49,11 @@ pub enum Phase {
 
 impl Phase {
     /// Every phase, in migration order.
-    pub const ALL: [Phase; 6] = [
+    pub const ALL: [Phase; 7] = [
         Phase::Round1,
         Phase::Round2,
         Phase::Paused,
+        Phase::Loaded,
         Phase::Decided,
         Phase::CommitReceived,
         Phase::Running,
@@ -62,6 +65,7 @@ impl Phase {
             Phase::Round1 => "round 1",
             Phase::Round2 => "later round",
             Phase::Paused => "paused",
+            Phase::Loaded => "loaded at the destination, undecided",
             Phase::Decided => "after the decision, before Commit",
             Phase::CommitReceived => "after Commit, before Running",
             Phase::Running => "after Running",
@@ -75,6 +79,7 @@ impl Phase {
             Phase::Round1 => ("round1", 0),
             Phase::Round2 => ("round2", 0),
             Phase::Paused => ("paused", 0),
+            Phase::Loaded => ("loaded", 1),
             Phase::Decided => ("decided", 0),
             Phase::CommitReceived => ("commit-received", 1),
             Phase::Running => ("running", 0),
@@ -198,13 +203,16 @@ const fn kill(p: Proc, phase: Phase, meanwhile: &'static str, then: Then, ends: 
 }
 
 use Ends::{Dest, DiedWithVmm, Source};
-use Phase::{CommitReceived, Decided, Paused, Round1, Round2, Running};
+use Phase::{CommitReceived, Decided, Loaded, Paused, Round1, Round2, Running};
 use Proc::{DestSidecar, DestVmm, SourceSidecar, SourceVmm};
 use Then::{Nothing, RecoverAbort, RestartSidecar};
 
 const UNFENCED: &str = "the source VMM, not fenced, resumes on its own; the destination discards";
 const FENCED: &str = "the source VMM, fenced, stays paused; the destination holds the loaded VM";
 const ABORTS: &str = "the source aborts and resumes the VM; the destination discards";
+const RELEASE_RESTARTED: &str = "the source VMM, not fenced, resumes on its own; the destination holds the loaded VM until the restarted source sidecar releases it";
+const RELEASE_DEST_RESTARTED: &str = "the source aborts and resumes; the destination VMM keeps the loaded VM until its restarted sidecar is told to release it";
+const START_UNREACHED: &str = "Start reaches no VMM: start-failed, the source stays paused";
 const REPLAY: &str = "the source replays its recorded decision (retrying for the replay window)";
 
 /// The matrix.
@@ -212,6 +220,7 @@ pub const MATRIX: &[Cell] = &[
     kill(SourceSidecar, Round1, UNFENCED, Nothing, Source),
     kill(SourceSidecar, Round2, UNFENCED, Nothing, Source),
     kill(SourceSidecar, Paused, UNFENCED, Nothing, Source),
+    kill(SourceSidecar, Loaded, RELEASE_RESTARTED, RestartSidecar, Source),
     kill(SourceSidecar, Decided, FENCED, RestartSidecar, Dest),
     kill(
         SourceSidecar,
@@ -230,6 +239,7 @@ pub const MATRIX: &[Cell] = &[
     kill(DestSidecar, Round1, ABORTS, Nothing, Source),
     kill(DestSidecar, Round2, ABORTS, Nothing, Source),
     kill(DestSidecar, Paused, ABORTS, Nothing, Source),
+    kill(DestSidecar, Loaded, RELEASE_DEST_RESTARTED, RestartSidecar, Source),
     kill(
         DestSidecar,
         Decided,
@@ -269,6 +279,13 @@ pub const MATRIX: &[Cell] = &[
         SourceVmm,
         Paused,
         "the migration aborts; the destination discards",
+        Nothing,
+        DiedWithVmm,
+    ),
+    kill(
+        SourceVmm,
+        Loaded,
+        "Fence reaches no VMM: the migration aborts; the destination discards",
         Nothing,
         DiedWithVmm,
     ),
@@ -314,17 +331,18 @@ pub const MATRIX: &[Cell] = &[
         Nothing,
         Source,
     ),
+    kill(DestVmm, Loaded, START_UNREACHED, RecoverAbort, Source),
     kill(
         DestVmm,
         Decided,
-        "Start reaches no VMM: start-failed, the source stays paused",
+        START_UNREACHED,
         RecoverAbort,
         Source,
     ),
     kill(
         DestVmm,
         CommitReceived,
-        "Start reaches no VMM: start-failed, the source stays paused",
+        START_UNREACHED,
         RecoverAbort,
         Source,
     ),
@@ -353,6 +371,13 @@ pub const MATRIX: &[Cell] = &[
         fault: Fault::Cut,
         phase: Some(Paused),
         meanwhile: "noticed in seconds; the source aborts and resumes",
+        then: Nothing,
+        ends: Source,
+    },
+    Cell {
+        fault: Fault::Cut,
+        phase: Some(Loaded),
+        meanwhile: "the source aborts and resumes; the destination holds the loaded VM until the source's release gets through",
         then: Nothing,
         ends: Source,
     },

@@ -216,13 +216,18 @@ fn ends_at_dest(cl: &Cluster, source_vmm_alive: bool) -> anyhow::Result<()> {
 }
 
 /// The source runs the VM on; the destination never ran it.
-fn ends_at_source(cl: &Cluster) -> anyhow::Result<()> {
+fn ends_at_source(cl: &mut Cluster) -> anyhow::Result<()> {
     cl.source_keeps_running().with_context(|| cl.logs())?;
     let b = cl.vm_b();
     assert!(
         b.as_ref().is_none_or(|v| v.state != "running"),
         "the destination must not run the VM: {b:?}"
     );
+    // Nor keep a copy: a destination VMM and sidecar that survived end up waiting again,
+    // told to discard by the source (over the control link, or released later).
+    if cl.procs[VMM_B].alive() && cl.procs[SIDECAR_B].alive() {
+        cl.destination_discarded().with_context(|| cl.logs())?;
+    }
     Ok(())
 }
 
@@ -261,7 +266,7 @@ fn run_cell(i: usize) -> anyhow::Result<()> {
     }
     if matches!(c.fault, Fault::ShortMemfd) {
         // The registration is refused: the VM never registers, and runs on.
-        let cl = Cluster::start_unregistered(&opts)?;
+        let mut cl = Cluster::start_unregistered(&opts)?;
         wait_for("the refusal logged", Duration::from_secs(30), || {
             cl.procs[VMM_A]
                 .log_text()
@@ -269,7 +274,7 @@ fn run_cell(i: usize) -> anyhow::Result<()> {
         })
         .with_context(|| cl.logs())?;
         assert!(cl.ferry_status(0).is_some(), "the sidecar answers");
-        return ends_at_source(&cl);
+        return ends_at_source(&mut cl);
     }
     let mut cl = Cluster::start(&opts)?;
     let watch = NeverTwice::watch(&cl);
@@ -336,7 +341,7 @@ fn run_cell(i: usize) -> anyhow::Result<()> {
         }
     }
     match c.ends {
-        Ends::Source => ends_at_source(&cl)?,
+        Ends::Source => ends_at_source(&mut cl)?,
         Ends::Dest => ends_at_dest(&cl, c.fault != Fault::Kill(Proc::SourceVmm))?,
         Ends::DiedWithVmm => {
             if c.fault == Fault::Kill(Proc::SourceVmm) {
@@ -438,41 +443,46 @@ cells! {
     kill_source_sidecar_round1 = 0;
     kill_source_sidecar_later_round = 1;
     kill_source_sidecar_paused = 2;
-    kill_source_sidecar_after_decision = 3;
-    kill_source_sidecar_after_commit = 4;
-    kill_source_sidecar_after_running = 5;
-    kill_dest_sidecar_round1 = 6;
-    kill_dest_sidecar_later_round = 7;
-    kill_dest_sidecar_paused = 8;
-    kill_dest_sidecar_after_decision = 9;
-    kill_dest_sidecar_after_commit = 10;
-    kill_dest_sidecar_after_running = 11;
-    kill_source_vmm_round1 = 12;
-    kill_source_vmm_later_round = 13;
-    kill_source_vmm_paused = 14;
-    kill_source_vmm_after_decision = 15;
-    kill_source_vmm_after_commit = 16;
-    kill_source_vmm_after_running = 17;
-    kill_dest_vmm_round1 = 18;
-    kill_dest_vmm_later_round = 19;
-    kill_dest_vmm_paused = 20;
-    kill_dest_vmm_after_decision = 21;
-    kill_dest_vmm_after_commit = 22;
-    kill_dest_vmm_after_running = 23;
-    cut_round1 = 24;
-    cut_later_round = 25;
-    cut_paused = 26;
-    cut_after_decision = 27;
-    cut_after_commit = 28;
-    cut_after_running = 29;
-    decision_write_read_only = 30;
-    decision_write_full = 31;
-    start_fails_then_recover = 32;
-    start_fails_then_roll_back = 33;
-    corrupted_in_flight_tls = 34;
-    corrupted_in_flight_psk = 35;
-    short_memfd = 36;
-    shrinking_memfd = 37;
+    kill_source_sidecar_loaded = 3;
+    kill_source_sidecar_after_decision = 4;
+    kill_source_sidecar_after_commit = 5;
+    kill_source_sidecar_after_running = 6;
+    kill_dest_sidecar_round1 = 7;
+    kill_dest_sidecar_later_round = 8;
+    kill_dest_sidecar_paused = 9;
+    kill_dest_sidecar_loaded = 10;
+    kill_dest_sidecar_after_decision = 11;
+    kill_dest_sidecar_after_commit = 12;
+    kill_dest_sidecar_after_running = 13;
+    kill_source_vmm_round1 = 14;
+    kill_source_vmm_later_round = 15;
+    kill_source_vmm_paused = 16;
+    kill_source_vmm_loaded = 17;
+    kill_source_vmm_after_decision = 18;
+    kill_source_vmm_after_commit = 19;
+    kill_source_vmm_after_running = 20;
+    kill_dest_vmm_round1 = 21;
+    kill_dest_vmm_later_round = 22;
+    kill_dest_vmm_paused = 23;
+    kill_dest_vmm_loaded = 24;
+    kill_dest_vmm_after_decision = 25;
+    kill_dest_vmm_after_commit = 26;
+    kill_dest_vmm_after_running = 27;
+    cut_round1 = 28;
+    cut_later_round = 29;
+    cut_paused = 30;
+    cut_loaded = 31;
+    cut_after_decision = 32;
+    cut_after_commit = 33;
+    cut_after_running = 34;
+    decision_write_read_only = 35;
+    decision_write_full = 36;
+    start_fails_then_recover = 37;
+    start_fails_then_roll_back = 38;
+    corrupted_in_flight_tls = 39;
+    corrupted_in_flight_psk = 40;
+    short_memfd = 41;
+    shrinking_memfd = 42;
 }
 
 #[test]

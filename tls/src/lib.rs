@@ -20,11 +20,11 @@
 //! - **Data connections.** Each data connection is its own TLS connection, authenticated the same
 //!   way. To bind it to the migration's control connection, both sides compute
 //!   [`TlsStream::exporter`] on the *control* connection (same label at both ends): the 32 bytes
-//!   are equal at both ends and known to nobody else. On each data connection the source then
-//!   proves it holds them, e.g. by sending an HMAC keyed by the control value over the data
-//!   connection's own exporter value (so the proof cannot be replayed on another connection);
-//!   the destination recomputes it and drops a data connection that does not belong to a
-//!   session it runs.
+//!   are equal at both ends and known to nobody else. On each data connection the destination
+//!   sends a fresh random challenge and the source answers with an HMAC keyed by the control
+//!   value over the session, the channel and that challenge (so a proof cannot be replayed on
+//!   another connection); the destination recomputes it and drops a data connection that does
+//!   not belong to a session it runs (the sidecar's `peer` module).
 //!
 //! Handshakes are bounded by a deadline: the socket's read and write timeouts are set to the time
 //! left before each blocking step, and a handshake still unfinished at the deadline fails with

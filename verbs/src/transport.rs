@@ -16,13 +16,14 @@
 //!                                                n QPs connected (RTS)
 //!   connect(answer) <-- answer bytes --------
 //!   QPs RTR/RTS: they only answer READs
-//!   "connected" ------- (control msg) ------>  pull(ranges) each round
+//!   first RoundStart -- (control msg) ------>  pull(ranges) each round
 //!   ...                                        ...
 //! drop: MRs deregistered, rkeys die            drop (or a failure): QPs destroyed,
 //!                                                MRs deregistered
 //! ```
 //!
-//! Pull only after the source reports `connect` done: READs sent to a QP
+//! Pull only after the source's `connect` is done (it sends the first round only
+//! then): READs sent to a QP
 //! that is not yet in RTR are dropped and retried by the transport, which
 //! costs at least one ACK timeout (67 ms) per retry.
 //!

@@ -3,7 +3,8 @@
 //! ```text
 //!  Receiving --state--> Loading --Loaded--> Loaded (Ready sent; vCPUs not running)
 //!  Loaded --Commit--> record "committed" --> Starting --Started--> record "running" --> Running
-//!  Loaded --link lost--> Held (kept, paused, until the source's decision is replayed)
+//!  Loaded --link lost, or anything but Commit/Abort--> Held (kept, paused, until the
+//!    source's decision is replayed)
 //!  Starting --start failed--> record "start-failed" --> StartFailed (the loaded VM is kept)
 //!  Receiving/Loading/Loaded/Held --Abort--> Discarded
 //! ```
@@ -533,9 +534,17 @@ impl DestSession {
             ),
             // A lost link after the decision changes nothing here.
             (_, E::LinkLost | E::Failed(_)) => {}
+            (DestPhase::Loaded, event) => {
+                // The source may have decided either way: never discard on a guess.
+                self.warnings.push(format!(
+                    "{} is not expected while the VM is loaded: holding it for the source's decision",
+                    event_name(&event)
+                ));
+                self.hold();
+            }
             (phase, event) => {
                 let reason = format!("{} is not expected while the VM is {}", event_name(&event), phase.name());
-                if matches!(phase, DestPhase::Receiving | DestPhase::Loading | DestPhase::Loaded) {
+                if matches!(phase, DestPhase::Receiving | DestPhase::Loading) {
                     self.has_vm = self.has_vm || phase != DestPhase::Receiving;
                     self.discard_then(false, Some(DestCommand::Refuse(reason)));
                 } else {

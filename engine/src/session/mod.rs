@@ -113,6 +113,10 @@ impl VerifyMode {
 /// The durable record of a source's decision about one migration (`<state-dir>/<vm>.decision`).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum DecisionState {
+    /// A migration to the recorded destination started and nothing is decided yet. Written
+    /// before the destination can hold a copy; a restarted sidecar that finds it knows the
+    /// session died undecided (the VM is this host's) and tells the destination to discard.
+    Undecided,
     /// Decided: the destination runs the VM. Written (and synced) before `Commit` leaves;
     /// from then on the source VM never resumes on its own.
     Committed,
@@ -127,6 +131,7 @@ impl DecisionState {
     /// The word in the record.
     pub fn name(self) -> &'static str {
         match self {
+            DecisionState::Undecided => "undecided",
             DecisionState::Committed => "committed",
             DecisionState::Confirmed => "confirmed",
             DecisionState::Aborted => "aborted",
@@ -136,6 +141,7 @@ impl DecisionState {
     /// Parses [`DecisionState::name`].
     pub fn from_name(s: &str) -> Option<Self> {
         Some(match s {
+            "undecided" => DecisionState::Undecided,
             "committed" => DecisionState::Committed,
             "confirmed" => DecisionState::Confirmed,
             "aborted" => DecisionState::Aborted,

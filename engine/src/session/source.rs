@@ -1,12 +1,14 @@
 //! The source side of one migration.
 //!
 //! ```text
-//!  Negotiating -> Precopy (rounds of windows) -> StopAndCopy (paused, final round, state)
+//!  Recording "undecided" -> Negotiating -> Precopy (rounds of windows) -> StopAndCopy (paused, final round, state)
 //!    -> Verifying (Ready; strict: digests compared) -> Fencing (the VMM promises not to
 //!    resume on its own) -> Recording (decision written and synced) == COMMIT POINT ==
 //!    Committing (Commit sent) -> Confirming (Running; confirmed recorded; after-resume:
 //!    digests compared) -> Stopping -> Done
-//!  any failure before the commit point -> Aborting (tell the peer, resume the VM) -> Done
+//!  any failure before the commit point -> Aborting (resume the VM, tell the peer; if it
+//!    may hold a loaded copy and did not confirm discarding it, hand it to the background
+//!    release; record "aborted") -> Done
 //!  a failure after it -> Replaying (the decision, on fresh connections, for the replay
 //!    window) -> Confirming, or Done(CommittedUnconfirmed) with the VM paused
 //! ```
@@ -116,9 +118,20 @@ pub enum SourceCommand {
     AskDiscard,
     /// Wait this long. Answer: [`SourceEvent::Slept`].
     Sleep(Duration),
-    /// Tell the destination the migration is off (best effort). Answer:
-    /// [`SourceEvent::PeerTold`] (also when it could not be told).
-    AbortPeer(String),
+    /// Tell the destination the migration is off, on the control link. With `confirm`
+    /// (the destination may hold a loaded copy), wait for it to confirm it discarded it.
+    /// Answer: [`SourceEvent::PeerTold`] (sent; with `confirm`, confirmed), or a failure.
+    AbortPeer {
+        /// Why, for the destination's log.
+        reason: String,
+        /// Whether to wait for `Discarded`.
+        confirm: bool,
+    },
+    /// The destination may hold a loaded copy and could not be told on the control link:
+    /// arrange, durably, for it to be told to discard it (`Decision{commit: false}` on
+    /// fresh connections, in the background, until it answers). Answer:
+    /// [`SourceEvent::PeerTold`] once arranged, or a failure when it could not be.
+    ReleasePeer,
     /// The migration failed: the VMM switches logging off and runs (again). Answer:
     /// [`SourceEvent::Resumed`].
     Resume,
@@ -160,7 +173,8 @@ pub enum SourceEvent {
     PeerStartFailed(String),
     /// The destination discarded its copy.
     PeerDiscarded,
-    /// The destination was told (or could not be).
+    /// The destination was told (see [`SourceCommand::AbortPeer`] and
+    /// [`SourceCommand::ReleasePeer`]).
     PeerTold,
     /// A sleep ended.
     Slept,
@@ -330,6 +344,8 @@ struct RoundRun {
 /// What the session waits for.
 #[derive(Debug)]
 enum Stage {
+    /// "undecided" being written, before anything reaches the destination.
+    RecordingStart,
     Negotiating,
     StartingLog,
     Observing,
@@ -362,9 +378,11 @@ enum Stage {
     /// The operator's roll-back: destination first, then the record, then the VM.
     AskingDiscard,
     RecordingAbort,
-    AbortingPeer {
-        resume: bool,
-    },
+    AbortingPeer,
+    /// Handing the destination's copy to the background release.
+    Releasing,
+    /// "aborted" being written over "undecided".
+    RecordingAborted,
     Resuming,
     Done(SourceOutcome),
 }
@@ -387,6 +405,15 @@ pub struct SourceSession {
     vmm_reachable: bool,
     /// Whether the VM was asked to pause (resume needed on abort).
     pause_asked: bool,
+    /// Whether the destination may hold a loaded copy nobody has confirmed discarded
+    /// (from the moment the state blob is sent).
+    peer_may_hold: bool,
+    /// Whether "undecided" is on disk (an abort then records "aborted").
+    start_recorded: bool,
+    /// Whether `AbortPeer` was issued.
+    peer_told: bool,
+    /// Why the migration is being aborted (for the destination).
+    abort_reason: String,
     report: SourceReport,
 }
 
@@ -416,8 +443,9 @@ impl SourceSession {
     /// A session that starts by negotiating with the destination.
     pub fn new(cfg: SourceConfig) -> Self {
         let mut s = Self::idle(cfg);
-        s.stage = Stage::Negotiating;
-        s.queue.push_back(SourceCommand::Negotiate);
+        s.stage = Stage::RecordingStart;
+        s.queue
+            .push_back(SourceCommand::Record(DecisionState::Undecided));
         s
     }
 
@@ -440,6 +468,8 @@ impl SourceSession {
     pub fn roll_back(cfg: SourceConfig, force: bool) -> Self {
         let mut s = Self::idle(cfg);
         s.pause_asked = true;
+        // The destination is asked (and answers) before anything here changes.
+        s.peer_told = true;
         if force {
             s.report
                 .warnings
@@ -467,6 +497,10 @@ impl SourceSession {
             peer_reachable: true,
             vmm_reachable: true,
             pause_asked: false,
+            peer_may_hold: false,
+            start_recorded: false,
+            peer_told: false,
+            abort_reason: String::new(),
             report: SourceReport::default(),
         }
     }
@@ -527,7 +561,7 @@ impl SourceSession {
     /// Where the session stands.
     pub fn phase(&self) -> SourcePhase {
         match &self.stage {
-            Stage::Negotiating => SourcePhase::Negotiating,
+            Stage::RecordingStart | Stage::Negotiating => SourcePhase::Negotiating,
             Stage::StartingLog | Stage::Observing | Stage::AfterRound(_) | Stage::Pausing(_) => {
                 SourcePhase::Precopy
             }
@@ -546,9 +580,11 @@ impl SourceSession {
             | Stage::HashingAfterResume { .. }
             | Stage::Stopping
             | Stage::AskingDiscard => SourcePhase::Committed,
-            Stage::RecordingAbort | Stage::AbortingPeer { .. } | Stage::Resuming => {
-                SourcePhase::Aborting
-            }
+            Stage::RecordingAbort
+            | Stage::AbortingPeer
+            | Stage::Releasing
+            | Stage::RecordingAborted
+            | Stage::Resuming => SourcePhase::Aborting,
             Stage::Done(_) => SourcePhase::Done,
         }
     }
@@ -578,6 +614,17 @@ impl SourceSession {
     fn step(&mut self, now: Duration, stage: Stage, event: SourceEvent) -> Stage {
         use SourceEvent as E;
         match (stage, event) {
+            (Stage::RecordingStart, E::Recorded) => {
+                self.start_recorded = true;
+                self.push(SourceCommand::Negotiate);
+                Stage::Negotiating
+            }
+            (Stage::RecordingStart, E::RecordFailed(why)) => {
+                self.report.error = Some(format!(
+                    "the migration could not be recorded before it started ({why}); nothing was moved"
+                ));
+                Stage::Done(SourceOutcome::Aborted)
+            }
             (Stage::Negotiating, E::Negotiated(list)) => {
                 if list.is_empty() || list.iter().any(|&(_, n)| n == 0) {
                     return self.on_failure(
@@ -667,6 +714,8 @@ impl SourceSession {
                 Err(f) => self.on_failure(now, Stage::FinalDirty(carry), f),
             },
             (Stage::SavingState, E::StateSaved(blob)) => {
+                // From here the destination may load the VM and hold it.
+                self.peer_may_hold = true;
                 self.push(SourceCommand::SendState(blob));
                 Stage::SendingState
             }
@@ -694,7 +743,8 @@ impl SourceSession {
                         now,
                         Stage::AwaitingReady,
                         Failure::new(
-                            FailureKind::PeerRefused,
+                            // Out of step, but there and waiting: told on the link.
+                            FailureKind::Transport,
                             format!(
                                 "the destination's digest covers {} regions; the VM has {}",
                                 theirs.regions.len(),
@@ -710,7 +760,9 @@ impl SourceSession {
                         return self.on_failure(
                             now,
                             Stage::AwaitingReady,
-                            Failure::new(FailureKind::PeerRefused, describe_mismatch(&bad)),
+                            // The destination is there and waits for the decision: it is
+                            // told to discard on the control link.
+                            Failure::new(FailureKind::Transport, describe_mismatch(&bad)),
                         );
                     }
                 }
@@ -795,15 +847,19 @@ impl SourceSession {
                 ));
                 Stage::Done(SourceOutcome::CommittedUnconfirmed)
             }
-            (Stage::AbortingPeer { resume }, E::PeerTold) => {
-                if resume && self.vmm_reachable {
-                    self.push(SourceCommand::Resume);
-                    Stage::Resuming
-                } else {
-                    Stage::Done(SourceOutcome::Aborted)
-                }
+            (Stage::AbortingPeer | Stage::Releasing, E::PeerTold) => {
+                // Confirmed discarded, or in the background release's hands.
+                self.peer_may_hold = false;
+                self.finish_abort()
             }
-            (Stage::Resuming, E::Resumed) => Stage::Done(SourceOutcome::Aborted),
+            (Stage::RecordingAborted, E::Recorded) => Stage::Done(SourceOutcome::Aborted),
+            (Stage::RecordingAborted, E::RecordFailed(why)) => {
+                self.report.warnings.push(format!(
+                    "\"aborted\" could not be recorded ({why}); a restarted sidecar finds \"undecided\" and tells the destination again"
+                ));
+                Stage::Done(SourceOutcome::Aborted)
+            }
+            (Stage::Resuming, E::Resumed) => self.tell_peer(),
             (stage, event) => self.unexpected(now, stage, &event),
         }
     }
@@ -1054,17 +1110,44 @@ impl SourceSession {
         }
     }
 
-    /// Gives up before the commit point: tell the peer, then resume the VM if asked.
+    /// Gives up before the commit point: the VM runs here again first (if asked), then
+    /// the destination is told.
     fn abort(&mut self, reason: String, resume: bool) -> Stage {
         if self.report.error.is_none() {
             self.report.error = Some(reason.clone());
         }
-        if self.peer_reachable {
-            self.push(SourceCommand::AbortPeer(reason));
-            Stage::AbortingPeer { resume }
-        } else if resume && self.vmm_reachable {
+        self.abort_reason = reason;
+        if resume && self.vmm_reachable {
             self.push(SourceCommand::Resume);
             Stage::Resuming
+        } else {
+            self.tell_peer()
+        }
+    }
+
+    /// After an abort: tell the destination on the control link; if it may hold a copy
+    /// and did not confirm discarding it, hand it to the background release.
+    fn tell_peer(&mut self) -> Stage {
+        if self.peer_reachable && !self.peer_told {
+            self.peer_told = true;
+            self.push(SourceCommand::AbortPeer {
+                reason: self.abort_reason.clone(),
+                confirm: self.peer_may_hold,
+            });
+            Stage::AbortingPeer
+        } else if self.peer_may_hold {
+            self.push(SourceCommand::ReleasePeer);
+            Stage::Releasing
+        } else {
+            self.finish_abort()
+        }
+    }
+
+    /// The abort is complete: "aborted" replaces "undecided".
+    fn finish_abort(&mut self) -> Stage {
+        if self.start_recorded {
+            self.push(SourceCommand::Record(DecisionState::Aborted));
+            Stage::RecordingAborted
         } else {
             Stage::Done(SourceOutcome::Aborted)
         }
@@ -1077,6 +1160,12 @@ impl SourceSession {
             _ => {}
         }
         match stage {
+            Stage::RecordingStart => {
+                self.report.error = Some(format!(
+                    "the migration could not be recorded before it started ({f}); nothing was moved"
+                ));
+                Stage::Done(SourceOutcome::Aborted)
+            }
             // Before the commit point: the VM runs here again.
             Stage::Negotiating
             | Stage::StartingLog
@@ -1091,11 +1180,6 @@ impl SourceSession {
             | Stage::HashingStrict
             | Stage::AwaitingReady
             | Stage::Fencing => {
-                if f.kind == FailureKind::PeerRefused
-                    && f.reason.starts_with("memory digest mismatch")
-                {
-                    self.report.digest_match = Some(false);
-                }
                 // A VMM that answered an error still runs this loop: resume it. One whose
                 // link broke resumes itself unless it was fenced, and a fenced one learns
                 // from the record (none: resume) when it reconnects.
@@ -1156,18 +1240,28 @@ impl SourceSession {
                 ));
                 Stage::Done(SourceOutcome::CommittedUnconfirmed)
             }
-            Stage::AbortingPeer { resume } => {
-                if resume && self.vmm_reachable {
-                    self.push(SourceCommand::Resume);
-                    Stage::Resuming
-                } else {
-                    Stage::Done(SourceOutcome::Aborted)
-                }
+            Stage::AbortingPeer => {
+                // Not confirmed: the control link is done with.
+                self.peer_reachable = false;
+                self.tell_peer()
+            }
+            Stage::Releasing => {
+                self.report.warnings.push(format!(
+                    "the destination may still hold a loaded copy and its release could not be arranged ({f}); \
+                     the record stays \"undecided\", so a restarted sidecar or `ferry recover` tells it"
+                ));
+                Stage::Done(SourceOutcome::Aborted)
+            }
+            Stage::RecordingAborted => {
+                self.report
+                    .warnings
+                    .push(format!("\"aborted\" could not be recorded: {f}"));
+                Stage::Done(SourceOutcome::Aborted)
             }
             Stage::Resuming => {
                 let e = self.report.error.take().unwrap_or_default();
                 self.report.error = Some(format!("{e}; resuming the source VM failed: {f}"));
-                Stage::Done(SourceOutcome::Aborted)
+                self.tell_peer()
             }
             Stage::Done(o) => Stage::Done(o),
         }

@@ -101,7 +101,7 @@ impl Driver {
                 self.now += *d;
                 E::Slept
             }
-            C::AbortPeer(_) => E::PeerTold,
+            C::AbortPeer { .. } | C::ReleasePeer => E::PeerTold,
             C::Resume => E::Resumed,
             C::Stop => E::Stopped,
         }
@@ -541,6 +541,106 @@ fn digest_mismatch_in_strict_mode_aborts_and_resumes_before_any_decision() {
         .error
         .as_deref()
         .is_some_and(|e| e.contains("digest mismatch")));
+    // The destination loaded a copy and waits on the control link: it is told, after the
+    // VM runs here again, and asked to confirm it discarded it; then "aborted" is recorded.
+    let tail: Vec<_> = d.log.iter().rev().take(3).rev().cloned().collect();
+    assert!(
+        matches!(
+            tail.as_slice(),
+            [
+                SourceCommand::Resume,
+                SourceCommand::AbortPeer { confirm: true, .. },
+                SourceCommand::Record(DecisionState::Aborted)
+            ]
+        ),
+        "{tail:?}"
+    );
+}
+
+#[test]
+fn every_migration_records_undecided_before_anything_reaches_the_destination() {
+    let mut d = Driver::new();
+    let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+    d.run(&mut s, |_, _| None);
+    assert_eq!(d.log[0], SourceCommand::Record(DecisionState::Undecided));
+    assert_eq!(d.log[1], SourceCommand::Negotiate);
+
+    // A state directory that cannot take it: nothing starts, nothing needs resuming.
+    let mut d = Driver::new();
+    let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+    let out = d.run(&mut s, |i, _| {
+        (i == 0).then(|| SourceEvent::RecordFailed("No space left on device".into()))
+    });
+    assert_eq!(out, SourceOutcome::Aborted);
+    assert_eq!(d.log.len(), 1, "{:?}", d.log);
+    assert!(s
+        .report()
+        .error
+        .as_deref()
+        .is_some_and(|e| e.contains("before it started")));
+}
+
+#[test]
+fn a_copy_the_destination_may_hold_is_released_when_the_link_cannot_tell_it() {
+    // The link dies while the destination loads (or sends Ready): the VM resumes here, and
+    // the destination's copy goes to the background release before "aborted" is recorded.
+    let mut d = Driver::new();
+    let mut s = SourceSession::new(cfg(VerifyMode::AfterResume));
+    let out = d.run(&mut s, |_, c| {
+        (*c == SourceCommand::AwaitReady)
+            .then(|| SourceEvent::Failed(Failure::new(FailureKind::PeerLost, "reset")))
+    });
+    assert_eq!(out, SourceOutcome::Aborted);
+    let tail: Vec<_> = d.log.iter().rev().take(3).rev().cloned().collect();
+    assert_eq!(
+        tail,
+        vec![
+            SourceCommand::Resume,
+            SourceCommand::ReleasePeer,
+            SourceCommand::Record(DecisionState::Aborted)
+        ]
+    );
+
+    // Told on the link but not confirmed: released too.
+    let mut d = Driver::new();
+    d.theirs = 8;
+    let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+    d.run(&mut s, |_, c| {
+        matches!(c, SourceCommand::AbortPeer { .. })
+            .then(|| SourceEvent::Failed(Failure::new(FailureKind::PeerLost, "timed out")))
+    });
+    assert_eq!(d.count(|c| *c == SourceCommand::ReleasePeer), 1);
+
+    // The release cannot be arranged (state directory full): "undecided" stays on disk for
+    // a restarted sidecar, and the operator is warned.
+    let mut d = Driver::new();
+    let mut s = SourceSession::new(cfg(VerifyMode::AfterResume));
+    let out = d.run(&mut s, |_, c| match c {
+        SourceCommand::AwaitReady => Some(SourceEvent::Failed(Failure::new(
+            FailureKind::PeerLost,
+            "reset",
+        ))),
+        SourceCommand::ReleasePeer => Some(SourceEvent::Failed(Failure::new(
+            FailureKind::Local,
+            "No space left on device",
+        ))),
+        _ => None,
+    });
+    assert_eq!(out, SourceOutcome::Aborted);
+    assert_eq!(
+        d.count(|c| *c == SourceCommand::Record(DecisionState::Aborted)),
+        0
+    );
+    assert!(s.report().warnings.iter().any(|w| w.contains("undecided")));
+
+    // Before the state blob left, the destination holds nothing: no release.
+    let mut d = Driver::new();
+    let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+    d.run(&mut s, |_, c| {
+        (*c == SourceCommand::SaveState)
+            .then(|| SourceEvent::Failed(Failure::new(FailureKind::PeerLost, "reset")))
+    });
+    assert_eq!(d.count(|c| *c == SourceCommand::ReleasePeer), 0);
 }
 
 #[test]
@@ -643,7 +743,7 @@ fn a_vmm_lost_before_the_fence_aborts_and_after_it_the_migration_commits() {
     });
     assert_eq!(out, SourceOutcome::Aborted);
     assert_eq!(d.count(is_resume), 0);
-    assert_eq!(d.count(|c| matches!(c, SourceCommand::AbortPeer(_))), 1);
+    assert_eq!(d.count(|c| matches!(c, SourceCommand::AbortPeer { .. })), 1);
 
     // Lost after the fence: the decision is taken without it; Stop is skipped.
     let mut d = Driver::new();
@@ -755,13 +855,40 @@ fn every_failure_at_every_step_keeps_exactly_one_vm() {
                         let fence = d.position(|c| *c == SourceCommand::Fence);
                         assert!(fence < recorded && fence != Some(at), "{ctx}");
                     }
+                    // "undecided" is on disk before anything else happens.
+                    assert_eq!(
+                        d.log[0],
+                        SourceCommand::Record(DecisionState::Undecided),
+                        "{ctx}"
+                    );
                     match &out {
                         SourceOutcome::Aborted => {
                             assert!(!record_ok, "{ctx}");
                             // The VM runs here again: resumed, or its VMM is gone (it resumed
                             // itself if alive and unfenced; a fenced one learns there is no
-                            // decision when it reconnects).
-                            assert!(resume.is_some() || kind == FailureKind::VmmLost, "{ctx}");
+                            // decision when it reconnects), or nothing was started.
+                            let started =
+                                d.position(|c| *c == SourceCommand::StartDirtyLog).is_some();
+                            assert!(
+                                resume.is_some() || kind == FailureKind::VmmLost || !started,
+                                "{ctx}"
+                            );
+                            // A copy the destination may hold is never forgotten: it confirmed
+                            // the discard on the link, or the release has it, or "undecided"
+                            // stays on disk for a restarted sidecar.
+                            let ok_at = |f: &dyn Fn(&SourceCommand) -> bool| {
+                                d.log.iter().enumerate().any(|(i, c)| f(c) && i != at)
+                            };
+                            if ok_at(&|c| matches!(c, SourceCommand::SendState(_))) {
+                                let confirmed = ok_at(&|c| {
+                                    matches!(c, SourceCommand::AbortPeer { confirm: true, .. })
+                                });
+                                let released = ok_at(&|c| *c == SourceCommand::ReleasePeer);
+                                let aborted_recorded = d
+                                    .count(|c| *c == SourceCommand::Record(DecisionState::Aborted))
+                                    > 0;
+                                assert!(confirmed || released || !aborted_recorded, "{ctx}");
+                            }
                         }
                         SourceOutcome::Committed => {
                             assert!(record_ok, "{ctx}");
@@ -1053,4 +1180,28 @@ fn session_ids_print_and_parse_as_hex() {
     assert_eq!(SessionId::from_hex(&s), Some(id));
     assert_eq!(SessionId::from_hex("zz"), None);
     assert_eq!(SessionId::from_hex(&"é".repeat(16)), None);
+}
+
+#[test]
+fn a_loaded_vm_is_discarded_only_on_the_sources_abort() {
+    // A corrupted or out-of-step message, a protocol error, a lost link: held.
+    for ev in [
+        DestEvent::StateArrived(vec![2]),
+        DestEvent::Failed(Failure::new(FailureKind::PeerRefused, "bad frame")),
+        DestEvent::LinkLost,
+    ] {
+        let mut s = loaded();
+        s.handle(ev.clone());
+        assert_eq!(
+            drive_dest(&mut s, &mut healthy),
+            vec![DestCommand::Hold],
+            "{ev:?}"
+        );
+        assert_eq!(s.phase(), &DestPhase::Held, "{ev:?}");
+        // The source's decision settles it either way later.
+        s.handle(DestEvent::Abort("released".into()));
+        let log = drive_dest(&mut s, &mut healthy);
+        assert_eq!(log[0], DestCommand::Discard, "{ev:?}");
+        assert_eq!(s.phase(), &DestPhase::Discarded);
+    }
 }

@@ -650,8 +650,14 @@ pub fn migrate_local(
                 std::thread::sleep(d);
                 Ok(E::Slept)
             }
-            C::AbortPeer(reason) => {
+            // The destination is in this process: told at once, and it discards at once.
+            C::AbortPeer { reason, .. } => {
                 dest.handle(DestEvent::Abort(reason));
+                run_dest(&mut dest, &mut dst, &dst_ram);
+                Ok(E::PeerTold)
+            }
+            C::ReleasePeer => {
+                dest.handle(DestEvent::Abort("released".into()));
                 run_dest(&mut dest, &mut dst, &dst_ram);
                 Ok(E::PeerTold)
             }
