@@ -110,3 +110,15 @@ pub fn link_alive(link: &UnixStream) -> bool {
     };
     r != 0
 }
+
+/// A snapshot for `ferry status`.
+pub struct Snapshot {
+    /// Registered VMs: id, regions, RAM bytes, fenced session.
+    pub registered: Vec<(String, usize, u64, Option<SessionId>)>,
+    /// VMs waited for.
+    pub waiting: Vec<String>,
+    /// Migrations: VM, direction, phase, round, bytes, peer (outgoing: the destination).
+    pub migrating: Vec<(String, &'static str, &'static str, u32, u64, String)>,
+    /// Held VMs: VM, session, phase.
+    pub held: Vec<(String, SessionId, &'static str)>,
+}

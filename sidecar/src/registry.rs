@@ -16,7 +16,7 @@ use ferry_proto::auth::SessionKey;
 use ferry_proto::vmm::Fence;
 
 pub use crate::entries::{
-    link_alive, DataWaiter, HeldVm, Incoming, Outgoing, SourceVm, WaitingVmm,
+    link_alive, DataWaiter, HeldVm, Incoming, Outgoing, Snapshot, SourceVm, WaitingVmm,
 };
 use crate::peer::PeerStream;
 
@@ -35,18 +35,6 @@ struct Inner {
 pub struct Registry {
     inner: Mutex<Inner>,
     changed: Condvar,
-}
-
-/// A snapshot for `ferry status`.
-pub struct Snapshot {
-    /// Registered VMs: id, regions, RAM bytes, fenced session.
-    pub registered: Vec<(String, usize, u64, Option<SessionId>)>,
-    /// VMs waited for.
-    pub waiting: Vec<String>,
-    /// Migrations: VM, direction, phase, round, bytes, peer (outgoing: the destination).
-    pub migrating: Vec<(String, &'static str, &'static str, u32, u64, String)>,
-    /// Held VMs: VM, session, phase.
-    pub held: Vec<(String, SessionId, &'static str)>,
 }
 
 impl Registry {

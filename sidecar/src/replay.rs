@@ -19,13 +19,14 @@ use std::time::{Duration, Instant};
 
 use anyhow::bail;
 
-use ferry_engine::session::{DecisionState, SessionId};
+use ferry_engine::session::{DecisionState, Failure, FailureKind, SessionId, SourceEvent};
 use ferry_proto::common::MAX_FRAME;
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::peer::PeerMsg;
 use ferry_proto::vmm::{Fence, VmmMsg};
 
 use crate::context::Daemon;
+use crate::offer::Negotiated;
 use crate::peer::connect_control;
 use crate::registry::SourceVm;
 use crate::vmm::request_ok;
@@ -224,4 +225,53 @@ pub fn spawn_releaser(d: &Arc<Daemon>) {
             std::thread::sleep(Duration::from_millis(500));
         }
     });
+}
+
+/// How long a destination that may hold a loaded copy has to confirm `Abort` (its VMM
+/// drops the VM: no more than a request).
+const ABORT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
+
+/// `Abort` on the control link; with `confirm`, waits for `Discarded` (a `Ready` the
+/// destination sent before it read the `Abort` comes first).
+pub fn abort_peer(
+    n: &mut Negotiated,
+    reason: String,
+    confirm: bool,
+) -> anyhow::Result<SourceEvent> {
+    write_msg(&mut n.ctl.stream, &PeerMsg::Abort { reason })?;
+    if !confirm {
+        return Ok(SourceEvent::PeerTold);
+    }
+    n.ctl
+        .stream
+        .tcp()
+        .set_read_timeout(Some(ABORT_CONFIRM_TIMEOUT))?;
+    for _ in 0..2 {
+        match read_msg(&mut n.ctl.stream, MAX_FRAME)? {
+            PeerMsg::Discarded => return Ok(SourceEvent::PeerTold),
+            PeerMsg::Ready { .. } => continue,
+            other => return Err(ferry_proto::peer::unexpected("Discarded", other).into()),
+        }
+    }
+    anyhow::bail!("the destination did not confirm the abort")
+}
+
+/// The destination's answer to a decision, as an event.
+pub fn decision_answer(m: PeerMsg) -> Result<SourceEvent, Failure> {
+    match m {
+        PeerMsg::Running { detail } => Ok(SourceEvent::PeerRunning(detail)),
+        PeerMsg::StartFailed { reason } => Ok(SourceEvent::PeerStartFailed(reason)),
+        PeerMsg::Discarded => Ok(SourceEvent::PeerDiscarded),
+        PeerMsg::Refused { reason } => Err(Failure::new(
+            FailureKind::PeerRefused,
+            format!("the destination refused: {reason}"),
+        )),
+        other => Err(Failure::new(
+            FailureKind::PeerRefused,
+            format!(
+                "the destination answered {} to the decision",
+                ferry_proto::common::Message::name(&other)
+            ),
+        )),
+    }
 }

@@ -222,18 +222,20 @@ impl<'a> Driver<'a> {
                     read_msg(&mut n.ctl.stream, MAX_FRAME)
                         .context("waiting for the destination's answer to Commit")
                 })
-                .and_then(decision_answer),
+                .and_then(replay::decision_answer),
             C::ReplayCommit => replay::deliver(self.d, &self.to, self.session, true)
                 .map_err(|e| Failure::new(failure_kind(&e), format!("{e:#}")))
-                .and_then(decision_answer),
+                .and_then(replay::decision_answer),
             C::AskDiscard => replay::deliver(self.d, &self.to, self.session, false)
                 .map_err(|e| Failure::new(failure_kind(&e), format!("{e:#}")))
-                .and_then(decision_answer),
+                .and_then(replay::decision_answer),
             C::Sleep(d) => {
                 std::thread::sleep(d);
                 Ok(E::Slept)
             }
-            C::AbortPeer { reason, confirm } => self.peer(|n| abort_peer(n, reason, confirm)),
+            C::AbortPeer { reason, confirm } => {
+                self.peer(|n| replay::abort_peer(n, reason, confirm))
+            }
             C::ReleasePeer => replay::queue_release(self.d, &self.vm_id, &self.to, self.session)
                 .map(|()| E::PeerTold)
                 .map_err(|e| {
@@ -408,50 +410,5 @@ impl<'a> Driver<'a> {
                 SourceEvent::RecordFailed(format!("{:#}", anyhow::Error::new(e)))
             }
         }
-    }
-}
-
-/// How long a destination that may hold a loaded copy has to confirm `Abort` (its VMM
-/// drops the VM: no more than a request).
-const ABORT_CONFIRM_TIMEOUT: Duration = Duration::from_secs(15);
-
-/// `Abort` on the control link; with `confirm`, waits for `Discarded` (a `Ready` the
-/// destination sent before it read the `Abort` comes first).
-fn abort_peer(n: &mut Negotiated, reason: String, confirm: bool) -> anyhow::Result<SourceEvent> {
-    write_msg(&mut n.ctl.stream, &PeerMsg::Abort { reason })?;
-    if !confirm {
-        return Ok(SourceEvent::PeerTold);
-    }
-    n.ctl
-        .stream
-        .tcp()
-        .set_read_timeout(Some(ABORT_CONFIRM_TIMEOUT))?;
-    for _ in 0..2 {
-        match read_msg(&mut n.ctl.stream, MAX_FRAME)? {
-            PeerMsg::Discarded => return Ok(SourceEvent::PeerTold),
-            PeerMsg::Ready { .. } => continue,
-            other => return Err(ferry_proto::peer::unexpected("Discarded", other).into()),
-        }
-    }
-    anyhow::bail!("the destination did not confirm the abort")
-}
-
-/// The destination's answer to a decision, as an event.
-fn decision_answer(m: PeerMsg) -> Result<SourceEvent, Failure> {
-    match m {
-        PeerMsg::Running { detail } => Ok(SourceEvent::PeerRunning(detail)),
-        PeerMsg::StartFailed { reason } => Ok(SourceEvent::PeerStartFailed(reason)),
-        PeerMsg::Discarded => Ok(SourceEvent::PeerDiscarded),
-        PeerMsg::Refused { reason } => Err(Failure::new(
-            FailureKind::PeerRefused,
-            format!("the destination refused: {reason}"),
-        )),
-        other => Err(Failure::new(
-            FailureKind::PeerRefused,
-            format!(
-                "the destination answered {} to the decision",
-                ferry_proto::common::Message::name(&other)
-            ),
-        )),
     }
 }
