@@ -8,6 +8,8 @@
 #     (real sidecars and VMMs in network namespaces)
 #  5. runs the RDMA tests inside a SoftRoCE guest (scripts/rdma-tests.sh), reusing the
 #     host's build over 9p
+#  6. fuzzes every decoder target for a bounded slice (scripts/fuzz.sh, FERRY_FUZZ_RUNS
+#     executions each, 200000 by default)
 # Ends with one line "tests: N passed, N failed" summing every libtest result.
 set -uo pipefail
 cd "$(dirname "$0")/.."
@@ -38,6 +40,9 @@ cargo test --release --locked --workspace $FEATURES 2>&1 | tee -a "$LOG"
 step "RDMA tests in the SoftRoCE guest"
 scripts/rdma-tests.sh 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || fail=1
+
+step "fuzzing: a bounded slice of every decoder target"
+scripts/fuzz.sh --runs "${FERRY_FUZZ_RUNS:-200000}" || { echo "fuzz: a target crashed or failed to build"; fail=1; }
 
 passed=$(grep -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$4} END {print s+0}')
 failed=$(grep -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$6} END {print s+0}')
