@@ -3,7 +3,7 @@
 # real SoftRoCE device, and exit with that command's status.
 #
 # Why a guest: the hosts Ferry is developed and tested on have no RDMA in their
-# kernel (no CONFIG_INFINIBAND, no modules; see FACTS.md). Debian's generic
+# kernel (no CONFIG_INFINIBAND, no modules; see docs/platform.md). Debian's generic
 # `linux-image-<ver>-amd64` package (not the `cloud` flavour) ships `rdma_rxe`,
 # so we unpack it with dpkg-deb (never install it), build a busybox initramfs
 # around it, boot it under TCG and create `rxe0` on the guest's `lo`. On rxe

@@ -40,9 +40,10 @@ pub struct RoundStats {
 impl RoundStats {
     /// Adds another channel's numbers.
     pub fn merge(&mut self, other: RoundStats) {
-        self.pages += other.pages;
-        self.bytes += other.bytes;
-        self.zero_pages += other.zero_pages;
+        // Saturating: the numbers may come from a peer (checked against the plan after).
+        self.pages = self.pages.saturating_add(other.pages);
+        self.bytes = self.bytes.saturating_add(other.bytes);
+        self.zero_pages = self.zero_pages.saturating_add(other.zero_pages);
         self.torn.extend(other.torn);
     }
 }

@@ -10,12 +10,12 @@
 //! 2. [`DirtyTracker::start`] re-sets every slot with `KVM_MEM_LOG_DIRTY_PAGES`: from then
 //!    on the guest's writes are logged (and, for the slot pages, write-protected).
 //! 3. [`DirtyTracker::get_and_clear`] returns one bitmap per slot and **re-protects the
-//!    returned pages before it returns** (DESIGN.md, "dirty tracking order": get-and-clear,
+//!    returned pages before it returns** (docs/design.md §2, "Dirty-log order": get-and-clear,
 //!    then send; never clear after sending). A page the guest writes after the clear is in
 //!    the next result.
 //! 4. [`DirtyTracker::stop`] re-sets the slots without the flag.
 //!
-//! Writes the VMM itself makes to guest memory are invisible to KVM (FACTS.md: host writes
+//! Writes the VMM itself makes to guest memory are invisible to KVM (docs/platform.md: host writes
 //! are not logged). The VMM records them in the tracker's [`OwnWrites`] bitmap (atomic
 //! words, any thread, **after** the write), and every result ORs them in.
 //!
@@ -28,7 +28,7 @@
 //!
 //! In manual-protect mode the clear is issued only over the words that have bits set, in
 //! 64-page aligned pieces (the kernel's rule) of at most [`MAX_CLEAR_WORDS`] words per
-//! ioctl. FACTS.md measured ~0.5-0.7 ms to clear 65,536 pages in one call, so a piece of
+//! ioctl. docs/platform.md measured ~0.5-0.7 ms to clear 65,536 pages in one call, so a piece of
 //! 16,384 pages holds the kernel's `mmu_lock` for ~0.15-0.2 ms at most: vCPUs that fault in
 //! the meantime never wait long. Runs of set words separated by up to
 //! [`CLEAR_MERGE_GAP_WORDS`] zero words share one ioctl (zero words cost the kernel one load
@@ -36,7 +36,7 @@
 //!
 //! # The dirty ring
 //!
-//! FACTS.md: the ring loses entries when KVM's instruction emulator writes guest memory
+//! docs/platform.md: the ring loses entries when KVM's instruction emulator writes guest memory
 //! (a kernel WARN in `kvm_dirty_ring_push` under PVM), so it is an option for CPL3 guests
 //! only. A vCPU that fills its ring exits with `KVM_EXIT_DIRTY_RING_FULL` (reason 31,
 //! `VcpuExit::Unsupported(31)` in kvm-ioctls); its thread must call
@@ -61,7 +61,7 @@ use crate::ioctls::{self, DirtyRingMap};
 pub const PAGE_SIZE: u64 = 4096;
 
 /// Largest clear per `KVM_CLEAR_DIRTY_LOG` call, in bitmap words (256 words = 16,384 pages
-/// = 64 MiB): ~0.15-0.2 ms of kernel time at FACTS.md's measured clear cost.
+/// = 64 MiB): ~0.15-0.2 ms of kernel time at docs/platform.md's measured clear cost.
 pub const MAX_CLEAR_WORDS: usize = 256;
 
 /// Zero words tolerated inside one clear range before it is split in two.

@@ -1,12 +1,12 @@
 //! KVM glue for Rust VMMs: what a VMM links to become migratable by Ferry.
 //!
-//! KVM's VM and vCPU ioctls only work from the process that created the VM (FACTS.md:
+//! KVM's VM and vCPU ioctls only work from the process that created the VM (docs/platform.md:
 //! any other process gets `EIO`), so dirty-log reads, pausing and state saving happen
 //! inside the VMM. This crate gives a VMM those pieces, on top of `kvm-ioctls`:
 //!
 //! - [`dirty`]: dirty-page tracking per memory slot, switched on only for a migration
 //!   (manual-protect bitmap by default, classic bitmap, or the dirty ring), with the VMM's
-//!   own writes ORed in; get-and-clear re-protects before it returns (DESIGN.md).
+//!   own writes ORed in; get-and-clear re-protects before it returns (docs/design.md §2).
 //! - [`vcpu`]: pausing vCPU threads promptly (signal + `immediate_exit`), measuring the
 //!   pause, resuming, stopping, and lending the parked vCPUs out for state saving.
 //! - [`state`]: complete vCPU and VM state save/restore and its versioned blob.

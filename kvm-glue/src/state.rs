@@ -15,7 +15,7 @@
 //! `KVM_GET_MSRS`/`KVM_SET_MSRS` stop at the first MSR they cannot handle. Both are retried
 //! past such an MSR, and the skipped ones are reported ([`VcpuState::unreadable_msrs`],
 //! [`RestoreReport::rejected_msrs`]) instead of failing the migration. On the project's
-//! hosts (FACTS.md) 40 MSRs round-trip; without an irqchip, `0x4b564d06`
+//! hosts (docs/platform.md) 40 MSRs round-trip; without an irqchip, `0x4b564d06`
 //! (`MSR_KVM_ASYNC_PF_INT`, needs an in-kernel LAPIC) is rejected on set.
 //!
 //! # Order on restore

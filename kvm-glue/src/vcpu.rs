@@ -16,7 +16,7 @@
 //! `kvm_run.immediate_exit = 1` (so a thread about to enter `KVM_RUN` returns at once) and
 //! sends [`pause_signal`] to the thread (so one already inside returns with `EINTR`; the
 //! handler does nothing). It then waits until every attached vCPU is parked in
-//! `checkpoint` and reports how long that took. FACTS.md measured p50 38 us, p99 87 us for
+//! `checkpoint` and reports how long that took. docs/platform.md measured p50 38 us, p99 87 us for
 //! a native guest. While paused, [`VcpuControl::with_vcpus`] lends the parked `VcpuFd`s to
 //! the caller (to save state: KVM vCPU ioctls may come from any thread of the VMM process,
 //! but not from another process: EIO).

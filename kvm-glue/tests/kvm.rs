@@ -296,7 +296,7 @@ fn pause_is_prompt_and_holds() {
     );
     assert!(
         p99 < Duration::from_millis(20),
-        "pause p99 {p99:?} is far above FACTS.md's ~87 us"
+        "pause p99 {p99:?} is far above docs/platform.md's ~87 us"
     );
     let counted = t.ram.read_u64(2 * MIB).expect("ram");
     assert!(

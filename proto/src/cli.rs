@@ -202,7 +202,7 @@ impl Message for CliMsg {
             CliMsg::Refused { reason: s }
             | CliMsg::Error { message: s }
             | CliMsg::Recovered { detail: s } => {
-                w.str(s);
+                w.text(s);
             }
             CliMsg::Summary { json } | CliMsg::StatusReport { json } => {
                 w.bytes(json.as_bytes());

@@ -65,6 +65,18 @@ impl Writer {
     pub fn str(&mut self, s: &str) -> &mut Self {
         self.bytes(s.as_bytes())
     }
+    /// Words for people (a reason, a message, a detail): cut to [`MAX_STR`] bytes, on a
+    /// character boundary, which is what every decoder of such a field accepts. An error
+    /// chain longer than that must not cost the link that carries it.
+    ///
+    /// [`MAX_STR`]: crate::common::MAX_STR
+    pub fn text(&mut self, s: &str) -> &mut Self {
+        let mut end = s.len().min(crate::common::MAX_STR);
+        while !s.is_char_boundary(end) {
+            end -= 1;
+        }
+        self.str(&s[..end])
+    }
     /// A boolean as one byte, 0 or 1.
     pub fn bool(&mut self, v: bool) -> &mut Self {
         self.u8(u8::from(v))
@@ -311,6 +323,25 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::common::MAX_STR;
+
+    #[test]
+    fn long_text_is_cut_to_what_decoders_accept_on_a_character_boundary() {
+        // 'é' is two bytes: MAX_STR falls inside one of them.
+        let long = format!("x{}", "é".repeat(MAX_STR));
+        let mut w = Writer::new();
+        w.text(&long).text("short");
+        let b = w.finish();
+        let mut r = Reader::new(&b, "test");
+        let cut = r.str(MAX_STR).expect("decodes under the cap");
+        assert!(
+            cut.len() <= MAX_STR && cut.len() >= MAX_STR - 1,
+            "{}",
+            cut.len()
+        );
+        assert!(long.starts_with(&cut));
+        assert_eq!(r.str(MAX_STR).ok().as_deref(), Some("short"));
+    }
 
     #[test]
     fn round_trip_and_truncation() {

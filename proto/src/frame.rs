@@ -86,17 +86,24 @@ pub fn write_msg<M: Message, W: Write>(w: &mut W, msg: &M) -> Result<(), ProtoEr
     let payload = encode_payload(msg);
     let h = header(M::MAGIC, msg.tag(), payload.len());
     let mut bufs = [IoSlice::new(&h), IoSlice::new(&payload)];
-    let mut bufs = &mut bufs[..];
+    write_all_vectored(w, &mut bufs[..], "write frame")?;
+    w.flush().map_err(ProtoError::io("flush frame"))
+}
+
+/// Writes every byte of `bufs`, without copying them together.
+fn write_all_vectored<W: Write>(
+    w: &mut W,
+    mut bufs: &mut [IoSlice<'_>],
+    op: &'static str,
+) -> Result<(), ProtoError> {
     while !bufs.is_empty() {
-        let n = w
-            .write_vectored(bufs)
-            .map_err(ProtoError::io("write frame"))?;
+        let n = w.write_vectored(bufs).map_err(ProtoError::io(op))?;
         if n == 0 {
             return Err(ProtoError::Closed);
         }
         IoSlice::advance_slices(&mut bufs, n);
     }
-    w.flush().map_err(ProtoError::io("flush frame"))
+    Ok(())
 }
 
 /// Reads one frame of any Ferry protocol, of at most `cap` payload bytes.
@@ -177,7 +184,7 @@ pub fn send_with_fds<M: Message>(
     }
     let payload = encode_payload(msg);
     let h = header(M::MAGIC, msg.tag(), payload.len());
-    let iov = [IoSlice::new(&h), IoSlice::new(&payload)];
+    let mut iov = [IoSlice::new(&h), IoSlice::new(&payload)];
     let cmsg = [ControlMessage::ScmRights(fds)];
     let sent = loop {
         match sendmsg::<()>(sock.as_raw_fd(), &iov, &cmsg, MsgFlags::MSG_NOSIGNAL, None) {
@@ -191,11 +198,12 @@ pub fn send_with_fds<M: Message>(
             }
         }
     };
-    // The descriptors went with the first byte; the rest is a plain stream write.
-    let all: Vec<u8> = h.iter().chain(payload.iter()).copied().collect();
+    // The descriptors went with the first byte; the rest (a state blob can be 64 MiB) is a
+    // plain stream write from the same buffers.
+    let mut rest = &mut iov[..];
+    IoSlice::advance_slices(&mut rest, sent);
     let mut s = sock;
-    s.write_all(&all[sent..])
-        .map_err(ProtoError::io("write frame rest"))
+    write_all_vectored(&mut s, rest, "write frame rest")
 }
 
 /// Receives a frame of any Ferry protocol and the file descriptors that came with it.
@@ -294,17 +302,16 @@ mod tests {
     fn frames_round_trip_over_a_socket_with_fds() {
         let (a, b) = UnixStream::pair().expect("socketpair");
         let f = std::fs::File::open("/dev/null").expect("open");
-        let msg = VmmMsg::State {
-            blob: vec![0x5a; 100_000],
-        };
+        // Larger than a socket buffer: sendmsg takes part of it, the rest follows.
+        let blob: Vec<u8> = (0..4u32 << 20).map(|i| (i % 251) as u8).collect();
+        let want = blob.clone();
+        let msg = VmmMsg::State { blob };
         let t = std::thread::spawn(move || {
             send_with_fds(&a, &msg, &[f.as_raw_fd(), f.as_raw_fd()]).expect("send");
             send_with_fds(&a, &VmmMsg::Ok, &[]).expect("send");
         });
         let (m, fds) = recv_with_fds::<VmmMsg>(&b, MAX_FRAME).expect("recv");
-        assert!(
-            matches!(m, VmmMsg::State { ref blob } if blob.len() == 100_000 && blob[99_999] == 0x5a)
-        );
+        assert!(matches!(m, VmmMsg::State { ref blob } if *blob == want));
         assert_eq!(fds.len(), 2);
         let (m, fds) = recv_with_fds::<VmmMsg>(&b, MAX_FRAME).expect("recv");
         assert_eq!(m, VmmMsg::Ok);

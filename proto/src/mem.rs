@@ -172,7 +172,7 @@ impl GuestRegion {
         let src = self.pages_ptr(page, 1).expect("page within the region");
         // SAFETY: `src` is valid for PAGE bytes of the live mapping; `buf` is a distinct
         // buffer of PAGE bytes. Concurrent writers can only make the copy torn, which the
-        // dirty log accounts for (DESIGN.md); no reference to the shared bytes is formed.
+        // dirty log accounts for (docs/design.md §2); no reference to the shared bytes is formed.
         unsafe { std::ptr::copy_nonoverlapping(src, buf.as_mut_ptr(), PAGE) };
     }
 

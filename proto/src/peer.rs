@@ -312,7 +312,7 @@ impl Message for PeerMsg {
             | PeerMsg::Running { detail: s }
             | PeerMsg::StartFailed { reason: s }
             | PeerMsg::RdmaUnavailable { reason: s } => {
-                w.str(s);
+                w.text(s);
             }
             PeerMsg::PskHello { version, nonce } | PeerMsg::PskChallenge { version, nonce } => {
                 w.u16(*version).fixed(nonce);
@@ -389,7 +389,7 @@ impl Message for PeerMsg {
                 unfinished,
             } => {
                 w.u32(*round)
-                    .str(reason)
+                    .text(reason)
                     .u64(*confirmed_pages)
                     .ranges(unfinished);
             }

@@ -113,7 +113,11 @@ fn write(path: &Path, what: &'static str, text: &str) -> Result<(), RecordError>
         path: path.display().to_string(),
         source,
     };
-    let tmp = path.with_extension("tmp");
+    // `<name>.tmp`, not `<stem>.tmp`: a VM's decision and incoming records (written by
+    // different threads when it migrates back and forth) never share a temporary file.
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
     let mut f = File::create(&tmp).map_err(err)?;
     let res = f
         .write_all(text.as_bytes())
@@ -430,7 +434,8 @@ mod tests {
             assert_eq!(back.session, inc.session);
             assert_eq!(back.record.name(), inc.record.name());
         }
-        assert!(!d.join("vm1.tmp").exists());
+        assert!(!d.join("vm1.decision.tmp").exists());
+        assert!(!d.join("vm1.incoming.tmp").exists());
         let _ = std::fs::remove_dir_all(&d);
     }
 
@@ -468,7 +473,13 @@ mod tests {
         };
         write_decision(&d, "vm1", &dec).expect("write");
         // A directory in place of the temporary file makes the write fail for any user.
-        std::fs::create_dir_all(d.join("vm1.tmp")).expect("blocker");
+        std::fs::create_dir_all(d.join("vm1.decision.tmp")).expect("blocker");
+        // The incoming record of the same VM is not in its way.
+        let inc = Incoming {
+            record: DestRecord::Discarded,
+            session: SessionId([3; 16]),
+        };
+        write_incoming(&d, "vm1", &inc).expect("an incoming record writes beside it");
         let e = write_decision(
             &d,
             "vm1",

@@ -202,7 +202,7 @@ impl Message for VmmMsg {
             VmmMsg::Refused { reason: s }
             | VmmMsg::Error { message: s }
             | VmmMsg::Running { detail: s } => {
-                w.str(s);
+                w.text(s);
             }
             VmmMsg::RegisterVm {
                 vm_id,

@@ -15,7 +15,7 @@ use ferry_engine::session::{
 };
 use ferry_engine::transport::{Transport, TransportError, Window};
 use ferry_proto::cli::{CliMsg, MigrateRequest, Phase};
-use ferry_proto::common::MAX_FRAME;
+use ferry_proto::common::{Message, MAX_FRAME};
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::mem::GuestRegion;
 use ferry_proto::peer::PeerMsg;
@@ -28,11 +28,21 @@ use crate::peer::failure_kind;
 use crate::registry::SourceVm;
 use crate::replay;
 use crate::transport::{RdmaPath, TcpPath};
-use crate::vmm::{request, request_ok};
+use crate::vmm::{request, request_ok, VmmError};
 use ferry_proto::records::{self, Decision};
 
 /// Sends progress to whoever asked for the migration.
 pub type Reporter<'a> = &'a (dyn Fn(CliMsg) + Sync);
+
+/// A VMM reply that does not answer `req`, named (never printed whole: a reply may carry
+/// megabytes), as the failure the session sees.
+fn unexpected(req: &VmmMsg, got: &VmmMsg) -> Failure {
+    VmmError::Unexpected {
+        request: req.name(),
+        got: got.name(),
+    }
+    .failure()
+}
 
 /// How long a VMM that lost its link may take to re-register before `Stop`/`Resume`
 /// gives up on it (it learns the outcome from the record when it comes back later).
@@ -164,18 +174,12 @@ impl<'a> Driver<'a> {
             C::SendWindow(w) => self.send_window(&w, round),
             C::Pause => match self.vmm_request(&VmmMsg::Pause) {
                 Ok(VmmMsg::Paused { pause_us }) => Ok(E::Paused(Duration::from_micros(pause_us))),
-                Ok(other) => Err(Failure::new(
-                    FailureKind::VmmRefused,
-                    format!("VMM answered {other:?} to Pause"),
-                )),
+                Ok(other) => Err(unexpected(&VmmMsg::Pause, &other)),
                 Err(f) => Err(f),
             },
             C::SaveState => match self.vmm_request(&VmmMsg::SaveState) {
                 Ok(VmmMsg::State { blob }) => Ok(E::StateSaved(blob)),
-                Ok(_) => Err(Failure::new(
-                    FailureKind::VmmRefused,
-                    "VMM did not answer SaveState with its state",
-                )),
+                Ok(other) => Err(unexpected(&VmmMsg::SaveState, &other)),
                 Err(f) => Err(f),
             },
             C::SendState(blob) => self
@@ -208,10 +212,7 @@ impl<'a> Driver<'a> {
                         }
                         Ok(E::Fenced)
                     }
-                    Ok(other) => Err(Failure::new(
-                        FailureKind::VmmRefused,
-                        format!("VMM answered {other:?} to Fence"),
-                    )),
+                    Ok(other) => Err(unexpected(&VmmMsg::Fence(fence), &other)),
                     Err(f) => Err(f),
                 }
             }
@@ -264,14 +265,10 @@ impl<'a> Driver<'a> {
     }
 
     fn take_dirty(&mut self, final_round: bool) -> Result<SourceEvent, Failure> {
-        let bitmaps = match self.vmm_request(&VmmMsg::TakeDirty { final_round })? {
+        let req = VmmMsg::TakeDirty { final_round };
+        let bitmaps = match self.vmm_request(&req)? {
             VmmMsg::Dirty { bitmaps } => bitmaps,
-            other => {
-                return Err(Failure::new(
-                    FailureKind::VmmRefused,
-                    format!("VMM answered {other:?} to TakeDirty"),
-                ))
-            }
+            other => return Err(unexpected(&req, &other)),
         };
         let mem = self.mem().cloned().unwrap_or_default();
         if bitmaps.len() != mem.len() {

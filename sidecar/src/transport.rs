@@ -8,6 +8,7 @@
 
 use ferry_engine::session::TransportKind;
 use ferry_engine::transport::{RoundStats, Transport, TransportError, Window, WindowOutcome};
+use ferry_engine::PAGE_SIZE;
 use ferry_proto::common::{Message, MAX_FRAME};
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::peer::{PeerMsg, MAX_PULL_RANGES};
@@ -114,30 +115,23 @@ impl Transport for RdmaPath<'_> {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<WindowOutcome, TransportError> {
         start(self.ctl, w)?;
-        let list: Vec<_> = w.plan.ranges().copied().collect();
-        let mut pieces = list.chunks(MAX_PULL_RANGES).peekable();
-        if pieces.peek().is_none() {
+        // The list in pieces of at most MAX_PULL_RANGES; an empty list is one empty piece.
+        let mut ranges = w.plan.ranges().copied().peekable();
+        loop {
+            let piece: Vec<_> = ranges.by_ref().take(MAX_PULL_RANGES).collect();
+            let last = ranges.peek().is_none();
             write_msg(
                 self.ctl,
                 &PeerMsg::PullRanges {
                     round: w.wire_round,
-                    ranges: Vec::new(),
-                    last: true,
-                },
-            )
-            .map_err(link)?;
-        }
-        while let Some(piece) = pieces.next() {
-            let last = pieces.peek().is_none();
-            write_msg(
-                self.ctl,
-                &PeerMsg::PullRanges {
-                    round: w.wire_round,
-                    ranges: piece.to_vec(),
+                    ranges: piece,
                     last,
                 },
             )
             .map_err(link)?;
+            if last {
+                break;
+            }
         }
         match read_msg(self.ctl, MAX_FRAME).map_err(link)? {
             PeerMsg::RoundDone {
@@ -146,6 +140,13 @@ impl Transport for RdmaPath<'_> {
                 bytes,
                 ..
             } if round == w.wire_round => {
+                // Every page of the list is pulled whole: nothing else adds up.
+                if pages != w.plan.pages() || Some(bytes) != pages.checked_mul(PAGE_SIZE) {
+                    return Err(TransportError::Protocol(format!(
+                        "destination confirmed {pages} pages / {bytes} bytes of pulled round {round}; {} pages were listed",
+                        w.plan.pages()
+                    )));
+                }
                 progress(bytes);
                 Ok(WindowOutcome::Done(RoundStats {
                     pages,
@@ -159,12 +160,18 @@ impl Transport for RdmaPath<'_> {
                 confirmed_pages,
                 unfinished,
             } if round == w.wire_round => {
+                if confirmed_pages > w.plan.pages() {
+                    return Err(TransportError::Protocol(format!(
+                        "destination confirmed {confirmed_pages} pages of pulled round {round}; {} were listed",
+                        w.plan.pages()
+                    )));
+                }
                 tracing::warn!(round, %reason, unfinished = unfinished.len(), "RDMA failed; the rest goes over TCP");
-                progress(confirmed_pages * ferry_engine::PAGE_SIZE);
+                progress(confirmed_pages * PAGE_SIZE);
                 Ok(WindowOutcome::Unfinished {
                     confirmed: RoundStats {
                         pages: confirmed_pages,
-                        bytes: confirmed_pages * ferry_engine::PAGE_SIZE,
+                        bytes: confirmed_pages * PAGE_SIZE,
                         ..RoundStats::default()
                     },
                     unfinished,

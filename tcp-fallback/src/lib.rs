@@ -10,7 +10,7 @@
 //! per page, computed by the source over a private copy of the page and checked by the
 //! destination over the bytes that landed. A mismatch in a pre-copy round means the
 //! guest wrote the page while it was sent (the write is in the next round's dirty log,
-//! DESIGN.md), so the page is re-sent; in the final round, with the VM paused, it is
+//! docs/design.md §2), so the page is re-sent; in the final round, with the VM paused, it is
 //! corruption and the migration aborts.
 //!
 //! # Quick start

@@ -425,6 +425,24 @@ fn pages_of(ranges: &[PageRange]) -> u64 {
     ranges.iter().map(|r| r.count).sum()
 }
 
+/// Whether every range of `inner` lies inside one range of `outer` (`outer` does not
+/// overlap itself: it is a window's plan).
+fn all_within(outer: &[PageRange], inner: &[PageRange]) -> bool {
+    let mut sorted = outer.to_vec();
+    sorted.sort_unstable_by_key(|r| (r.region, r.first));
+    inner.iter().all(|u| {
+        let Some(end) = u.first.checked_add(u.count) else {
+            return false;
+        };
+        // The last range starting at or before `u`.
+        let i = sorted.partition_point(|r| (r.region, r.first) <= (u.region, u.first));
+        i > 0 && {
+            let r = &sorted[i - 1];
+            r.region == u.region && end <= r.end()
+        }
+    })
+}
+
 /// Says which page ranges differ, for the operator.
 pub fn describe_mismatch(bad: &[PageRange]) -> String {
     let list: Vec<String> = bad
@@ -964,13 +982,16 @@ impl SourceSession {
         };
         // The transport's numbers must add up to what was planned, and what it hands
         // back must be part of the window.
-        let left = pages_of(&unfinished);
-        let inside = unfinished.iter().all(|u| {
-            run.in_flight
-                .iter()
-                .any(|r| r.region == u.region && u.first >= r.first && u.end() <= r.end())
-        });
-        if stats.pages + left != planned || !inside || stats.torn.len() as u64 > stats.pages {
+        // (Peer-chosen numbers: checked arithmetic, and a sorted lookup, not a scan per range.)
+        let left = unfinished
+            .iter()
+            .try_fold(0u64, |sum, r| sum.checked_add(r.count));
+        let adds_up = left.and_then(|l| l.checked_add(stats.pages)) == Some(planned);
+        let left = left.unwrap_or(u64::MAX);
+        if !adds_up
+            || !all_within(&run.in_flight, &unfinished)
+            || stats.torn.len() as u64 > stats.pages
+        {
             let f = Failure::new(
                 FailureKind::PeerRefused,
                 format!(

@@ -513,6 +513,32 @@ fn a_transport_that_miscounts_or_names_foreign_pages_aborts() {
         _ => None,
     });
     assert_eq!(out, SourceOutcome::Aborted, "pages outside the window");
+
+    // Counts chosen to overflow (a hostile destination): refused, never a panic or a wrap
+    // that adds up.
+    for (confirmed, first, count) in [(u64::MAX, 0, 2), (1, u64::MAX - 1, 5), (0, 0, u64::MAX)] {
+        let mut d = Driver::new();
+        d.transports = vec![(TransportKind::Rdma, 2), (TransportKind::Tcp, 2)];
+        let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+        let out = d.run(&mut s, |_, c| match c {
+            SourceCommand::SendWindow(w) if w.transport == TransportKind::Rdma => {
+                Some(SourceEvent::WindowSent(WindowOutcome::Unfinished {
+                    confirmed: RoundStats {
+                        pages: confirmed,
+                        ..RoundStats::default()
+                    },
+                    unfinished: vec![PageRange {
+                        region: 0,
+                        first,
+                        count,
+                    }],
+                    reason: "x".into(),
+                }))
+            }
+            _ => None,
+        });
+        assert_eq!(out, SourceOutcome::Aborted, "{confirmed} {first} {count}");
+    }
 }
 
 #[test]

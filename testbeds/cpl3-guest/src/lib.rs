@@ -2,7 +2,7 @@
 //!
 //! On the project's hosts `/dev/kvm` is PVM: only 64-bit guest code at CPL3 runs natively;
 //! anything at CPL0 goes through KVM's instruction emulator at ~1e6 instructions/s
-//! (FACTS.md). This module sets a vCPU up exactly as FACTS.md records a CPL3 guest that ran:
+//! (docs/platform.md). This module sets a vCPU up exactly as docs/platform.md records a CPL3 guest that ran:
 //! CPUID from `KVM_GET_SUPPORTED_CPUID` first, `cr0=0x80050033`, `cr3`=PML4,
 //! `cr4=0x620`, `efer=0x501`, an identity map of 2 MiB pages with the U bit at every level,
 //! CS `0x33` (DPL 3, type 0xb, L=1), SS/DS/ES `0x2b` (DPL 3), `rflags=0x202`. A CPL3 guest
@@ -312,7 +312,7 @@ pub fn write_tables(ram: &GuestRam) -> io::Result<()> {
         ram.write_u64(GDT_GPA + 8 * i as u64, *d)
             .ok_or_else(|| bad("GDT not in RAM"))?;
     }
-    // P | RW | US at every level (FACTS.md: the U bit at every level), PS for 2 MiB pages,
+    // P | RW | US at every level (docs/platform.md: the U bit at every level), PS for 2 MiB pages,
     // and Accessed (+ Dirty on leaves) preset so the MMU never writes the tables: they stay
     // out of the dirty log. The price: with D=1, KVM's shadow MMU maps a page writable even
     // on a read fault, so a page *first* touched after dirty logging starts is reported

@@ -19,7 +19,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use crate::device::DeviceState;
 use crate::guest::{self, Counters, GuestConfig, PROGRESS_PORT};
 
-/// How long a pause may take before it is an error (FACTS.md: p99 ~87 us).
+/// How long a pause may take before it is an error (docs/platform.md: p99 ~87 us).
 pub const PAUSE_TIMEOUT: Duration = Duration::from_secs(1);
 
 /// Run-time options beyond the guest's own configuration.
