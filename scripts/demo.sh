@@ -81,9 +81,9 @@ else
 fi
 echo "demo: waiting for the VM (${MEM} MiB) to register..." >&2
 for _ in $(seq 600); do
-  "$B/ferry" status --socket "$D/a.sock" 2>/dev/null | grep -q '"vm_id":"vm1"' && break; sleep 0.2
+  "$B/ferry" status --json --socket "$D/a.sock" 2>/dev/null | grep -q '"vm_id":"vm1"' && break; sleep 0.2
 done
-"$B/ferry" status --socket "$D/a.sock" | grep -q '"vm_id":"vm1"' || { echo "demo: VM did not register"; cat "$D"/*.log; exit 1; }
+"$B/ferry" status --json --socket "$D/a.sock" | grep -q '"vm_id":"vm1"' || { echo "demo: VM did not register"; cat "$D"/*.log; exit 1; }
 sleep 1
 echo "demo: source guest: $(cat "$D/vm-a.json")"
 echo "demo: migrating vm1 from host A (10.78.0.1) to host B (10.78.0.2) over TCP, $STREAMS streams"

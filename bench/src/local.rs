@@ -199,7 +199,7 @@ impl LocalPair {
         let end = Instant::now() + limit;
         while Instant::now() < end {
             let out = Command::new(bin("ferry")?)
-                .args(["status", "--socket"])
+                .args(["status", "--json", "--socket"])
                 .arg(self.socket(side))
                 .output()?;
             if let Ok(v) = serde_json::from_slice::<serde_json::Value>(&out.stdout) {

@@ -142,6 +142,8 @@ pub enum Step {
 pub struct PrecopyController {
     policy: ConvergencePolicy,
     rounds: Vec<RoundRecord>,
+    /// The bandwidth cap in force (bytes per second), if any.
+    rate_cap: Option<u64>,
 }
 
 impl PrecopyController {
@@ -150,7 +152,14 @@ impl PrecopyController {
         Self {
             policy,
             rounds: Vec::new(),
+            rate_cap: None,
         }
+    }
+
+    /// Sets the bandwidth cap in force (bytes per second; `None`: no cap). The final round
+    /// is copied under the same cap, so convergence is judged at the capped rate.
+    pub fn set_rate_cap(&mut self, cap: Option<u64>) {
+        self.rate_cap = cap.filter(|&c| c > 0);
     }
 
     /// The policy in force.
@@ -168,9 +177,15 @@ impl PrecopyController {
         self.rounds.push(record);
     }
 
-    /// Bandwidth of the last round that moved enough to measure, in bytes per second.
+    /// Bandwidth of the last round that moved enough to measure, in bytes per second, and
+    /// never above the cap in force (a round measured before the cap was lowered, or one
+    /// that ran faster than the cap, does not count for more).
     pub fn bandwidth(&self) -> Option<f64> {
-        self.rounds.iter().rev().find_map(RoundRecord::bandwidth)
+        let measured = self.rounds.iter().rev().find_map(RoundRecord::bandwidth);
+        match (measured, self.rate_cap) {
+            (Some(m), Some(c)) => Some(m.min(c as f64)),
+            (m, _) => m,
+        }
     }
 
     /// Bytes that can be copied within the downtime budget at the last measured bandwidth.
@@ -295,6 +310,31 @@ mod tests {
             c.next_step(Duration::ZERO, 0),
             Step::StopAndCopy(StopReason::Converged { dirty_bytes: 0, .. })
         ));
+    }
+
+    #[test]
+    fn a_bandwidth_cap_lowers_the_threshold_convergence_is_judged_by() {
+        let policy = ConvergencePolicy::default(); // 300 ms budget
+        let mut c = PrecopyController::new(policy);
+        // 1 GiB in 1 s measured: 300 ms allow ~322 MB.
+        c.round_finished(rec(1, 1 << 30, 1000));
+        let dirty = 50 << 20;
+        assert!(matches!(
+            c.next_step(Duration::from_secs(1), dirty),
+            Step::StopAndCopy(_)
+        ));
+        // Capped at 100 MiB/s, 300 ms allow 30 MiB: 50 MiB dirty needs another round.
+        c.set_rate_cap(Some(100 << 20));
+        assert_eq!(c.threshold_bytes(), (100u64 << 20) * 3 / 10);
+        assert!(matches!(
+            c.next_step(Duration::from_secs(1), dirty),
+            Step::Precopy { round: 2, .. }
+        ));
+        // A cap above the measured rate changes nothing; lifting it restores the rate.
+        c.set_rate_cap(Some(10 << 30));
+        assert_eq!(c.bandwidth(), Some((1u64 << 30) as f64));
+        c.set_rate_cap(None);
+        assert_eq!(c.bandwidth(), Some((1u64 << 30) as f64));
     }
 
     #[test]

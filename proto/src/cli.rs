@@ -29,6 +29,28 @@ pub enum TransportChoice {
     Rdma = 3,
 }
 
+/// Where a migration waits in its source's queue relative to others.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Priority {
+    /// Ahead of normal and low.
+    High = 1,
+    /// The default.
+    Normal = 2,
+    /// After high and normal.
+    Low = 3,
+}
+
+impl Priority {
+    /// The name `--priority` takes and status shows.
+    pub fn name(self) -> &'static str {
+        match self {
+            Priority::High => "high",
+            Priority::Normal => "normal",
+            Priority::Low => "low",
+        }
+    }
+}
+
 /// Options of one migration, as the CLI passes them to the source sidecar.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct MigrateRequest {
@@ -52,6 +74,10 @@ pub struct MigrateRequest {
     pub observe_ms: u32,
     /// When digests are compared.
     pub verify: VerifyMode,
+    /// Its place in the queue.
+    pub priority: Priority,
+    /// Its own bandwidth cap in MiB/s (0: none; the host's cap applies anyway).
+    pub max_bandwidth_mibps: u32,
 }
 
 /// What `ferry recover` asks for.
@@ -79,7 +105,12 @@ pub enum Phase {
     Verifying = 4,
     /// Done.
     Done = 5,
+    /// Waiting in the queue for a free slot here and at the destination.
+    Queued = 6,
 }
+
+/// Progress numbers meaning "not known yet".
+pub const UNKNOWN: u64 = u64::MAX;
 
 /// A message of the CLI protocol.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -118,6 +149,12 @@ pub enum CliMsg {
         round_total: u64,
         /// Bytes moved so far in the whole migration.
         total_done: u64,
+        /// Bytes per second over the last second ([`UNKNOWN`] before anything moved).
+        rate: u64,
+        /// How fast the guest dirties memory, bytes per second ([`UNKNOWN`] before round 2).
+        dirty_rate: u64,
+        /// The final copy's expected length now, in ms ([`UNKNOWN`] before round 2).
+        expected_downtime_ms: u64,
     },
     /// Daemon: the migration's summary as a JSON object.
     Summary {
@@ -140,6 +177,23 @@ pub enum CliMsg {
     },
     /// Daemon: the recovery's result, for the operator.
     Recovered {
+        /// What happened.
+        detail: String,
+    },
+    /// CLI: cancel a queued or running migration (refused after its commit decision).
+    Cancel {
+        /// The VM.
+        vm_id: String,
+    },
+    /// CLI: change a queued or running migration's bandwidth cap.
+    SetBandwidth {
+        /// The VM.
+        vm_id: String,
+        /// MiB/s; 0 removes the migration's own cap (the host's still applies).
+        mibps: u32,
+    },
+    /// Daemon: a request (cancel, set-bandwidth) was carried out.
+    Done {
         /// What happened.
         detail: String,
     },
@@ -175,6 +229,9 @@ impl Message for CliMsg {
             CliMsg::StatusReport { .. } => 9,
             CliMsg::Recover { .. } => 10,
             CliMsg::Recovered { .. } => 11,
+            CliMsg::Cancel { .. } => 12,
+            CliMsg::SetBandwidth { .. } => 13,
+            CliMsg::Done { .. } => 14,
         }
     }
 
@@ -191,6 +248,9 @@ impl Message for CliMsg {
             CliMsg::StatusReport { .. } => "StatusReport",
             CliMsg::Recover { .. } => "Recover",
             CliMsg::Recovered { .. } => "Recovered",
+            CliMsg::Cancel { .. } => "Cancel",
+            CliMsg::SetBandwidth { .. } => "SetBandwidth",
+            CliMsg::Done { .. } => "Done",
         }
     }
 
@@ -201,8 +261,15 @@ impl Message for CliMsg {
             }
             CliMsg::Refused { reason: s }
             | CliMsg::Error { message: s }
-            | CliMsg::Recovered { detail: s } => {
+            | CliMsg::Recovered { detail: s }
+            | CliMsg::Done { detail: s } => {
                 w.text(s);
+            }
+            CliMsg::Cancel { vm_id } => {
+                w.str(vm_id);
+            }
+            CliMsg::SetBandwidth { vm_id, mibps } => {
+                w.str(vm_id).u32(*mibps);
             }
             CliMsg::Summary { json } | CliMsg::StatusReport { json } => {
                 w.bytes(json.as_bytes());
@@ -220,7 +287,9 @@ impl Message for CliMsg {
                     .u8(match m.verify {
                         VerifyMode::Strict => 1,
                         VerifyMode::AfterResume => 2,
-                    });
+                    })
+                    .u8(m.priority as u8)
+                    .u32(m.max_bandwidth_mibps);
             }
             CliMsg::Progress {
                 phase,
@@ -228,12 +297,18 @@ impl Message for CliMsg {
                 round_done,
                 round_total,
                 total_done,
+                rate,
+                dirty_rate,
+                expected_downtime_ms,
             } => {
                 w.u8(*phase as u8)
                     .u32(*round)
                     .u64(*round_done)
                     .u64(*round_total)
-                    .u64(*total_done);
+                    .u64(*total_done)
+                    .u64(*rate)
+                    .u64(*dirty_rate)
+                    .u64(*expected_downtime_ms);
             }
             CliMsg::Recover { vm_id, mode } => {
                 w.str(vm_id).u8(*mode as u8);
@@ -275,6 +350,12 @@ impl Message for CliMsg {
                 )?,
                 observe_ms: r.u32()?,
                 verify: get_enum(r, "verify", &[VerifyMode::Strict, VerifyMode::AfterResume])?,
+                priority: get_enum(
+                    r,
+                    "priority",
+                    &[Priority::High, Priority::Normal, Priority::Low],
+                )?,
+                max_bandwidth_mibps: r.u32()?,
             }),
             6 => CliMsg::Progress {
                 phase: get_enum(
@@ -286,12 +367,16 @@ impl Message for CliMsg {
                         Phase::StopAndCopy,
                         Phase::Verifying,
                         Phase::Done,
+                        Phase::Queued,
                     ],
                 )?,
                 round: r.u32()?,
                 round_done: r.u64()?,
                 round_total: r.u64()?,
                 total_done: r.u64()?,
+                rate: r.u64()?,
+                dirty_rate: r.u64()?,
+                expected_downtime_ms: r.u64()?,
             },
             7 => CliMsg::Summary { json: json(r)? },
             8 => CliMsg::Status,
@@ -309,6 +394,16 @@ impl Message for CliMsg {
                 )?,
             },
             11 => CliMsg::Recovered {
+                detail: r.str(MAX_STR)?,
+            },
+            12 => CliMsg::Cancel {
+                vm_id: get_vm_id(r)?,
+            },
+            13 => CliMsg::SetBandwidth {
+                vm_id: get_vm_id(r)?,
+                mibps: r.u32()?,
+            },
+            14 => CliMsg::Done {
                 detail: r.str(MAX_STR)?,
             },
             tag => {
@@ -345,13 +440,18 @@ pub(crate) mod tests {
                 transport: TransportChoice::Auto,
                 observe_ms: 100,
                 verify: VerifyMode::Strict,
+                priority: Priority::Low,
+                max_bandwidth_mibps: 100,
             }),
             CliMsg::Progress {
-                phase: Phase::Precopy,
+                phase: Phase::Queued,
                 round: 2,
                 round_done: 5,
                 round_total: 10,
                 total_done: 100,
+                rate: 7,
+                dirty_rate: UNKNOWN,
+                expected_downtime_ms: 12,
             },
             CliMsg::Summary { json: "{}".into() },
             CliMsg::Status,
@@ -361,17 +461,20 @@ pub(crate) mod tests {
                 mode: RecoverMode::ForceAbort,
             },
             CliMsg::Recovered { detail: "d".into() },
+            CliMsg::Cancel {
+                vm_id: "vm1".into(),
+            },
+            CliMsg::SetBandwidth {
+                vm_id: "vm1".into(),
+                mibps: 50,
+            },
+            CliMsg::Done { detail: "d".into() },
         ]
     }
 
     #[test]
     fn every_message_round_trips_and_rejects_cut_or_extended_payloads() {
-        let tags = samples()
-            .iter()
-            .map(Message::tag)
-            .collect::<std::collections::HashSet<_>>()
-            .len();
-        crate::common::assert_round_trips(samples(), tags);
+        crate::common::assert_round_trips(samples(), 14);
         // Enum bytes outside their range.
         let mut w = Writer::new();
         w.str("vm1").u8(0);

@@ -43,10 +43,10 @@ pub mod records;
 pub mod vmm;
 
 /// Protocol version this build speaks (2: separate VMM, CLI and peer protocols; commit
-/// fences; TLS).
-pub const VERSION: u16 = 2;
+/// fences; TLS. 3: queues and limits (`Busy`), priorities, cancel, bandwidth caps).
+pub const VERSION: u16 = 3;
 /// Oldest protocol version this build accepts.
-pub const MIN_VERSION: u16 = 2;
+pub const MIN_VERSION: u16 = 3;
 
 /// Checks a peer's version against [`MIN_VERSION`]..=[`VERSION`].
 ///

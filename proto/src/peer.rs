@@ -7,7 +7,7 @@
 //!   Hello{version}                 ---->               (TLS mode)
 //!                                  <----   Welcome{version}
 //!   Offer{vm, layout, channels, transports, cpu, session} ---->
-//!                                  <----   Accept{prepare_us} | Refused{reason}
+//!                                  <----   Accept{prepare_us} | Busy{running, limit} | Refused{reason}
 //!   N data connections: DataHello{session, channel} -> DataChallenge{nonce}
 //!                       -> DataProof{HMAC(session key, "ferry-data" | session | channel | nonce)}
 //!                       -> DataOk
@@ -230,6 +230,14 @@ pub enum PeerMsg {
         /// Ranges not confirmed.
         unfinished: Vec<PageRange>,
     },
+    /// Destination, instead of `Accept`: it runs as many incoming migrations as it allows
+    /// (`max_incoming`); the source keeps the migration queued and offers it again later.
+    Busy {
+        /// Incoming migrations running there now.
+        running: u32,
+        /// Its limit.
+        limit: u32,
+    },
 }
 
 impl Message for PeerMsg {
@@ -266,6 +274,7 @@ impl Message for PeerMsg {
             PeerMsg::RdmaUnavailable { .. } => 26,
             PeerMsg::PullRanges { .. } => 27,
             PeerMsg::RdmaFailed { .. } => 28,
+            PeerMsg::Busy { .. } => 29,
         }
     }
 
@@ -299,6 +308,7 @@ impl Message for PeerMsg {
             PeerMsg::RdmaUnavailable { .. } => "RdmaUnavailable",
             PeerMsg::PullRanges { .. } => "PullRanges",
             PeerMsg::RdmaFailed { .. } => "RdmaFailed",
+            PeerMsg::Busy { .. } => "Busy",
         }
     }
 
@@ -392,6 +402,9 @@ impl Message for PeerMsg {
                     .text(reason)
                     .u64(*confirmed_pages)
                     .ranges(unfinished);
+            }
+            PeerMsg::Busy { running, limit } => {
+                w.u32(*running).u32(*limit);
             }
             PeerMsg::DataOk | PeerMsg::Commit | PeerMsg::Discarded => {}
         }
@@ -495,6 +508,10 @@ impl Message for PeerMsg {
                 reason: r.str(MAX_STR)?,
                 confirmed_pages: r.u64()?,
                 unfinished: r.ranges(MAX_UNFINISHED)?,
+            },
+            29 => PeerMsg::Busy {
+                running: r.u32()?,
+                limit: r.u32()?,
             },
             tag => {
                 return Err(ProtoError::UnknownTag {
@@ -605,12 +622,16 @@ pub(crate) mod tests {
                 confirmed_pages: 7,
                 unfinished: vec![r(0, 3, 4)],
             },
+            PeerMsg::Busy {
+                running: 2,
+                limit: 2,
+            },
         ]
     }
 
     #[test]
     fn every_message_round_trips_and_rejects_cut_or_extended_payloads() {
-        crate::common::assert_round_trips(samples(), 28);
+        crate::common::assert_round_trips(samples(), 29);
     }
 
     #[test]

@@ -8,11 +8,12 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use ferry_proto::cli::{CliMsg, Phase, RecoverMode};
+use ferry_proto::cli::{CliMsg, Phase, RecoverMode, UNKNOWN};
 use ferry_proto::common::{Message, MAX_FRAME};
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::VERSION;
 
+use crate::status::Status;
 use crate::summary::Summary;
 
 /// How long the daemon may take to answer a request (status, recover); a migration's
@@ -27,7 +28,7 @@ const ANSWER_TIMEOUT: Duration = Duration::from_secs(120);
 pub fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
     let mut s = UnixStream::connect(socket).with_context(|| {
         format!(
-            "connecting to the sidecar at {} (is `ferry serve` running?)",
+            "cannot reach the sidecar at {}: is `ferry serve` running? Start it with `systemctl start ferry` or `ferry serve --config /etc/ferry/ferry.toml`, or point --socket at the socket it serves",
             socket.display()
         )
     })?;
@@ -44,19 +45,56 @@ pub fn connect(socket: &Path) -> anyhow::Result<UnixStream> {
     }
 }
 
-/// `ferry status`.
+/// The daemon's status document.
 ///
 /// # Errors
 ///
 /// The daemon unreachable or answering out of protocol.
-pub fn status(socket: &Path) -> anyhow::Result<ExitCode> {
+pub fn status_json(socket: &Path) -> anyhow::Result<String> {
     let mut s = connect(socket)?;
     write_msg(&mut s, &CliMsg::Status)?;
     match read_msg(&mut s, MAX_FRAME)? {
-        CliMsg::StatusReport { json } => println!("{json}"),
+        CliMsg::StatusReport { json } => Ok(json),
         other => bail!("sidecar answered {}", other.name()),
     }
+}
+
+/// `ferry status [--json]`.
+///
+/// # Errors
+///
+/// The daemon unreachable or answering out of protocol.
+pub fn status(socket: &Path, json: bool) -> anyhow::Result<ExitCode> {
+    let text = status_json(socket)?;
+    if json {
+        println!("{text}");
+    } else {
+        let st: Status = serde_json::from_str(&text)?;
+        print!("{}", crate::status::table(&st));
+    }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A request answered by `Done` (cancel, set-bandwidth): prints the answer.
+///
+/// # Errors
+///
+/// The daemon unreachable or answering out of protocol.
+pub fn request(socket: &Path, msg: CliMsg) -> anyhow::Result<ExitCode> {
+    let what = msg.name();
+    let mut s = connect(socket)?;
+    write_msg(&mut s, &msg)?;
+    match read_msg(&mut s, MAX_FRAME)? {
+        CliMsg::Done { detail } => {
+            println!("{detail}");
+            Ok(ExitCode::SUCCESS)
+        }
+        CliMsg::Error { message } | CliMsg::Refused { reason: message } => {
+            eprintln!("ferry: {}: {message}", what.to_lowercase());
+            Ok(ExitCode::from(1))
+        }
+        other => bail!("sidecar answered {}", other.name()),
+    }
 }
 
 /// `ferry recover`.
@@ -80,17 +118,101 @@ pub fn recover(socket: &Path, vm: String, mode: RecoverMode) -> anyhow::Result<E
     }
 }
 
+fn per_s(v: u64) -> String {
+    if v == UNKNOWN {
+        "-".into()
+    } else {
+        format!("{:.1} MiB/s", v as f64 / (1u64 << 20) as f64)
+    }
+}
+
+/// One progress line: where it stands, and the numbers convergence is judged by.
+fn progress_line(m: &CliMsg) -> Option<(String, String)> {
+    let CliMsg::Progress {
+        phase,
+        round,
+        total_done,
+        rate,
+        dirty_rate,
+        expected_downtime_ms,
+        ..
+    } = m
+    else {
+        return None;
+    };
+    let name = match phase {
+        Phase::Queued => return Some((format!("queued, position {round}"), String::new())),
+        Phase::Preparing => "preparing".to_string(),
+        Phase::Precopy => format!("round {round}"),
+        Phase::StopAndCopy => format!("final round {round}"),
+        Phase::Verifying => "verifying".to_string(),
+        Phase::Done => "done".to_string(),
+    };
+    let downtime = if *expected_downtime_ms == UNKNOWN {
+        "-".into()
+    } else {
+        format!("{expected_downtime_ms} ms")
+    };
+    Some((
+        name,
+        format!(
+            "{} MiB sent, {}, dirtying {}, expected downtime {downtime}",
+            total_done >> 20,
+            per_s(*rate),
+            per_s(*dirty_rate)
+        ),
+    ))
+}
+
+/// Prints a refusal: one JSON object with `--json`, else a line on stderr. Exit 1.
+fn refused(json: bool, vm: &str, reason: &str) -> ExitCode {
+    if json {
+        println!(
+            "{}",
+            serde_json::json!({"result": "refused", "vm_id": vm, "error": reason})
+        );
+    } else {
+        eprintln!("ferry: the migration of {vm} was refused: {reason}");
+    }
+    ExitCode::from(1)
+}
+
 /// Shows a migration's progress until its summary arrives; exit 0 only when committed.
 ///
 /// # Errors
 ///
 /// The daemon went away or refused the request.
-pub fn follow(s: &mut UnixStream, json: bool) -> anyhow::Result<ExitCode> {
-    let bar = if !json && std::io::stderr().is_terminal() {
+pub fn follow(s: &mut UnixStream, vm: &str, json: bool) -> anyhow::Result<ExitCode> {
+    let (summary, code) = follow_quiet(s, vm, json, !json)?;
+    if let Some(text) = summary {
+        if json {
+            println!("{text}");
+        } else {
+            let summary: Summary = serde_json::from_str(&text)?;
+            print!("{}", summary.render());
+        }
+    }
+    Ok(code)
+}
+
+/// Follows a migration to its end; with `show`, a live bar on a terminal or a line per
+/// second on stderr otherwise. Returns the summary's JSON (none when refused) and the
+/// exit status.
+///
+/// # Errors
+///
+/// The daemon went away.
+pub fn follow_quiet(
+    s: &mut UnixStream,
+    vm: &str,
+    json: bool,
+    show: bool,
+) -> anyhow::Result<(Option<String>, ExitCode)> {
+    let bar = if show && std::io::stderr().is_terminal() {
         let b = indicatif::ProgressBar::new(0);
         b.set_style(
             indicatif::ProgressStyle::with_template(
-                "{prefix:>18} [{bar:40.cyan/blue}] {bytes}/{total_bytes} {binary_bytes_per_sec} {msg}",
+                "{prefix:>18} [{bar:30.cyan/blue}] {bytes}/{total_bytes} {msg}",
             )
             .expect("valid template")
             .progress_chars("=> "),
@@ -99,54 +221,45 @@ pub fn follow(s: &mut UnixStream, json: bool) -> anyhow::Result<ExitCode> {
     } else {
         None
     };
-    let mut last_phase = None;
+    let mut last_line: Option<std::time::Instant> = None;
     loop {
-        match read_msg(s, MAX_FRAME).context("waiting for the migration's result")? {
+        let m = read_msg(s, MAX_FRAME).context("waiting for the migration's result")?;
+        match &m {
             CliMsg::Progress {
-                phase,
-                round,
                 round_done,
                 round_total,
-                total_done,
+                ..
             } => {
+                let Some((name, numbers)) = progress_line(&m) else {
+                    continue;
+                };
                 if let Some(b) = &bar {
-                    let name = match phase {
-                        Phase::Preparing => "preparing".to_string(),
-                        Phase::Precopy => format!("pre-copy round {round}"),
-                        Phase::StopAndCopy => format!("final round {round}"),
-                        Phase::Verifying => "verifying".to_string(),
-                        Phase::Done => "done".to_string(),
-                    };
-                    if last_phase != Some((phase as u8, round)) {
-                        b.set_position(0);
-                        last_phase = Some((phase as u8, round));
-                    }
                     b.set_prefix(name);
-                    b.set_length(round_total);
-                    b.set_position(round_done);
-                    b.set_message(format!("total {} MiB", total_done >> 20));
-                } else if !json {
-                    eprintln!("{phase:?} round {round}: {round_done}/{round_total} bytes");
+                    b.set_length(*round_total);
+                    b.set_position(*round_done);
+                    b.set_message(numbers);
+                } else if show && last_line.is_none_or(|t| t.elapsed() >= Duration::from_secs(1)) {
+                    last_line = Some(std::time::Instant::now());
+                    eprintln!("{vm}: {name}: {numbers}");
                 }
             }
             CliMsg::Summary { json: text } => {
                 if let Some(b) = &bar {
                     b.finish_and_clear();
                 }
-                let summary: Summary = serde_json::from_str(&text)?;
-                if json {
-                    println!("{text}");
-                } else {
-                    print!("{}", summary.render());
-                }
-                return Ok(if summary.result == "committed" {
+                let summary: Summary = serde_json::from_str(text)?;
+                let code = if summary.result == "committed" {
                     ExitCode::SUCCESS
                 } else {
                     ExitCode::from(1)
-                });
+                };
+                return Ok((Some(text.clone()), code));
             }
             CliMsg::Refused { reason } | CliMsg::Error { message: reason } => {
-                bail!("sidecar refused the migration: {reason}")
+                if let Some(b) = &bar {
+                    b.finish_and_clear();
+                }
+                return Ok((None, refused(json, vm, reason)));
             }
             other => bail!("sidecar sent {}", other.name()),
         }

@@ -6,6 +6,11 @@
 //! state_dir = "/var/lib/ferry"
 //! replay_window_s = 120
 //! rdma_peers = ["10.0.0.2"]        # RDMA is not encrypted: only to hosts listed here
+//! max_outgoing = 2                 # migrations out at once (the rest queue)
+//! max_incoming = 2                 # migrations in at once (sources keep the rest queued)
+//! max_bandwidth_mibps = 0          # this host's cap for outgoing migrations (0: none)
+//! metrics = "127.0.0.1:9477"       # Prometheus text on GET /metrics (absent: off)
+//! log_format = "text"              # or "json"
 //!
 //! [tls]                            # mutual TLS 1.3 (`ferry cert` makes these)
 //! ca = "/etc/ferry/ca.pem"
@@ -57,6 +62,16 @@ pub struct FileConfig {
     pub tls: TlsSection,
     /// `--insecure-psk`'s key file.
     pub insecure_psk_key_file: Option<PathBuf>,
+    /// Most outgoing migrations at once.
+    pub max_outgoing: Option<usize>,
+    /// Most incoming migrations at once.
+    pub max_incoming: Option<usize>,
+    /// Host bandwidth cap, MiB/s.
+    pub max_bandwidth_mibps: Option<u64>,
+    /// Metrics address.
+    pub metrics: Option<String>,
+    /// "text" or "json".
+    pub log_format: Option<String>,
 }
 
 impl FileConfig {
@@ -95,7 +110,23 @@ pub struct ServeFlags {
     pub insecure_psk: bool,
     /// `--key-file`.
     pub key_file: Option<PathBuf>,
+    /// `--max-outgoing`.
+    pub max_outgoing: Option<usize>,
+    /// `--max-incoming`.
+    pub max_incoming: Option<usize>,
+    /// `--max-bandwidth-mibps`.
+    pub max_bandwidth_mibps: Option<u64>,
+    /// `--metrics`.
+    pub metrics: Option<String>,
 }
+
+/// Default limit of migrations at once, each way.
+pub const DEFAULT_MAX_MIGRATIONS: usize = 2;
+/// Highest `max_outgoing` / `max_incoming` accepted.
+pub const MAX_MIGRATIONS: usize = 64;
+
+/// Highest bandwidth cap accepted, MiB/s (1 TiB/s: "no cap" is 0).
+pub const MAX_MIBPS: u64 = 1 << 20;
 
 /// Default Unix socket.
 pub const DEFAULT_SOCKET: &str = "/run/ferry/ferry.sock";
@@ -127,7 +158,34 @@ pub fn resolve(file: FileConfig, f: ServeFlags) -> anyhow::Result<(DaemonConfig,
         } else {
             f.rdma_peers
         },
+        max_outgoing: f
+            .max_outgoing
+            .or(file.max_outgoing)
+            .unwrap_or(DEFAULT_MAX_MIGRATIONS),
+        max_incoming: f
+            .max_incoming
+            .or(file.max_incoming)
+            .unwrap_or(DEFAULT_MAX_MIGRATIONS),
+        max_bandwidth_mibps: f
+            .max_bandwidth_mibps
+            .or(file.max_bandwidth_mibps)
+            .unwrap_or(0),
+        metrics: f.metrics.or(file.metrics),
     };
+    for (name, v) in [
+        ("max_outgoing", cfg.max_outgoing),
+        ("max_incoming", cfg.max_incoming),
+    ] {
+        if !(1..=MAX_MIGRATIONS).contains(&v) {
+            bail!("{name} must be 1 to {MAX_MIGRATIONS}, got {v}");
+        }
+    }
+    if cfg.max_bandwidth_mibps > MAX_MIBPS {
+        bail!(
+            "max_bandwidth_mibps must be at most {MAX_MIBPS} (0: no cap), got {}",
+            cfg.max_bandwidth_mibps
+        );
+    }
     let tls = (
         f.tls_ca.or(file.tls.ca),
         f.tls_cert.or(file.tls.cert),

@@ -3,9 +3,14 @@
 //! the handlers; handlers depend on this, never on the daemon's loops.
 
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, AtomicUsize};
+use std::sync::Arc;
 use std::time::Duration;
 
+use crate::bandwidth::Bandwidth;
+use crate::metrics::Metrics;
 use crate::peer::PeerAuth;
+use crate::queue::Scheduler;
 use crate::registry::Registry;
 
 /// The daemon's settings.
@@ -21,6 +26,14 @@ pub struct DaemonConfig {
     pub replay_window: Duration,
     /// Destinations (host or host:port) RDMA may be used with; RDMA is not encrypted.
     pub rdma_peers: Vec<String>,
+    /// Most outgoing migrations at once.
+    pub max_outgoing: usize,
+    /// Most incoming migrations at once.
+    pub max_incoming: usize,
+    /// The host's bandwidth cap for outgoing migrations, MiB/s (0: none).
+    pub max_bandwidth_mibps: u64,
+    /// Where Prometheus metrics are served, if anywhere.
+    pub metrics: Option<String>,
 }
 
 /// Shared daemon state.
@@ -33,9 +46,37 @@ pub struct Daemon {
     pub registry: Registry,
     /// When it started serving.
     pub started: std::time::Instant,
+    /// Outgoing migrations: the queue and its slots.
+    pub queue: Scheduler,
+    /// Bandwidth caps.
+    pub bandwidth: Bandwidth,
+    /// Counters for `--metrics`.
+    pub metrics: Metrics,
+    /// Incoming migrations running (slots of `max_incoming`).
+    pub incoming: Arc<AtomicUsize>,
+    /// Set on SIGTERM: no new migration starts.
+    pub stopping: AtomicBool,
+    /// `ferry migrate` requests not yet answered with their summary.
+    pub clients: Arc<AtomicUsize>,
 }
 
 impl Daemon {
+    /// A daemon with nothing registered and nothing running.
+    pub fn new(cfg: DaemonConfig, auth: PeerAuth) -> Self {
+        Self {
+            queue: Scheduler::new(cfg.max_outgoing),
+            bandwidth: Bandwidth::new(cfg.max_bandwidth_mibps.saturating_mul(1 << 20)),
+            metrics: Metrics::default(),
+            incoming: Arc::new(AtomicUsize::new(0)),
+            stopping: AtomicBool::new(false),
+            clients: Arc::new(AtomicUsize::new(0)),
+            registry: Registry::default(),
+            started: std::time::Instant::now(),
+            cfg,
+            auth,
+        }
+    }
+
     /// Whether RDMA may carry a migration to `to` (the operator allowed that host).
     pub fn rdma_allowed(&self, to: &str) -> bool {
         let host = to.rsplit_once(':').map_or(to, |(h, _)| h);

@@ -11,15 +11,16 @@ use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::AtomicUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
 
 use crate::context::{Daemon, DaemonConfig};
+use crate::lifecycle::{notify, Lock};
 use crate::peer::{accept, Accepted, PeerAuth, HANDSHAKE_DEADLINE};
-use crate::registry::Registry;
+use crate::queue::Slot;
 use crate::watchdog::watchdog;
 
 /// Most peer connections handled at once (control and data; each has a thread). Far
@@ -28,26 +29,6 @@ use crate::watchdog::watchdog;
 pub const MAX_PEER_CONNECTIONS: usize = 256;
 /// Most local (VMM and CLI) connections at once.
 pub const MAX_LOCAL_CONNECTIONS: usize = 256;
-
-/// A slot among a capped number of connections; released on drop.
-struct Slot(Arc<AtomicUsize>);
-
-impl Slot {
-    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Slot> {
-        let n = count.fetch_add(1, Ordering::AcqRel);
-        if n >= max {
-            count.fetch_sub(1, Ordering::AcqRel);
-            return None;
-        }
-        Some(Slot(Arc::clone(count)))
-    }
-}
-
-impl Drop for Slot {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::AcqRel);
-    }
-}
 
 /// Logs a repeated condition at most once per interval, with how often it happened.
 struct RateLimited {
@@ -135,11 +116,9 @@ fn accept_loop<S: Send + 'static>(
     }
 }
 
-/// Binds the Unix socket, refusing to take it from a daemon that still answers on it.
+/// Binds the Unix socket, refusing to take it from a daemon that still answers on it
+/// (the caller holds the socket's lock, so no daemon of this version does).
 fn bind_socket(path: &PathBuf) -> anyhow::Result<UnixListener> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-    }
     if UnixStream::connect(path).is_ok() {
         bail!(
             "another ferry daemon is serving {}: stop it first (this one would make it unreachable)",
@@ -166,31 +145,58 @@ fn check_state_dir(dir: &PathBuf) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Runs the daemon until killed.
+/// The lock file guarding a socket: `<socket>.lock` next to it.
+fn socket_lock_path(socket: &std::path::Path) -> PathBuf {
+    let mut name = socket.file_name().unwrap_or_default().to_os_string();
+    name.push(".lock");
+    socket.with_file_name(name)
+}
+
+/// Runs the daemon until SIGTERM or SIGINT (then it stops cleanly and exits 0).
 ///
 /// # Errors
 ///
-/// When the sockets cannot be bound, or the state directory is unusable.
+/// Another daemon holds the state directory or the socket, the sockets cannot be bound,
+/// or the state directory is unusable.
 pub fn serve(cfg: DaemonConfig, auth: PeerAuth) -> anyhow::Result<()> {
+    crate::lifecycle::block_signals()?;
     check_state_dir(&cfg.state_dir)?;
+    let _state_lock = Lock::take(&cfg.state_dir.join("ferry.lock"), "this state directory")?;
+    if let Some(dir) = cfg.socket.parent() {
+        std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+    }
+    let _socket_lock = Lock::take(&socket_lock_path(&cfg.socket), "this socket")?;
     ferry_proto::guard::install().context("installing the SIGBUS guard")?;
     let unix = bind_socket(&cfg.socket)?;
     let tcp = TcpListener::bind(&cfg.listen).with_context(|| format!("binding {}", cfg.listen))?;
+    let metrics = match &cfg.metrics {
+        Some(a) => {
+            Some(TcpListener::bind(a).with_context(|| format!("binding the metrics address {a}"))?)
+        }
+        None => None,
+    };
     tracing::info!(
         socket = %cfg.socket.display(),
         listen = %tcp.local_addr()?,
+        metrics = ?metrics.as_ref().and_then(|m| m.local_addr().ok()),
+        max_outgoing = cfg.max_outgoing,
+        max_incoming = cfg.max_incoming,
+        max_bandwidth_mibps = cfg.max_bandwidth_mibps,
         encrypted = auth.encrypted(),
         "ferry sidecar serving"
     );
     if !auth.encrypted() {
         tracing::warn!("--insecure-psk: peers authenticate with the shared key, but guest memory and control messages cross the network unencrypted");
     }
-    let d = Arc::new(Daemon {
-        cfg,
-        auth,
-        registry: Registry::default(),
-        started: std::time::Instant::now(),
-    });
+    let d = Arc::new(Daemon::new(cfg, auth));
+    {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || crate::lifecycle::wait_for_signal(d));
+    }
+    if let Some(l) = metrics {
+        let d = Arc::clone(&d);
+        std::thread::spawn(move || crate::metrics::serve(d, l));
+    }
     crate::outgoing::resume_recorded(&d);
     crate::replay::spawn_releaser(&d);
     {
@@ -213,6 +219,7 @@ pub fn serve(cfg: DaemonConfig, auth: PeerAuth) -> anyhow::Result<()> {
             )
         });
     }
+    notify("READY=1");
     let d2 = Arc::clone(&d);
     accept_loop(
         "local",

@@ -19,6 +19,7 @@ use crate::context::Daemon;
 use crate::dest_exec::{settle_vmm, Executor};
 use crate::intake::{collect_data, prepare, Intake};
 use crate::peer::{refuse, Control, PeerStream};
+use crate::queue::Slot;
 use crate::registry::WaitingVmm;
 use crate::vmm::request;
 use ferry_proto::records::{self};
@@ -108,6 +109,29 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
     if let Err(reason) = check_offer(page_size, &regions, channels, transports) {
         return Err(refuse(&mut ctl.stream, reason));
     }
+    // A full host (or one shutting down) says so; the source keeps the migration queued.
+    let slot = (!d.stopping.load(std::sync::atomic::Ordering::Acquire))
+        .then(|| Slot::take(&d.incoming, d.cfg.max_incoming))
+        .flatten();
+    let Some(_slot) = slot else {
+        let running = d.incoming.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(vm = %vm_id, running, limit = d.cfg.max_incoming, "incoming migration refused for now: busy");
+        write_msg(
+            &mut ctl.stream,
+            &PeerMsg::Busy {
+                running: u32::try_from(running).unwrap_or(u32::MAX),
+                limit: u32::try_from(d.cfg.max_incoming).unwrap_or(u32::MAX),
+            },
+        )?;
+        return Ok(());
+    };
+    let t0 = std::time::Instant::now();
+    let peer = ctl
+        .stream
+        .tcp()
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
     let Some(vmm) = d.registry.take_waiting(&vm_id) else {
         return Err(refuse(
             &mut ctl.stream,
@@ -160,6 +184,7 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
         };
         let held = ex.drive(&mut s);
         ex_vmm = ex.vmm.take();
+        finished(d, &vm_id, &peer, &s, t0);
         // Parked before the session stops counting as incoming: a decision arriving in
         // between finds one or the other (`Registry::take_held`).
         settle_vmm(d, &vm_id, session, s, ex_vmm, held);
@@ -167,9 +192,34 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
         return res;
     }
     let held = matches!(s.phase(), DestPhase::Held);
+    finished(d, &vm_id, &peer, &s, t0);
     settle_vmm(d, &vm_id, session, s, ex_vmm, held);
     d.registry.end_incoming(session);
     res
+}
+
+/// An incoming migration's end, for status and metrics: "committed" once the VM runs
+/// here, else what the session ended in (discarded, held, start-failed).
+fn finished(d: &Daemon, vm_id: &str, peer: &str, s: &DestSession, t0: std::time::Instant) {
+    let state = match s.phase() {
+        DestPhase::Running(_) => "committed".to_owned(),
+        p => p.name().to_owned(),
+    };
+    let total = t0.elapsed();
+    d.metrics.finished("incoming", &state, 0, None, total);
+    d.queue.record(crate::queue::Finished {
+        vm_id: vm_id.to_owned(),
+        direction: "incoming",
+        peer: peer.to_owned(),
+        state,
+        priority: None,
+        rounds: 0,
+        bytes: 0,
+        downtime_ms: None,
+        total_ms: total.as_secs_f64() * 1e3,
+        ended_at: std::time::SystemTime::now(),
+        error: String::new(),
+    });
 }
 
 #[allow(clippy::too_many_arguments)]

@@ -27,6 +27,10 @@ use ferry_proto::records;
 /// registration).
 const FIRST_FRAME_DEADLINE: Duration = Duration::from_secs(10);
 
+/// How long `ferry cancel` waits for a running migration to take it (it does at its
+/// next step: a window of pages, a VMM request, the destination loading the VM).
+const CANCEL_WAIT: Duration = Duration::from_secs(120);
+
 /// How long `ferry recover` keeps trying to reach the destination.
 const RECOVER_WINDOW: Duration = Duration::from_secs(10);
 
@@ -226,6 +230,12 @@ fn check(req: &MigrateRequest) -> Result<(), String> {
     if req.max_rounds == 0 {
         return Err("--max-rounds must be at least 1".into());
     }
+    if u64::from(req.max_bandwidth_mibps) > crate::config::MAX_MIBPS {
+        return Err(format!(
+            "--max-bandwidth must be at most {} MiB/s",
+            crate::config::MAX_MIBPS
+        ));
+    }
     if req.observe_ms > MAX_OBSERVE_MS {
         // The destination gives up on a control connection silent for 300 s.
         return Err(format!(
@@ -245,10 +255,26 @@ fn handle_cli(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
     let mut w = &s;
     match msg {
         CliMsg::Migrate(req) => {
-            if let Err(reason) = check(&req) {
-                write_msg(&mut w, &CliMsg::Refused { reason })?;
-                return Ok(());
-            }
+            // Counted until the summary is written: a stopping daemon waits for it.
+            let _client = crate::queue::Slot::take(&d.clients, usize::MAX);
+            let job = check(&req)
+                .and_then(|()| crate::outgoing::check_record(d, &req.vm_id, false))
+                .and_then(|()| d.registry.can_migrate(&req.vm_id))
+                .and_then(|()| {
+                    d.queue.submit(
+                        &req.vm_id,
+                        &req.to,
+                        req.priority,
+                        u64::from(req.max_bandwidth_mibps) << 20,
+                    )
+                });
+            let job = match job {
+                Ok(j) => j,
+                Err(reason) => {
+                    write_msg(&mut w, &CliMsg::Refused { reason })?;
+                    return Ok(());
+                }
+            };
             let out = Mutex::new(s.try_clone()?);
             // Progress is best effort: a CLI that went away does not stop the migration.
             let report = |m: CliMsg| {
@@ -257,7 +283,7 @@ fn handle_cli(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
                     let _ = write_msg(&mut *o, &m);
                 }
             };
-            let summary = crate::outgoing::migrate(d, &req, &report);
+            let summary = crate::outgoing::run_queued(d, &req, &job, &report);
             let json = serde_json::to_string(&summary)?;
             let _ = s.set_write_timeout(Some(Duration::from_secs(10)));
             write_msg(&mut w, &CliMsg::Summary { json })?;
@@ -275,11 +301,43 @@ fn handle_cli(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
             let json = serde_json::to_string(&crate::status::of(d))?;
             write_msg(&mut w, &CliMsg::StatusReport { json })?;
         }
+        CliMsg::Cancel { vm_id } => {
+            let reply = match d.queue.cancel(&vm_id, CANCEL_WAIT) {
+                Some(Ok(detail)) => CliMsg::Done { detail },
+                Some(Err(message)) => CliMsg::Error { message },
+                None => CliMsg::Error {
+                    message: format!("no migration of {vm_id} is queued or running on this host"),
+                },
+            };
+            write_msg(&mut w, &reply)?;
+        }
+        CliMsg::SetBandwidth { vm_id, mibps } => {
+            let reply = match d.queue.job(&vm_id) {
+                Some(job) => {
+                    d.bandwidth.set_own(&job.flow, u64::from(mibps) << 20);
+                    tracing::info!(vm = %vm_id, mibps, "bandwidth cap changed");
+                    CliMsg::Done {
+                        detail: if mibps == 0 {
+                            format!("the migration of {vm_id} has no cap of its own now")
+                        } else {
+                            format!("the migration of {vm_id} is capped at {mibps} MiB/s now")
+                        },
+                    }
+                }
+                None => CliMsg::Error {
+                    message: format!("no migration of {vm_id} is queued or running on this host"),
+                },
+            };
+            write_msg(&mut w, &reply)?;
+        }
         other => {
             write_msg(
                 &mut w,
                 &CliMsg::Refused {
-                    reason: format!("expected Migrate, Status or Recover, got {}", other.name()),
+                    reason: format!(
+                        "expected Migrate, Status, Recover, Cancel or SetBandwidth, got {}",
+                        other.name()
+                    ),
                 },
             )?;
         }

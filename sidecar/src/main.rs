@@ -4,7 +4,11 @@
 //!   TCP listener for peer sidecars (mutual TLS 1.3, or `--insecure-psk`).
 //! - `ferry migrate <vm> --to <host:port>` asks the local daemon to live-migrate a
 //!   registered VM, shows progress, and prints a summary (`--json`: one JSON object).
-//! - `ferry status` prints what the daemon holds.
+//! - `ferry status` shows running, queued and recent migrations (`--json`: the document
+//!   orchestrators read, `docs/operations.md`).
+//! - `ferry drain --to <host:port>` migrates every registered VM through the queue.
+//! - `ferry cancel <vm>` stops a queued or running migration before its commit decision;
+//!   `ferry set-bandwidth <vm> <MiB/s>` changes a migration's cap while it runs.
 //! - `ferry recover <vm>` settles a recorded commit decision the link lost (delivers it,
 //!   or with `--abort` rolls it back once the destination confirms it discarded its copy).
 //! - `ferry devices` lists RDMA devices (TCP is used when there are none).
@@ -12,23 +16,29 @@
 //!   key for `--insecure-psk`.
 //!
 //! Exit status: 0 on success, 1 when the operation failed (a migration that did not
-//! commit, a refused request), 2 for usage errors.
+//! commit, a refused request, an unreachable daemon), 2 for usage errors (bad flags or
+//! values, caught before anything connects).
 
+mod bandwidth;
 mod cli;
 mod config;
 mod context;
 mod daemon;
 mod dest;
 mod dest_exec;
+mod drain;
 mod entries;
 #[cfg(feature = "fault-injection")]
 mod faults;
 mod intake;
+mod lifecycle;
 mod local;
 mod memory;
+mod metrics;
 mod offer;
 mod outgoing;
 mod peer;
+mod queue;
 mod registry;
 mod replay;
 mod source;
@@ -44,8 +54,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
 use ferry_engine::session::VerifyMode;
-use ferry_proto::cli::{CliMsg, MigrateRequest, OnLimit, RecoverMode, TransportChoice};
-use ferry_proto::frame::write_msg;
+use ferry_proto::cli::{CliMsg, MigrateRequest, OnLimit, Priority, RecoverMode, TransportChoice};
 
 #[derive(Parser)]
 #[command(
@@ -70,6 +79,21 @@ enum VerifyArg {
     Strict,
     /// Compare after the destination resumes, keeping the source VM until then.
     AfterResume,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum PriorityArg {
+    High,
+    Normal,
+    Low,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    /// Human-readable lines (colour only on a terminal).
+    Text,
+    /// One JSON object per line.
+    Json,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -105,6 +129,82 @@ enum CertCmd {
         #[arg(long)]
         out: PathBuf,
     },
+}
+
+/// Options of a migration (`migrate` and `drain`).
+#[derive(clap::Args, Clone)]
+struct MigrateOpts {
+    /// The local daemon's socket.
+    #[arg(long, default_value = config::DEFAULT_SOCKET)]
+    socket: PathBuf,
+    /// Data streams (TCP connections or RDMA queue pairs), 1 to 64.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
+    streams: u16,
+    /// Downtime budget in milliseconds.
+    #[arg(long, default_value_t = 300)]
+    downtime_ms: u32,
+    /// Most pre-copy rounds.
+    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
+    max_rounds: u32,
+    /// Pre-copy timeout in seconds.
+    #[arg(long, default_value_t = 600)]
+    timeout_s: u64,
+    /// At the round limit or timeout: abort, or pause and copy the rest.
+    #[arg(long, value_enum, default_value_t = LimitArg::Force)]
+    on_limit: LimitArg,
+    /// Data transport.
+    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
+    transport: TransportArg,
+    /// Watch writes this long before round 1 and send those pages last (0: off; at most
+    /// 60000).
+    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=60_000))]
+    observe_ms: u32,
+    /// When to compare the memory digests.
+    #[arg(long, value_enum, default_value_t = VerifyArg::AfterResume)]
+    verify: VerifyArg,
+    /// Same as `--verify strict`.
+    #[arg(long)]
+    verify_before_resume: bool,
+    /// Place in the queue.
+    #[arg(long, value_enum, default_value_t = PriorityArg::Normal)]
+    priority: PriorityArg,
+    /// This migration's bandwidth cap in MiB/s (the host's cap applies as well; change it
+    /// live with `ferry set-bandwidth`).
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
+    max_bandwidth: Option<u32>,
+}
+
+impl MigrateOpts {
+    fn request(&self, vm_id: String, to: String) -> MigrateRequest {
+        MigrateRequest {
+            vm_id,
+            to,
+            channels: self.streams,
+            downtime_ms: self.downtime_ms,
+            max_rounds: self.max_rounds,
+            timeout_ms: self.timeout_s.saturating_mul(1000),
+            on_limit: match self.on_limit {
+                LimitArg::Abort => OnLimit::Abort,
+                LimitArg::Force => OnLimit::Force,
+            },
+            transport: match self.transport {
+                TransportArg::Auto => TransportChoice::Auto,
+                TransportArg::Tcp => TransportChoice::Tcp,
+                TransportArg::Rdma => TransportChoice::Rdma,
+            },
+            observe_ms: self.observe_ms,
+            verify: match (self.verify, self.verify_before_resume) {
+                (VerifyArg::Strict, _) | (_, true) => VerifyMode::Strict,
+                (VerifyArg::AfterResume, false) => VerifyMode::AfterResume,
+            },
+            priority: match self.priority {
+                PriorityArg::High => Priority::High,
+                PriorityArg::Normal => Priority::Normal,
+                PriorityArg::Low => Priority::Low,
+            },
+            max_bandwidth_mibps: self.max_bandwidth.unwrap_or(0),
+        }
+    }
 }
 
 #[derive(Subcommand)]
@@ -147,6 +247,22 @@ enum Cmd {
         /// traffic is not encrypted. Repeat for several.
         #[arg(long)]
         rdma_peer: Vec<String>,
+        /// Most outgoing migrations at once; the rest wait in the queue [default: 2].
+        #[arg(long)]
+        max_outgoing: Option<usize>,
+        /// Most incoming migrations at once; sources keep the rest queued [default: 2].
+        #[arg(long)]
+        max_incoming: Option<usize>,
+        /// This host's bandwidth cap for outgoing migrations in MiB/s, shared fairly by
+        /// those running [default: 0, no cap].
+        #[arg(long)]
+        max_bandwidth_mibps: Option<u64>,
+        /// Serve Prometheus metrics on this address (GET /metrics).
+        #[arg(long)]
+        metrics: Option<String>,
+        /// Log lines as text or JSON [default: text].
+        #[arg(long, value_enum)]
+        log_format: Option<LogFormat>,
     },
     /// Settle a VM's recorded but unconfirmed commit decision (after a link failure in
     /// the commit window, or a failed start at the destination).
@@ -165,53 +281,61 @@ enum Cmd {
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
     },
-    /// Live-migrate a registered VM to another sidecar.
+    /// Live-migrate a registered VM to another sidecar (queued until this host and the
+    /// destination have a free slot).
     Migrate {
         /// VM id.
         vm: String,
         /// Destination sidecar, host:port.
         #[arg(long)]
         to: String,
-        /// The local daemon's socket.
-        #[arg(long, default_value = config::DEFAULT_SOCKET)]
-        socket: PathBuf,
-        /// Data streams (TCP connections or RDMA queue pairs), 1 to 64.
-        #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-        streams: u16,
-        /// Downtime budget in milliseconds.
-        #[arg(long, default_value_t = 300)]
-        downtime_ms: u32,
-        /// Most pre-copy rounds.
-        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
-        max_rounds: u32,
-        /// Pre-copy timeout in seconds.
-        #[arg(long, default_value_t = 600)]
-        timeout_s: u64,
-        /// At the round limit or timeout: abort, or pause and copy the rest.
-        #[arg(long, value_enum, default_value_t = LimitArg::Force)]
-        on_limit: LimitArg,
-        /// Data transport.
-        #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
-        transport: TransportArg,
-        /// Watch writes this long before round 1 and send those pages last (0: off; at most
-        /// 60000).
-        #[arg(long, default_value_t = 0)]
-        observe_ms: u32,
-        /// When to compare the memory digests.
-        #[arg(long, value_enum, default_value_t = VerifyArg::AfterResume)]
-        verify: VerifyArg,
-        /// Same as `--verify strict`.
-        #[arg(long)]
-        verify_before_resume: bool,
-        /// Print one JSON object instead of the progress bar and summary.
+        #[command(flatten)]
+        opts: MigrateOpts,
+        /// Print one JSON object (the summary, or the error) instead of the progress bar
+        /// and summary.
         #[arg(long)]
         json: bool,
     },
-    /// Show what the local daemon holds (JSON).
+    /// Migrate every VM registered with the local sidecar to another sidecar, through the
+    /// queue; reports each; exits 1 if any VM stayed.
+    Drain {
+        /// Destination sidecar, host:port.
+        #[arg(long)]
+        to: String,
+        #[command(flatten)]
+        opts: MigrateOpts,
+        /// Print one JSON array of the summaries.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Cancel a queued or running migration (refused once its commit decision is taken):
+    /// the VM keeps running here and the destination discards its copy.
+    Cancel {
+        /// VM id.
+        vm: String,
+        /// The local daemon's socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Change a queued or running migration's bandwidth cap (0 removes its own cap).
+    SetBandwidth {
+        /// VM id.
+        vm: String,
+        /// MiB/s.
+        #[arg(value_parser = clap::value_parser!(u32).range(0..=1_048_576))]
+        mibps: u32,
+        /// The local daemon's socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Show running, queued and recent migrations, limits and registered VMs.
     Status {
         /// The local daemon's socket.
         #[arg(long, default_value = config::DEFAULT_SOCKET)]
         socket: PathBuf,
+        /// Print the status document as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// List RDMA devices: ports, link layer, GIDs (RoCE v2 IPv4 marked), limits, NUMA node.
     Devices,
@@ -225,16 +349,47 @@ enum Cmd {
     Cert(CertCmd),
 }
 
-fn main() -> ExitCode {
-    tracing_subscriber::fmt()
+/// Logs to stderr: text (colour only on a terminal) or JSON lines.
+fn init_logging(format: LogFormat) {
+    let filter =
+        tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into());
+    let b = tracing_subscriber::fmt()
         .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "info".into()),
-        )
-        .init();
-    match run(Cli::parse()) {
+        .with_env_filter(filter);
+    match format {
+        LogFormat::Json => b.json().flatten_event(true).init(),
+        LogFormat::Text => b
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+    }
+}
+
+/// A usage error: a bad value the CLI catches before it connects to anything (exit 2).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+struct Usage(String);
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let format = match &cli.cmd {
+        Cmd::Serve {
+            config, log_format, ..
+        } => match log_format {
+            Some(f) => *f,
+            None => match config.as_deref().map(config::FileConfig::load) {
+                Some(Ok(c)) if c.log_format.as_deref() == Some("json") => LogFormat::Json,
+                _ => LogFormat::Text,
+            },
+        },
+        _ => LogFormat::Text,
+    };
+    init_logging(format);
+    match run(cli) {
         Ok(code) => code,
+        Err(e) if e.downcast_ref::<Usage>().is_some() => {
+            eprintln!("ferry: {e:#}");
+            ExitCode::from(2)
+        }
         Err(e) => {
             eprintln!("ferry: {e:#}");
             ExitCode::from(1)
@@ -247,8 +402,18 @@ fn check_destination(to: &str) -> anyhow::Result<()> {
     let ok = to
         .rsplit_once(':')
         .is_some_and(|(h, p)| !h.is_empty() && p.parse::<u16>().is_ok_and(|p| p > 0));
-    anyhow::ensure!(ok, "--to must be host:port, got {to:?}");
+    if !ok {
+        return Err(Usage(format!(
+            "--to must be host:port (e.g. 10.0.0.2:7780), got {to:?}"
+        ))
+        .into());
+    }
     Ok(())
+}
+
+/// Checks a VM id before anything is sent to the daemon.
+fn check_vm(vm: &str) -> anyhow::Result<()> {
+    ferry_proto::common::check_vm_id(vm).map_err(|e| Usage(e.to_string()).into())
 }
 
 fn run(cli: Cli) -> anyhow::Result<ExitCode> {
@@ -265,6 +430,11 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             insecure_psk,
             key_file,
             rdma_peer,
+            max_outgoing,
+            max_incoming,
+            max_bandwidth_mibps,
+            metrics,
+            log_format: _,
         } => {
             let file = match &config {
                 Some(p) => config::FileConfig::load(p)?,
@@ -281,7 +451,19 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 tls_key,
                 insecure_psk,
                 key_file,
+                max_outgoing,
+                max_incoming,
+                max_bandwidth_mibps,
+                metrics,
             };
+            if let Some(f) = file.log_format.as_deref() {
+                if f != "text" && f != "json" {
+                    return Err(Usage(format!(
+                        "log_format must be \"text\" or \"json\", got {f:?}"
+                    ))
+                    .into());
+                }
+            }
             let (cfg, auth) = config::resolve(file, flags)?;
             daemon::serve(cfg, auth)?;
             Ok(ExitCode::SUCCESS)
@@ -332,7 +514,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             force,
             socket,
         } => {
-            ferry_proto::common::check_vm_id(&vm)?;
+            check_vm(&vm)?;
             let mode = match (abort, force) {
                 (false, _) => RecoverMode::Deliver,
                 (true, false) => RecoverMode::Abort,
@@ -340,51 +522,25 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             };
             cli::recover(&socket, vm, mode)
         }
-        Cmd::Status { socket } => cli::status(&socket),
-        Cmd::Migrate {
-            vm,
-            to,
-            socket,
-            streams,
-            downtime_ms,
-            max_rounds,
-            timeout_s,
-            on_limit,
-            transport,
-            observe_ms,
-            verify,
-            verify_before_resume,
-            json,
-        } => {
-            ferry_proto::common::check_vm_id(&vm)?;
+        Cmd::Status { socket, json } => cli::status(&socket, json),
+        Cmd::Cancel { vm, socket } => {
+            check_vm(&vm)?;
+            cli::request(&socket, CliMsg::Cancel { vm_id: vm })
+        }
+        Cmd::SetBandwidth { vm, mibps, socket } => {
+            check_vm(&vm)?;
+            cli::request(&socket, CliMsg::SetBandwidth { vm_id: vm, mibps })
+        }
+        Cmd::Migrate { vm, to, opts, json } => {
+            check_vm(&vm)?;
             check_destination(&to)?;
-            let mut s = cli::connect(&socket)?;
-            write_msg(
-                &mut s,
-                &CliMsg::Migrate(MigrateRequest {
-                    vm_id: vm,
-                    to,
-                    channels: streams,
-                    downtime_ms,
-                    max_rounds,
-                    timeout_ms: timeout_s.saturating_mul(1000),
-                    on_limit: match on_limit {
-                        LimitArg::Abort => OnLimit::Abort,
-                        LimitArg::Force => OnLimit::Force,
-                    },
-                    transport: match transport {
-                        TransportArg::Auto => TransportChoice::Auto,
-                        TransportArg::Tcp => TransportChoice::Tcp,
-                        TransportArg::Rdma => TransportChoice::Rdma,
-                    },
-                    observe_ms,
-                    verify: match (verify, verify_before_resume) {
-                        (VerifyArg::Strict, _) | (_, true) => VerifyMode::Strict,
-                        (VerifyArg::AfterResume, false) => VerifyMode::AfterResume,
-                    },
-                }),
-            )?;
-            cli::follow(&mut s, json)
+            let mut s = cli::connect(&opts.socket)?;
+            ferry_proto::frame::write_msg(&mut s, &CliMsg::Migrate(opts.request(vm.clone(), to)))?;
+            cli::follow(&mut s, &vm, json)
+        }
+        Cmd::Drain { to, opts, json } => {
+            check_destination(&to)?;
+            drain::drain(&to, &opts, json)
         }
     }
 }

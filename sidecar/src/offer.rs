@@ -119,6 +119,7 @@ pub fn negotiate(
     )?;
     let prepare_us = match read_msg(&mut ctl.stream, MAX_FRAME)? {
         PeerMsg::Accept { prepare_us } => prepare_us,
+        PeerMsg::Busy { running, limit } => return Err(DestinationBusy { running, limit }.into()),
         other => return Err(unexpected("Accept", other).into()),
     };
     let mut streams = Vec::with_capacity(channels);
@@ -183,4 +184,15 @@ fn rdma_handshake(
             other => return Err(unexpected("RdmaAnswer", other).into()),
         },
     )
+}
+
+/// The destination runs as many incoming migrations as it allows: not a failure, the
+/// migration waits in the queue and is offered again.
+#[derive(Debug, thiserror::Error)]
+#[error("the destination runs {running} of its {limit} incoming migrations")]
+pub struct DestinationBusy {
+    /// Incoming migrations running there.
+    pub running: u32,
+    /// Its `max_incoming`.
+    pub limit: u32,
 }

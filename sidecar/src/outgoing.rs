@@ -9,11 +9,12 @@ use std::time::Duration;
 use ferry_engine::precopy::{ConvergencePolicy, LimitAction};
 use ferry_engine::session::{DecisionState, SessionId, SourceConfig, SourceOutcome, SourceSession};
 use ferry_proto::auth::random;
-use ferry_proto::cli::{MigrateRequest, OnLimit};
+use ferry_proto::cli::{CliMsg, MigrateRequest, OnLimit, Phase, UNKNOWN};
 use ferry_proto::mem::GuestRegion;
 use ferry_proto::records::{self, Decision};
 
 use crate::context::Daemon;
+use crate::queue::{Finished, Job};
 use crate::replay::{settle_undecided, stop_reattached};
 use crate::source::{Driver, Reporter};
 use crate::summary::Summary;
@@ -49,7 +50,7 @@ pub fn config_of_recovery(d: &Daemon, window: Duration) -> SourceConfig {
 /// once the first destination gets its decision). With `held` (this migration holds the
 /// VM, so no other runs), an "undecided" record is a session that died before it decided:
 /// its destination is released before the new record replaces it.
-fn check_record(d: &Daemon, vm_id: &str, held: bool) -> Result<(), String> {
+pub fn check_record(d: &Daemon, vm_id: &str, held: bool) -> Result<(), String> {
     match records::read_decision(&d.cfg.state_dir, vm_id) {
         Ok(Some(dec)) if dec.state == DecisionState::Committed => Err(format!(
             "VM {vm_id} has a committed, unconfirmed migration to {}: run `ferry recover {vm_id}` first",
@@ -64,33 +65,121 @@ fn check_record(d: &Daemon, vm_id: &str, held: bool) -> Result<(), String> {
     }
 }
 
-/// Runs a migration of `req.vm_id`; always returns a summary (result "aborted" with the
-/// reason on failure, the VM running here again).
-pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summary {
+/// Runs a queued migration: waits for its turn, runs it (waiting again whenever the
+/// destination is busy), and returns its summary ("cancelled" when cancelled while
+/// queued). The job leaves the queue; status and metrics learn how it ended.
+pub fn run_queued(
+    d: &Daemon,
+    req: &MigrateRequest,
+    job: &Arc<Job>,
+    report: Reporter<'_>,
+) -> Summary {
+    let asked = std::time::Instant::now();
+    let mut queued = Duration::ZERO;
+    let summary = loop {
+        let waited = std::time::Instant::now();
+        let turn = d.queue.wait_turn(job, |position| {
+            report(CliMsg::Progress {
+                phase: Phase::Queued,
+                round: u32::try_from(position).unwrap_or(u32::MAX),
+                round_done: 0,
+                round_total: 0,
+                total_done: 0,
+                rate: UNKNOWN,
+                dirty_rate: UNKNOWN,
+                expected_downtime_ms: UNKNOWN,
+            });
+        });
+        queued += waited.elapsed();
+        let turn = match turn {
+            Ok(t) => t,
+            Err(why) => {
+                let mut s = Summary::new(req, d.auth.encrypted());
+                s.result = "cancelled".into();
+                s.error = format!("{why}: nothing was moved; the VM runs here");
+                break s;
+            }
+        };
+        d.bandwidth.attach(&job.flow);
+        let attempt = migrate(d, req, Some(job), report);
+        d.bandwidth.detach(&job.flow);
+        drop(turn);
+        match attempt {
+            Ok(s) => break s,
+            Err(why) => {
+                tracing::info!(vm = %req.vm_id, to = %req.to, "{why}: the migration waits in the queue");
+                d.queue.defer(job, format!("destination busy: {why}"));
+            }
+        }
+    };
+    let mut summary = summary;
+    summary.queued_ms = queued.as_secs_f64() * 1e3;
+    summary.max_bandwidth_mibps = job.flow.own() >> 20;
+    let downtime =
+        (summary.result == "committed").then(|| Duration::from_secs_f64(summary.downtime_ms / 1e3));
+    d.metrics.finished(
+        "outgoing",
+        &summary.result,
+        summary.rounds,
+        downtime,
+        asked.elapsed(),
+    );
+    d.queue.finish(
+        job,
+        Some(Finished {
+            vm_id: req.vm_id.clone(),
+            direction: "outgoing",
+            peer: req.to.clone(),
+            state: summary.result.clone(),
+            priority: Some(req.priority),
+            rounds: summary.rounds,
+            bytes: summary.bytes_transferred,
+            downtime_ms: downtime.map(|_| summary.downtime_ms),
+            total_ms: asked.elapsed().as_secs_f64() * 1e3,
+            ended_at: std::time::SystemTime::now(),
+            error: summary.error.clone(),
+        }),
+    );
+    summary
+}
+
+/// Runs a migration of `req.vm_id`; returns a summary (result "aborted" with the reason
+/// on failure, the VM running here again).
+///
+/// # Errors
+///
+/// The destination had no free slot (it answered `Busy`): nothing happened, and the job
+/// waits again.
+fn migrate(
+    d: &Daemon,
+    req: &MigrateRequest,
+    job: Option<&Arc<Job>>,
+    report: Reporter<'_>,
+) -> Result<Summary, String> {
     let mut summary = Summary::new(req, d.auth.encrypted());
     if let Err(e) = check_record(d, &req.vm_id, false) {
         summary.error = e;
-        return summary;
+        return Ok(summary);
     }
     let vm = match d.registry.begin_outgoing(&req.vm_id, &req.to) {
         Ok(vm) => vm,
         Err(e) => {
             summary.error = e;
-            return summary;
+            return Ok(summary);
         }
     };
     // The VM is this migration's now: settle what its record says about the last one.
     if let Err(e) = check_record(d, &req.vm_id, true) {
         summary.error = e;
         d.registry.end_outgoing(&req.vm_id, Some(vm));
-        return summary;
+        return Ok(summary);
     }
     let session = match random() {
         Ok(b) => SessionId(b),
         Err(e) => {
             summary.error = e.to_string();
             d.registry.end_outgoing(&req.vm_id, Some(vm));
-            return summary;
+            return Ok(summary);
         }
     };
     d.registry
@@ -105,6 +194,7 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
     let mut drv = Driver::new(d, &req.vm_id, &req.to, session, Some(vm));
     drv.req = Some(req);
     drv.report = Some(report);
+    drv.job = job.cloned();
     drv.run(&mut s);
     let outcome = s.outcome().cloned().unwrap_or(SourceOutcome::Aborted);
     let net = drv.net.take();
@@ -120,7 +210,10 @@ pub fn migrate(d: &Daemon, req: &MigrateRequest, report: Reporter<'_>) -> Summar
         stop_reattached(d, &req.vm_id);
     }
     d.registry.end_outgoing(&req.vm_id, keep);
-    summary
+    match drv.dest_busy.take() {
+        Some(busy) if outcome == SourceOutcome::Aborted => Err(busy),
+        _ => Ok(summary),
+    }
 }
 
 /// Settles a recorded, unconfirmed decision with a session of its own (`ferry recover`,

@@ -137,6 +137,31 @@ impl Registry {
         Ok(())
     }
 
+    /// Whether a migration of `vm_id` may be queued: registered, not paused under a
+    /// fence, not migrating.
+    ///
+    /// # Errors
+    ///
+    /// Why not, and what to do.
+    pub fn can_migrate(&self, vm_id: &str) -> Result<(), String> {
+        Self::migratable(&self.lock(), vm_id)
+    }
+
+    fn migratable(g: &Inner, vm_id: &str) -> Result<(), String> {
+        if g.outgoing.contains_key(vm_id) {
+            return Err(format!("VM {vm_id} is already being migrated"));
+        }
+        match g.sources.get(vm_id) {
+            None => Err(format!(
+                "no VM {vm_id} is registered with this sidecar (`ferry status` lists the registered VMs; its VMM registers it when it starts)"
+            )),
+            Some(v) if v.fence.is_some() => Err(format!(
+                "VM {vm_id} is paused under the commit fence of an earlier migration: run `ferry recover {vm_id}`"
+            )),
+            Some(_) => Ok(()),
+        }
+    }
+
     /// Takes a registered VM out for a migration and marks it outgoing.
     ///
     /// # Errors
@@ -144,18 +169,7 @@ impl Registry {
     /// Not registered, paused under a fence, or already migrating.
     pub fn begin_outgoing(&self, vm_id: &str, to: &str) -> Result<SourceVm, String> {
         let mut g = self.lock();
-        if g.outgoing.contains_key(vm_id) {
-            return Err(format!("VM {vm_id} is already being migrated"));
-        }
-        match g.sources.get(vm_id) {
-            None => return Err(format!("no VM {vm_id} is registered with this sidecar")),
-            Some(v) if v.fence.is_some() => {
-                return Err(format!(
-                    "VM {vm_id} is paused under the commit fence of an earlier migration: run `ferry recover {vm_id}`"
-                ))
-            }
-            Some(_) => {}
-        }
+        Self::migratable(&g, vm_id)?;
         let vm = g.sources.remove(vm_id).expect("checked above");
         g.outgoing.insert(
             vm_id.to_owned(),

@@ -14,7 +14,7 @@ use ferry_engine::session::{
     TransportKind,
 };
 use ferry_engine::transport::{Transport, TransportError, Window};
-use ferry_proto::cli::{CliMsg, MigrateRequest, Phase};
+use ferry_proto::cli::{CliMsg, MigrateRequest, Phase, UNKNOWN};
 use ferry_proto::common::{Message, MAX_FRAME};
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::mem::GuestRegion;
@@ -23,8 +23,9 @@ use ferry_proto::vmm::{Fence, VmmMsg};
 
 use crate::context::Daemon;
 use crate::memory::{digest_of, memory_shrank};
-use crate::offer::{negotiate, Negotiated};
+use crate::offer::{negotiate, DestinationBusy, Negotiated};
 use crate::peer::failure_kind;
+use crate::queue::Job;
 use crate::registry::SourceVm;
 use crate::replay;
 use crate::transport::{RdmaPath, TcpPath};
@@ -60,6 +61,10 @@ pub struct Driver<'a> {
     pub(crate) net: Option<Negotiated>,
     pub(crate) req: Option<&'a MigrateRequest>,
     pub(crate) report: Option<Reporter<'a>>,
+    /// The queue's job (a migration; not a settlement): cancel, bandwidth, live numbers.
+    pub(crate) job: Option<Arc<Job>>,
+    /// The destination answered `Busy` to the offer: the migration goes back to the queue.
+    pub(crate) dest_busy: Option<String>,
     total: AtomicU64,
     round_bytes: (u32, u64),
     pub(crate) t0: Instant,
@@ -84,6 +89,8 @@ impl<'a> Driver<'a> {
             net: None,
             req: None,
             report: None,
+            job: None,
+            dest_busy: None,
             total: AtomicU64::new(0),
             round_bytes: (0, 0),
             t0: Instant::now(),
@@ -98,13 +105,45 @@ impl<'a> Driver<'a> {
                 .registry
                 .update_outgoing(&self.vm_id, |o| o.phase = phase);
             let round = s.current_round();
+            if let Some(job) = &self.job {
+                s.set_rate_cap(job.flow.rate());
+                let e = s.estimate();
+                job.update(|l| {
+                    l.phase = phase;
+                    if let Some((r, _, _)) = round {
+                        l.round = r;
+                    }
+                    l.dirty_rate = e.dirty_rate;
+                    l.expected_downtime = e.expected_downtime;
+                });
+            }
             #[cfg(feature = "fault-injection")]
             let point = crate::faults::point_of(&cmd);
             let ev = self.execute(cmd, round);
             #[cfg(feature = "fault-injection")]
             crate::faults::after(self.net.as_ref().map(|n| n.ctl.stream.tcp()), point, &ev);
             s.handle(self.t0.elapsed(), ev);
+            self.answer_cancel(s);
         }
+    }
+
+    /// Carries out an operator's cancel between two steps (the session decides whether it
+    /// is still possible).
+    fn answer_cancel(&self, s: &mut SourceSession) {
+        let Some(job) = self.job.as_ref().filter(|j| j.cancel_requested()) else {
+            return;
+        };
+        let answer = s
+            .cancel(self.t0.elapsed())
+            .map(|()| {
+                tracing::info!(vm = %self.vm_id, phase = s.phase().name(), "cancelled by the operator: rolling back");
+                format!(
+                    "the migration of {} to {} is cancelled: the VM keeps running here and the destination discards its copy",
+                    self.vm_id, self.to
+                )
+            })
+            .map_err(|e| format!("cannot cancel the migration of {}: {e}", self.vm_id));
+        job.answer_cancel(answer);
     }
 
     fn vmm_request(&mut self, m: &VmmMsg) -> Result<VmmMsg, Failure> {
@@ -257,8 +296,12 @@ impl<'a> Driver<'a> {
         let (Some(req), Some(vm)) = (self.req, self.vm.as_ref()) else {
             return Err(Failure::new(FailureKind::Local, "nothing to negotiate"));
         };
-        let n = negotiate(self.d, req, vm, self.session)
-            .map_err(|e| Failure::new(failure_kind(&e), format!("{e:#}")))?;
+        let n = negotiate(self.d, req, vm, self.session).map_err(|e| {
+            if let Some(b) = e.downcast_ref::<DestinationBusy>() {
+                self.dest_busy = Some(b.to_string());
+            }
+            Failure::new(failure_kind(&e), format!("{e:#}"))
+        })?;
         let list = n.transports.clone();
         self.net = Some(n);
         Ok(SourceEvent::Negotiated(list))
@@ -310,6 +353,8 @@ impl<'a> Driver<'a> {
             Phase::Precopy
         };
         let report = self.report;
+        let job = self.job.clone();
+        let flow = job.as_ref().map(|j| Arc::clone(&j.flow));
         let Some(net) = self.net.as_mut() else {
             return Err(Failure::new(
                 FailureKind::PeerLost,
@@ -318,15 +363,34 @@ impl<'a> Driver<'a> {
         };
         let result = std::thread::scope(|s| {
             let reporter = s.spawn(|| {
+                let mut last = (Instant::now(), 0u64);
                 while !finished.load(Ordering::Acquire) {
                     let d = done.load(Ordering::Relaxed);
+                    let live = job.as_ref().map(|j| {
+                        j.update(|l| {
+                            l.bytes = total_before + d;
+                            let dt = last.0.elapsed();
+                            if dt >= Duration::from_millis(900) {
+                                l.rate = Some((d - last.1) as f64 / dt.as_secs_f64());
+                                last = (Instant::now(), d);
+                            }
+                        });
+                        j.live()
+                    });
                     if let Some(report) = report {
+                        let or_unknown = |v: Option<f64>| v.map_or(UNKNOWN, |v| v as u64);
                         report(CliMsg::Progress {
                             phase,
                             round: shown,
                             round_done: base + d,
                             round_total: planned * ferry_engine::PAGE_SIZE,
                             total_done: total_before + d,
+                            rate: or_unknown(live.as_ref().and_then(|l| l.rate)),
+                            dirty_rate: or_unknown(live.as_ref().and_then(|l| l.dirty_rate)),
+                            expected_downtime_ms: live
+                                .as_ref()
+                                .and_then(|l| l.expected_downtime)
+                                .map_or(UNKNOWN, |t| t.as_millis() as u64),
                         });
                     }
                     // Parked, not asleep: the window's end unparks it at once, so the final
@@ -334,8 +398,12 @@ impl<'a> Driver<'a> {
                     std::thread::park_timeout(Duration::from_millis(100));
                 }
             });
+            // TCP channels book what they just sent against the cap, and wait out the rest.
             let progress = |b: u64| {
                 done.fetch_add(b, Ordering::Relaxed);
+                if let Some(f) = &flow {
+                    f.take(b);
+                }
             };
             let r = match w.transport {
                 TransportKind::Tcp => TcpPath {
@@ -346,8 +414,11 @@ impl<'a> Driver<'a> {
                 TransportKind::Rdma => RdmaPath {
                     channels: w.plan.channels.len(),
                     ctl: &mut net.ctl.stream,
+                    pace: flow.as_deref(),
                 }
-                .send_window(w, &progress),
+                .send_window(w, &|b| {
+                    done.fetch_add(b, Ordering::Relaxed);
+                }),
             };
             finished.store(true, Ordering::Release);
             reporter.thread().unpark();
@@ -372,6 +443,16 @@ impl<'a> Driver<'a> {
                 };
                 self.total.fetch_add(moved, Ordering::Relaxed);
                 self.round_bytes.1 += moved;
+                self.d
+                    .metrics
+                    .add_bytes(w.transport == TransportKind::Rdma, moved);
+                if let Some(j) = &self.job {
+                    j.update(|l| {
+                        l.bytes = self.total.load(Ordering::Relaxed);
+                        l.round = shown;
+                        l.transport = w.transport.label();
+                    });
+                }
                 self.d.registry.update_outgoing(&self.vm_id, |o| {
                     o.round = shown;
                     o.bytes += moved;

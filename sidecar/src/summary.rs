@@ -50,8 +50,18 @@ pub struct DowntimeBreakdown {
 /// The result of `ferry migrate`.
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 pub struct Summary {
-    /// "committed", "aborted", "committed-unconfirmed", "digest-mismatch", "start-failed".
+    /// "committed", "aborted", "cancelled", "committed-unconfirmed", "digest-mismatch",
+    /// "start-failed".
     pub result: String,
+    /// Its priority in the queue.
+    #[serde(default)]
+    pub priority: String,
+    /// Time it waited in the queue (this host's slots, or a busy destination).
+    #[serde(default)]
+    pub queued_ms: f64,
+    /// Its own bandwidth cap at the end, MiB/s (0: none).
+    #[serde(default)]
+    pub max_bandwidth_mibps: u64,
     /// The VM moved.
     pub vm_id: String,
     /// Destination address.
@@ -120,6 +130,8 @@ impl Summary {
             channels: req.channels,
             verify_mode: req.verify.name().into(),
             encrypted,
+            priority: req.priority.name().into(),
+            max_bandwidth_mibps: u64::from(req.max_bandwidth_mibps),
             ..Self::default()
         }
     }
@@ -133,7 +145,11 @@ impl Summary {
         elapsed: Duration,
     ) {
         let r = s.report();
-        self.result = outcome.name().into();
+        self.result = if r.cancelled && *outcome == SourceOutcome::Aborted {
+            "cancelled".into()
+        } else {
+            outcome.name().into()
+        };
         if let Some(n) = net {
             self.transport_reason = n.reason.clone();
             self.prepare_ms = n.prepare_us as f64 / 1e3;

@@ -6,6 +6,7 @@
 //! window's ranges streamed as `PullRanges` while the destination pulls them, then
 //! `RoundDone`, or `RdmaFailed` with the ranges it could not confirm.
 
+use ferry_engine::plan::PageRange;
 use ferry_engine::session::TransportKind;
 use ferry_engine::transport::{RoundStats, Transport, TransportError, Window, WindowOutcome};
 use ferry_engine::PAGE_SIZE;
@@ -15,6 +16,7 @@ use ferry_proto::peer::{PeerMsg, MAX_PULL_RANGES};
 use ferry_proto::ProtoError;
 use ferry_tcp_fallback::TcpSender;
 
+use crate::bandwidth::Flow;
 use crate::peer::PeerStream;
 
 fn link(e: ProtoError) -> TransportError {
@@ -98,6 +100,39 @@ pub struct RdmaPath<'a> {
     pub channels: usize,
     /// The control connection.
     pub ctl: &'a mut PeerStream,
+    /// The migration's bandwidth: with a cap in force the list goes out in pieces of
+    /// about 100 ms each, each booked before the destination may pull it.
+    pub pace: Option<&'a Flow>,
+}
+
+/// Smallest and largest piece of a paced pull list.
+const PACED_PIECE: (u64, u64) = (256 << 10, 16 << 20);
+
+/// `ranges` cut so that no piece of the list is larger than `piece_bytes`, grouped into
+/// pieces of at most that many bytes (and [`MAX_PULL_RANGES`] ranges).
+fn paced_pieces(ranges: &[PageRange], piece_bytes: u64) -> Vec<Vec<PageRange>> {
+    let per_piece = (piece_bytes / PAGE_SIZE).max(1);
+    let mut pieces = vec![Vec::new()];
+    let mut room = per_piece;
+    for r in ranges {
+        let mut left = *r;
+        while left.count > 0 {
+            if room == 0 || pieces.last().is_some_and(|p| p.len() >= MAX_PULL_RANGES) {
+                pieces.push(Vec::new());
+                room = per_piece;
+            }
+            let n = left.count.min(room);
+            pieces.last_mut().expect("never empty").push(PageRange {
+                region: left.region,
+                first: left.first,
+                count: n,
+            });
+            left.first += n;
+            left.count -= n;
+            room -= n;
+        }
+    }
+    pieces
 }
 
 impl Transport for RdmaPath<'_> {
@@ -115,6 +150,25 @@ impl Transport for RdmaPath<'_> {
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<WindowOutcome, TransportError> {
         start(self.ctl, w)?;
+        if let Some((flow, rate)) = self.pace.and_then(|f| f.rate().map(|r| (f, r))) {
+            let piece = (rate / 10 / PAGE_SIZE * PAGE_SIZE).clamp(PACED_PIECE.0, PACED_PIECE.1);
+            let all: Vec<PageRange> = w.plan.ranges().copied().collect();
+            let pieces = paced_pieces(&all, piece);
+            let n = pieces.len();
+            for (i, ranges) in pieces.into_iter().enumerate() {
+                flow.take(ranges.iter().map(|r| r.count).sum::<u64>() * PAGE_SIZE);
+                write_msg(
+                    self.ctl,
+                    &PeerMsg::PullRanges {
+                        round: w.wire_round,
+                        ranges,
+                        last: i + 1 == n,
+                    },
+                )
+                .map_err(link)?;
+            }
+            return self.finish(w, progress);
+        }
         // The list in pieces of at most MAX_PULL_RANGES; an empty list is one empty piece.
         let mut ranges = w.plan.ranges().copied().peekable();
         loop {
@@ -133,6 +187,17 @@ impl Transport for RdmaPath<'_> {
                 break;
             }
         }
+        self.finish(w, progress)
+    }
+}
+
+impl RdmaPath<'_> {
+    /// The destination's answer to a pulled window.
+    fn finish(
+        &mut self,
+        w: &Window,
+        progress: &(dyn Fn(u64) + Sync),
+    ) -> Result<WindowOutcome, TransportError> {
         match read_msg(self.ctl, MAX_FRAME).map_err(link)? {
             PeerMsg::RoundDone {
                 round,
@@ -180,5 +245,39 @@ impl Transport for RdmaPath<'_> {
             }
             other => Err(refused("a pulled round", other)),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paced_pieces_cover_the_list_in_order_and_stay_within_their_size() {
+        let r = |region, first, count| PageRange {
+            region,
+            first,
+            count,
+        };
+        let list = vec![r(0, 0, 10), r(0, 20, 3), r(1, 5, 7)];
+        let pieces = paced_pieces(&list, 4 * PAGE_SIZE);
+        for p in &pieces {
+            assert!(p.iter().map(|x| x.count).sum::<u64>() <= 4, "{p:?}");
+        }
+        let flat: Vec<(u32, u64)> = pieces
+            .iter()
+            .flatten()
+            .flat_map(|x| (x.first..x.end()).map(move |p| (x.region, p)))
+            .collect();
+        let want: Vec<(u32, u64)> = list
+            .iter()
+            .flat_map(|x| (x.first..x.end()).map(move |p| (x.region, p)))
+            .collect();
+        assert_eq!(flat, want);
+        assert_eq!(pieces.len(), 5); // 20 pages in pieces of 4
+        assert_eq!(
+            paced_pieces(&[], 4 * PAGE_SIZE),
+            vec![Vec::<PageRange>::new()]
+        );
     }
 }

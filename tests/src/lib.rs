@@ -343,6 +343,8 @@ pub struct ClusterOpts {
     pub source_env: Vec<(String, String)>,
     /// Extra `ferry serve` arguments for the source sidecar.
     pub source_sidecar_args: Vec<String>,
+    /// Extra `ferry serve` arguments for the destination sidecar.
+    pub dest_sidecar_args: Vec<String>,
     /// Environment for the destination sidecar (fault injection).
     pub dest_env: Vec<(String, String)>,
     /// Extra args for the source VMM.
@@ -364,6 +366,7 @@ impl Default for ClusterOpts {
             vmm: VmmKind::Workload,
             source_env: Vec::new(),
             source_sidecar_args: Vec::new(),
+            dest_sidecar_args: Vec::new(),
             dest_env: Vec::new(),
             source_vmm_args: Vec::new(),
             dest_sans: Vec::new(),
@@ -661,7 +664,7 @@ impl Cluster {
         let (env, args) = if i == 0 {
             (&opts.source_env, &opts.source_sidecar_args[..])
         } else {
-            (&opts.dest_env, &[][..])
+            (&opts.dest_env, &opts.dest_sidecar_args[..])
         };
         c.envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         c.args(args);
@@ -729,11 +732,114 @@ impl Cluster {
         })
     }
 
+    /// Starts a further workload VM `id` (`mem_mib` of RAM dirtied at `rate_mib` MiB/s) on
+    /// host A and a VMM waiting for it on B; status files `vm-a-<id>.json` and
+    /// `vm-b-<id>.json`.
+    ///
+    /// # Errors
+    ///
+    /// When a VMM cannot be spawned.
+    pub fn add_vm(&mut self, id: &str, mem_mib: u64, rate_mib: u64) -> anyhow::Result<()> {
+        let vmm = bin("ferry-workload-vmm");
+        let mut src = self.hosts.cmd(0, &vmm);
+        src.arg("--socket")
+            .arg(self.hosts.path("a.sock"))
+            .args(["--vm-id", id, "--mem-mib", &mem_mib.to_string()])
+            .args([
+                "--rate-mib",
+                &rate_mib.to_string(),
+                "--max-runtime-s",
+                "300",
+            ])
+            .arg("--status-file")
+            .arg(self.hosts.path(&format!("vm-a-{id}.json")));
+        let log = self.hosts.path(&format!("vmm-a-{id}.log"));
+        self.procs
+            .push(Proc::spawn(&format!("vmm-a-{id}"), src, log)?);
+        let mut dst = self.hosts.cmd(1, &vmm);
+        dst.arg("--socket")
+            .arg(self.hosts.path("b.sock"))
+            .args(["--vm-id", id, "--incoming", "--max-runtime-s", "300"])
+            .arg("--status-file")
+            .arg(self.hosts.path(&format!("vm-b-{id}.json")));
+        let log = self.hosts.path(&format!("vmm-b-{id}.log"));
+        self.procs
+            .push(Proc::spawn(&format!("vmm-b-{id}"), dst, log)?);
+        Ok(())
+    }
+
+    /// Waits until `n` VMs are registered on A and `n` VMMs wait on B.
+    ///
+    /// # Errors
+    ///
+    /// On timeout.
+    pub fn wait_vms(&self, n: usize) -> anyhow::Result<()> {
+        let count = |i: usize, key: &str| {
+            self.ferry_status(i)
+                .and_then(|s| s[key].as_array().map(Vec::len))
+                .unwrap_or(0)
+        };
+        wait_for(
+            &format!("{n} VMs registered"),
+            Duration::from_secs(60),
+            || count(0, "registered") == n,
+        )?;
+        wait_for(
+            &format!("{n} VMMs waiting"),
+            Duration::from_secs(60),
+            || count(1, "waiting_incoming") == n,
+        )
+    }
+
+    /// VM `id`'s status on host `i` (vm1's files have no id in their name).
+    pub fn vm(&self, i: usize, id: &str) -> Option<VmStatus> {
+        let side = ["a", "b"][i];
+        if id == "vm1" {
+            status(&self.hosts.path(&format!("vm-{side}.json")))
+        } else {
+            status(&self.hosts.path(&format!("vm-{side}-{id}.json")))
+        }
+    }
+
+    /// `ferry <args> --socket <host i's socket>` in host i's namespace, as a child with
+    /// piped output.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be spawned.
+    pub fn spawn_ferry(&self, i: usize, args: &[&str]) -> anyhow::Result<Child> {
+        let side = ["a", "b"][i];
+        Ok(self
+            .hosts
+            .cmd(i, &bin("ferry"))
+            .args(args)
+            .arg("--socket")
+            .arg(self.hosts.path(&format!("{side}.sock")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
+    /// As [`Cluster::spawn_ferry`], waiting for it: exit code, stdout, stderr.
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be run.
+    pub fn ferry(&self, i: usize, args: &[&str]) -> anyhow::Result<(Option<i32>, String, String)> {
+        let out = self.spawn_ferry(i, args)?.wait_with_output()?;
+        Ok((
+            out.status.code(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        ))
+    }
+
     /// `ferry status` of host `i`'s sidecar.
     pub fn ferry_status(&self, i: usize) -> Option<serde_json::Value> {
         let side = ["a", "b"][i];
         let out = Command::new(bin("ferry"))
-            .args(["status", "--socket"])
+            .args(["status", "--json", "--socket"])
             .arg(self.hosts.path(&format!("{side}.sock")))
             .output()
             .ok()?;

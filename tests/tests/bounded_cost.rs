@@ -216,7 +216,7 @@ fn out_of_descriptors_the_daemon_backs_off_instead_of_spinning() -> anyhow::Resu
     // Once descriptors are free again it serves: the CLI gets an answer.
     wait_for("the daemon answers again", Duration::from_secs(20), || {
         Command::new(bin("ferry"))
-            .args(["status", "--socket"])
+            .args(["status", "--json", "--socket"])
             .arg(&sock)
             .output()
             .is_ok_and(|o| o.status.success())

@@ -359,7 +359,7 @@ fn an_unconfirmed_commit_is_delivered_later_by_ferry_recover() -> anyhow::Result
     assert_eq!(cl.vm_a().map(|v| v.state), Some("paused".into()));
     assert_ne!(cl.vm_b().map(|v| v.state), Some("running".into()));
     let again = cl.migrate(&[])?;
-    assert_eq!(again["result"], "aborted", "{again:#}");
+    assert_eq!(again["result"], "refused", "{again:#}");
     assert!(
         again["error"]
             .as_str()

@@ -22,8 +22,8 @@ mod source;
 
 pub use dest::{DestCommand, DestEvent, DestPhase, DestRecord, DestSession};
 pub use source::{
-    Downtime, RoundReport, SourceCommand, SourceConfig, SourceEvent, SourceOutcome, SourcePhase,
-    SourceReport, SourceSession,
+    CancelRefused, Downtime, Estimate, RoundReport, SourceCommand, SourceConfig, SourceEvent,
+    SourceOutcome, SourcePhase, SourceReport, SourceSession,
 };
 
 use std::fmt;

@@ -314,6 +314,31 @@ pub struct SourceReport {
     pub error: Option<String>,
     /// Things that went wrong without changing the outcome.
     pub warnings: Vec<String>,
+    /// Whether the operator cancelled the migration (it then ends aborted).
+    pub cancelled: bool,
+}
+
+/// What pre-copy looks like now, for progress displays and status.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Estimate {
+    /// The rate convergence is judged at (measured, never above the cap), bytes per second.
+    pub bandwidth: Option<f64>,
+    /// Bytes found dirty by the last read after a round.
+    pub dirty_bytes: u64,
+    /// How fast the guest dirtied memory during the last round, bytes per second.
+    pub dirty_rate: Option<f64>,
+    /// How long the final copy of what is dirty now would take at `bandwidth`.
+    pub expected_downtime: Option<Duration>,
+}
+
+/// Why a cancel was refused.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CancelRefused(pub String);
+
+impl std::fmt::Display for CancelRefused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
 }
 
 impl SourceReport {
@@ -414,6 +439,8 @@ pub struct SourceSession {
     peer_told: bool,
     /// Why the migration is being aborted (for the destination).
     abort_reason: String,
+    /// The last dirty read after a round: bytes, and how long that round took.
+    last_dirty: Option<(u64, Duration)>,
     report: SourceReport,
 }
 
@@ -519,6 +546,7 @@ impl SourceSession {
             start_recorded: false,
             peer_told: false,
             abort_reason: String::new(),
+            last_dirty: None,
             report: SourceReport::default(),
         }
     }
@@ -574,6 +602,65 @@ impl SourceSession {
                 | Stage::Done(SourceOutcome::CommittedUnconfirmed)
                 | Stage::Done(SourceOutcome::StartFailed(_))
         )
+    }
+
+    /// Sets the bandwidth cap in force now, in bytes per second (`None`: none); the next
+    /// convergence decision is judged at the capped rate.
+    pub fn set_rate_cap(&mut self, cap: Option<u64>) {
+        self.ctl.set_rate_cap(cap);
+    }
+
+    /// Where pre-copy stands: the rate, the dirty set and what a switch-over would cost.
+    pub fn estimate(&self) -> Estimate {
+        let bandwidth = self.ctl.bandwidth();
+        let (dirty_bytes, round_took) = self.last_dirty.unwrap_or_default();
+        let dirty_rate = (self.last_dirty.is_some() && !round_took.is_zero())
+            .then(|| dirty_bytes as f64 / round_took.as_secs_f64());
+        Estimate {
+            bandwidth,
+            dirty_bytes,
+            dirty_rate,
+            expected_downtime: bandwidth
+                .filter(|b| *b > 0.0 && self.last_dirty.is_some())
+                .map(|b| Duration::from_secs_f64(dirty_bytes as f64 / b)),
+        }
+    }
+
+    /// The operator cancels the migration (`now`: time since it started). Before the
+    /// commit point it is aborted exactly as if the step in progress had failed: the VM
+    /// runs here again and the destination is told to discard its copy. The command the
+    /// driver was about to run is dropped, so call this only between [`Self::handle`]
+    /// and the next [`Self::poll`].
+    ///
+    /// # Errors
+    ///
+    /// The commit decision is taken (or being recorded), or the session already ended.
+    pub fn cancel(&mut self, now: Duration) -> Result<(), CancelRefused> {
+        if self.past_commit_point() {
+            return Err(CancelRefused(
+                "the commit decision is taken: the VM is the destination's now (`ferry recover` settles a decision the link lost)".into(),
+            ));
+        }
+        match self.phase() {
+            SourcePhase::Done => {
+                return Err(CancelRefused("the migration already ended".into()));
+            }
+            // Already rolling back: the outcome will be the same.
+            SourcePhase::Aborting => {
+                self.report.cancelled = true;
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.report.cancelled = true;
+        self.queue.clear();
+        let stage = std::mem::replace(&mut self.stage, Stage::Done(SourceOutcome::Aborted));
+        self.stage = self.on_failure(
+            now,
+            stage,
+            Failure::new(FailureKind::Cancelled, "cancelled by the operator"),
+        );
+        Ok(())
     }
 
     /// Where the session stands.
@@ -1092,6 +1179,12 @@ impl SourceSession {
     /// After a pre-copy round: another round, stop and copy, or give up.
     fn decide_next(&mut self, now: Duration, dirty: Vec<DirtyBitmap>) -> Stage {
         let dirty_bytes: u64 = dirty.iter().map(DirtyBitmap::count).sum::<u64>() * PAGE_SIZE;
+        let took = self
+            .ctl
+            .rounds()
+            .last()
+            .map_or(Duration::ZERO, |r| r.elapsed);
+        self.last_dirty = Some((dirty_bytes, took));
         match self.ctl.next_step(now, dirty_bytes) {
             Step::Precopy { round, .. } => self.begin_round(now, round, false, ranges_of(&dirty)),
             Step::StopAndCopy(reason) => {

@@ -942,6 +942,81 @@ fn every_failure_at_every_step_keeps_exactly_one_vm() {
     }
 }
 
+#[test]
+fn cancel_at_every_step_aborts_before_the_decision_and_is_refused_after_it() {
+    for verify in [VerifyMode::Strict, VerifyMode::AfterResume] {
+        let steps = {
+            let mut d = Driver::new();
+            let mut s = SourceSession::new(cfg(verify));
+            d.run(&mut s, |_, _| None);
+            d.log.len()
+        };
+        let mut accepted = 0;
+        let mut refused = 0;
+        for at in 0..steps {
+            let mut d = Driver::new();
+            let mut s = SourceSession::new(cfg(verify));
+            let mut answer = None;
+            let mut i = 0;
+            while let Some(c) = s.poll() {
+                let ev = d.answer(&c);
+                d.log.push(c);
+                s.handle(d.now, ev);
+                if i == at {
+                    answer = Some(s.cancel(d.now));
+                }
+                i += 1;
+            }
+            let out = s.outcome().cloned().expect("ended");
+            let ctx = format!(
+                "{verify:?} cancel after step {at}: {answer:?} {out:?}\n{:?}",
+                d.log
+            );
+            let recorded = d.position(is_commit_record);
+            match answer.expect("cancel was called") {
+                Ok(()) => {
+                    accepted += 1;
+                    assert_eq!(out, SourceOutcome::Aborted, "{ctx}");
+                    assert!(s.report().cancelled, "{ctx}");
+                    assert_eq!(recorded, None, "{ctx}");
+                    assert!(d.position(|c| *c == SourceCommand::Stop).is_none(), "{ctx}");
+                    // The VM runs here again once anything was started.
+                    if d.position(|c| *c == SourceCommand::StartDirtyLog).is_some() {
+                        assert!(d.position(is_resume).is_some(), "{ctx}");
+                    }
+                    // A destination that may hold a copy is told to discard it.
+                    if d.position(|c| matches!(c, SourceCommand::SendState(_)))
+                        .is_some()
+                    {
+                        assert!(
+                            d.position(|c| matches!(
+                                c,
+                                SourceCommand::AbortPeer { confirm: true, .. }
+                            ))
+                            .is_some(),
+                            "{ctx}"
+                        );
+                    }
+                }
+                Err(why) => {
+                    refused += 1;
+                    // Refused only once the decision is taken (or the session ended).
+                    assert!(
+                        recorded.is_some_and(|p| p <= at + 1)
+                            || s.outcome().is_some() && i == at + 1,
+                        "{ctx}: {why}"
+                    );
+                    assert!(!s.report().cancelled, "{ctx}");
+                }
+            }
+        }
+        assert!(
+            accepted > 10 && refused > 0,
+            "{accepted} accepted, {refused} refused"
+        );
+    }
+}
+
 // ---- destination ----
 
 fn drive_dest(
