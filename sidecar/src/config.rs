@@ -217,3 +217,24 @@ pub fn resolve(file: FileConfig, f: ServeFlags) -> anyhow::Result<(DaemonConfig,
     };
     Ok((cfg, auth))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_example_file_parses_and_states_every_default() {
+        let f: FileConfig =
+            toml::from_str(include_str!("../../dist/ferry.toml")).expect("dist/ferry.toml parses");
+        assert_eq!(f.socket.as_deref(), Some(Path::new(DEFAULT_SOCKET)));
+        assert_eq!(f.listen.as_deref(), Some("0.0.0.0:7780"));
+        assert_eq!(f.state_dir.as_deref(), Some(Path::new("/var/lib/ferry")));
+        assert_eq!(f.replay_window_s, Some(120));
+        assert_eq!(f.max_outgoing, Some(DEFAULT_MAX_MIGRATIONS));
+        assert_eq!(f.max_incoming, Some(DEFAULT_MAX_MIGRATIONS));
+        assert_eq!(f.max_bandwidth_mibps, Some(0));
+        assert_eq!(f.log_format.as_deref(), Some("text"));
+        assert!(f.rdma_peers.is_empty() && f.metrics.is_none());
+        assert!(f.tls.ca.is_some() && f.insecure_psk_key_file.is_none());
+    }
+}

@@ -9,7 +9,6 @@ use anyhow::bail;
 use ferry_engine::session::{DestEvent, DestPhase, DestSession, Failure, FailureKind, SessionId};
 use ferry_proto::common::{Message, RegionInfo, MAX_FRAME};
 use ferry_proto::frame::{read_msg, write_msg};
-use ferry_proto::mem::PAGE;
 use ferry_proto::peer::PeerMsg;
 use ferry_proto::vmm::VmmMsg;
 use ferry_tcp_fallback::TcpReceiver;
@@ -40,54 +39,6 @@ const SETTLE_WAIT: Duration = Duration::from_secs(30);
 /// answer a release may rely on.
 const REATTACH_GRACE: Duration = Duration::from_secs(10);
 
-fn mem_available() -> Option<u64> {
-    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
-    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
-    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kib * 1024)
-}
-
-/// Checks an offer against what this host can do; the error text goes to the source.
-fn check_offer(
-    page_size: u32,
-    regions: &[RegionInfo],
-    channels: u16,
-    transports: u8,
-) -> Result<u64, String> {
-    if page_size as usize != PAGE {
-        return Err(format!(
-            "page size {page_size} is not supported (only {PAGE})"
-        ));
-    }
-    if regions.is_empty() {
-        return Err("the offer has no RAM regions".into());
-    }
-    if transports & ferry_proto::peer::OFFER_TCP == 0 {
-        // TCP carries the control messages and the fallback: it is never optional.
-        return Err(format!("transports {transports:#x} do not include TCP"));
-    }
-    // Whole pages, aligned, in order, not overlapping: what a VMM may register.
-    ferry_proto::common::check_layout(regions)?;
-    if channels == 0 || channels > MAX_CHANNELS {
-        return Err(format!(
-            "{channels} channels requested; 1 to {MAX_CHANNELS} are allowed"
-        ));
-    }
-    // Non-overlapping spans of the address space: their sizes add up without overflow.
-    let total: u64 = regions.iter().map(|r| r.size).sum();
-    if let Some(avail) = mem_available() {
-        // Keep 256 MiB for the host: the destination must not push its host into OOM.
-        if total.saturating_add(256 << 20) > avail {
-            return Err(format!(
-                "the VM needs {} MiB of RAM; this host has {} MiB available",
-                total >> 20,
-                avail >> 20
-            ));
-        }
-    }
-    Ok(total)
-}
-
 /// Handles an authenticated control connection carrying an offer.
 ///
 /// # Errors
@@ -106,7 +57,7 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
     else {
         bail!("not an offer");
     };
-    if let Err(reason) = check_offer(page_size, &regions, channels, transports) {
+    if let Err(reason) = crate::offer::check_offer(page_size, &regions, channels, transports) {
         return Err(refuse(&mut ctl.stream, reason));
     }
     // A full host (or one shutting down) says so; the source keeps the migration queued.
@@ -457,37 +408,4 @@ pub fn describe_held(d: &Daemon, vm_id: &str) -> Option<String> {
     d.registry.held_session_of(vm_id).map(|s| {
         format!("VM {vm_id} is held here (session {s}) for its source's decision; run `ferry recover {vm_id}` on the source host")
     })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn offers_are_checked() {
-        let r = |size| RegionInfo {
-            gpa: 0,
-            size,
-            offset: 0,
-        };
-        let both = ferry_proto::peer::OFFER_TCP | ferry_proto::peer::OFFER_RDMA;
-        assert!(check_offer(4096, &[r(1 << 20)], 4, both).is_ok());
-        assert!(check_offer(8192, &[r(1 << 20)], 4, both).is_err());
-        assert!(check_offer(4096, &[], 4, both).is_err());
-        assert!(check_offer(4096, &[r(1 << 20)], 0, both).is_err());
-        assert!(check_offer(4096, &[r(1 << 20)], 65, both).is_err());
-        assert!(check_offer(4096, &[r(1000)], 4, both).is_err());
-        assert!(check_offer(4096, &[r(1 << 20)], 4, ferry_proto::peer::OFFER_RDMA).is_err());
-        assert!(check_offer(4096, &[r(u64::MAX - 4095), r(1 << 20)], 4, both).is_err());
-        // Overlapping and unaligned regions.
-        assert!(check_offer(4096, &[r(1 << 20), r(1 << 20)], 4, both).is_err());
-        let unaligned = RegionInfo {
-            gpa: 100,
-            size: 1 << 20,
-            offset: 0,
-        };
-        assert!(check_offer(4096, &[unaligned], 4, both).is_err());
-        let huge = check_offer(4096, &[r(1 << 50)], 4, both).expect_err("too big");
-        assert!(huge.contains("MiB available"), "{huge}");
-    }
 }

@@ -10,10 +10,10 @@ use anyhow::Context;
 use ferry_proto::cli::CliMsg;
 use ferry_proto::frame::write_msg;
 
+use crate::args::MigrateOpts;
 use crate::cli::{connect, follow_quiet, status_json};
 use crate::status::Status;
 use crate::summary::Summary;
-use crate::MigrateOpts;
 
 /// Runs the drain.
 ///

@@ -28,19 +28,26 @@ impl Lock {
     /// Another process holds it (`what` says what the lock guards), or the file cannot be
     /// opened.
     pub fn take(path: &Path, what: &str) -> anyhow::Result<Self> {
-        use std::io::{Read, Seek, Write};
-        let mut f = std::fs::OpenOptions::new()
+        // Held through a read-only descriptor: an open writable file would keep the
+        // state directory's file system from being remounted read-only.
+        let f = std::fs::OpenOptions::new()
             .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
+            .write(false)
+            .create(false)
             .open(path)
+            .or_else(|_| {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(path)
+                    .and_then(|_| std::fs::File::open(path))
+            })
             .with_context(|| format!("opening the lock file {}", path.display()))?;
         // SAFETY: flock on a file descriptor this function owns; no memory involved.
         let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
         if r != 0 {
-            let mut pid = String::new();
-            let _ = f.read_to_string(&mut pid);
+            let pid = std::fs::read_to_string(path).unwrap_or_default();
             let pid = pid.trim();
             bail!(
                 "another ferry daemon{} uses {what} ({} is locked): stop it first, or give this one its own --socket and --state-dir",
@@ -48,9 +55,9 @@ impl Lock {
                 path.display()
             );
         }
-        f.set_len(0)?;
-        f.rewind()?;
-        writeln!(f, "{}", std::process::id())?;
+        // Ours now: say whose, for the next one that tries.
+        std::fs::write(path, format!("{}\n", std::process::id()))
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(Self { _file: f })
     }
 }

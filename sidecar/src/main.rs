@@ -19,6 +19,7 @@
 //! commit, a refused request, an unreachable daemon), 2 for usage errors (bad flags or
 //! values, caught before anything connects).
 
+mod args;
 mod bandwidth;
 mod cli;
 mod config;
@@ -53,8 +54,9 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand, ValueEnum};
-use ferry_engine::session::VerifyMode;
-use ferry_proto::cli::{CliMsg, MigrateRequest, OnLimit, Priority, RecoverMode, TransportChoice};
+use ferry_proto::cli::{CliMsg, RecoverMode};
+
+use crate::args::MigrateOpts;
 
 #[derive(Parser)]
 #[command(
@@ -67,40 +69,12 @@ struct Cli {
     cmd: Cmd,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-enum LimitArg {
-    Abort,
-    Force,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum VerifyArg {
-    /// Compare memory digests before the destination resumes (costs downtime).
-    Strict,
-    /// Compare after the destination resumes, keeping the source VM until then.
-    AfterResume,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum PriorityArg {
-    High,
-    Normal,
-    Low,
-}
-
 #[derive(Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
     /// Human-readable lines (colour only on a terminal).
     Text,
     /// One JSON object per line.
     Json,
-}
-
-#[derive(Clone, Copy, ValueEnum)]
-enum TransportArg {
-    Auto,
-    Tcp,
-    Rdma,
 }
 
 #[derive(Subcommand)]
@@ -129,82 +103,6 @@ enum CertCmd {
         #[arg(long)]
         out: PathBuf,
     },
-}
-
-/// Options of a migration (`migrate` and `drain`).
-#[derive(clap::Args, Clone)]
-struct MigrateOpts {
-    /// The local daemon's socket.
-    #[arg(long, default_value = config::DEFAULT_SOCKET)]
-    socket: PathBuf,
-    /// Data streams (TCP connections or RDMA queue pairs), 1 to 64.
-    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u16).range(1..=64))]
-    streams: u16,
-    /// Downtime budget in milliseconds.
-    #[arg(long, default_value_t = 300)]
-    downtime_ms: u32,
-    /// Most pre-copy rounds.
-    #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u32).range(1..))]
-    max_rounds: u32,
-    /// Pre-copy timeout in seconds.
-    #[arg(long, default_value_t = 600)]
-    timeout_s: u64,
-    /// At the round limit or timeout: abort, or pause and copy the rest.
-    #[arg(long, value_enum, default_value_t = LimitArg::Force)]
-    on_limit: LimitArg,
-    /// Data transport.
-    #[arg(long, value_enum, default_value_t = TransportArg::Auto)]
-    transport: TransportArg,
-    /// Watch writes this long before round 1 and send those pages last (0: off; at most
-    /// 60000).
-    #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u32).range(0..=60_000))]
-    observe_ms: u32,
-    /// When to compare the memory digests.
-    #[arg(long, value_enum, default_value_t = VerifyArg::AfterResume)]
-    verify: VerifyArg,
-    /// Same as `--verify strict`.
-    #[arg(long)]
-    verify_before_resume: bool,
-    /// Place in the queue.
-    #[arg(long, value_enum, default_value_t = PriorityArg::Normal)]
-    priority: PriorityArg,
-    /// This migration's bandwidth cap in MiB/s (the host's cap applies as well; change it
-    /// live with `ferry set-bandwidth`).
-    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
-    max_bandwidth: Option<u32>,
-}
-
-impl MigrateOpts {
-    fn request(&self, vm_id: String, to: String) -> MigrateRequest {
-        MigrateRequest {
-            vm_id,
-            to,
-            channels: self.streams,
-            downtime_ms: self.downtime_ms,
-            max_rounds: self.max_rounds,
-            timeout_ms: self.timeout_s.saturating_mul(1000),
-            on_limit: match self.on_limit {
-                LimitArg::Abort => OnLimit::Abort,
-                LimitArg::Force => OnLimit::Force,
-            },
-            transport: match self.transport {
-                TransportArg::Auto => TransportChoice::Auto,
-                TransportArg::Tcp => TransportChoice::Tcp,
-                TransportArg::Rdma => TransportChoice::Rdma,
-            },
-            observe_ms: self.observe_ms,
-            verify: match (self.verify, self.verify_before_resume) {
-                (VerifyArg::Strict, _) | (_, true) => VerifyMode::Strict,
-                (VerifyArg::AfterResume, false) => VerifyMode::AfterResume,
-            },
-            priority: match self.priority {
-                PriorityArg::High => Priority::High,
-                PriorityArg::Normal => Priority::Normal,
-                PriorityArg::Low => Priority::Low,
-            },
-            max_bandwidth_mibps: self.max_bandwidth.unwrap_or(0),
-        }
-    }
 }
 
 #[derive(Subcommand)]

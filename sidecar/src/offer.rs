@@ -1,5 +1,6 @@
-//! The source's side of a migration's start: connect and authenticate, offer the VM,
-//! open the data connections, and find out whether RDMA works between the two hosts.
+//! A migration's start. The source's side: connect and authenticate, offer the VM, open
+//! the data connections, and find out whether RDMA works between the two hosts (a full
+//! destination answers [`DestinationBusy`]). The destination's side: [`check_offer`].
 //!
 //! TCP data connections always exist, so RDMA can hand its unfinished ranges to them
 //! mid-round without a pause. RDMA is tried only with a destination the operator allowed
@@ -12,8 +13,9 @@ use anyhow::{bail, Context};
 use ferry_engine::session::{SessionId, TransportKind};
 use ferry_engine::PAGE_SIZE;
 use ferry_proto::cli::{MigrateRequest, TransportChoice};
-use ferry_proto::common::MAX_FRAME;
+use ferry_proto::common::{RegionInfo, MAX_FRAME};
 use ferry_proto::frame::{read_msg, write_msg};
+use ferry_proto::mem::PAGE;
 use ferry_proto::net::Timeouts;
 use ferry_proto::peer::{unexpected, PeerMsg, OFFER_RDMA, OFFER_TCP};
 use ferry_tcp_fallback::TcpSender;
@@ -186,6 +188,57 @@ fn rdma_handshake(
     )
 }
 
+// ---- the destination's side: checking an offer ----
+
+fn mem_available() -> Option<u64> {
+    let s = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kib: u64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kib * 1024)
+}
+
+/// Checks an offer against what this host can do; the error text goes to the source.
+pub fn check_offer(
+    page_size: u32,
+    regions: &[RegionInfo],
+    channels: u16,
+    transports: u8,
+) -> Result<u64, String> {
+    if page_size as usize != PAGE {
+        return Err(format!(
+            "page size {page_size} is not supported (only {PAGE})"
+        ));
+    }
+    if regions.is_empty() {
+        return Err("the offer has no RAM regions".into());
+    }
+    if transports & ferry_proto::peer::OFFER_TCP == 0 {
+        // TCP carries the control messages and the fallback: it is never optional.
+        return Err(format!("transports {transports:#x} do not include TCP"));
+    }
+    // Whole pages, aligned, in order, not overlapping: what a VMM may register.
+    ferry_proto::common::check_layout(regions)?;
+    if channels == 0 || channels > crate::dest::MAX_CHANNELS {
+        return Err(format!(
+            "{channels} channels requested; 1 to {} are allowed",
+            crate::dest::MAX_CHANNELS
+        ));
+    }
+    // Non-overlapping spans of the address space: their sizes add up without overflow.
+    let total: u64 = regions.iter().map(|r| r.size).sum();
+    if let Some(avail) = mem_available() {
+        // Keep 256 MiB for the host: the destination must not push its host into OOM.
+        if total.saturating_add(256 << 20) > avail {
+            return Err(format!(
+                "the VM needs {} MiB of RAM; this host has {} MiB available",
+                total >> 20,
+                avail >> 20
+            ));
+        }
+    }
+    Ok(total)
+}
+
 /// The destination runs as many incoming migrations as it allows: not a failure, the
 /// migration waits in the queue and is offered again.
 #[derive(Debug, thiserror::Error)]
@@ -195,4 +248,37 @@ pub struct DestinationBusy {
     pub running: u32,
     /// Its `max_incoming`.
     pub limit: u32,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn offers_are_checked() {
+        let r = |size| RegionInfo {
+            gpa: 0,
+            size,
+            offset: 0,
+        };
+        let both = ferry_proto::peer::OFFER_TCP | ferry_proto::peer::OFFER_RDMA;
+        assert!(check_offer(4096, &[r(1 << 20)], 4, both).is_ok());
+        assert!(check_offer(8192, &[r(1 << 20)], 4, both).is_err());
+        assert!(check_offer(4096, &[], 4, both).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 0, both).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 65, both).is_err());
+        assert!(check_offer(4096, &[r(1000)], 4, both).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 4, ferry_proto::peer::OFFER_RDMA).is_err());
+        assert!(check_offer(4096, &[r(u64::MAX - 4095), r(1 << 20)], 4, both).is_err());
+        // Overlapping and unaligned regions.
+        assert!(check_offer(4096, &[r(1 << 20), r(1 << 20)], 4, both).is_err());
+        let unaligned = RegionInfo {
+            gpa: 100,
+            size: 1 << 20,
+            offset: 0,
+        };
+        assert!(check_offer(4096, &[unaligned], 4, both).is_err());
+        let huge = check_offer(4096, &[r(1 << 50)], 4, both).expect_err("too big");
+        assert!(huge.contains("MiB available"), "{huge}");
+    }
 }

@@ -163,6 +163,39 @@ fn migrates_over_rdma_read_with_four_queue_pairs() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A bandwidth cap holds on RDMA too: the source hands out the pull list in paced pieces.
+#[test]
+#[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
+fn a_bandwidth_cap_holds_on_rdma() -> anyhow::Result<()> {
+    require_rdma();
+    let _g = serial();
+    let l = Loopback::start("capped", 128, &[])?;
+    let s = l.migrate(&[
+        "--transport",
+        "rdma",
+        "--streams",
+        "4",
+        "--downtime-ms",
+        "2000",
+        "--max-bandwidth",
+        "10",
+    ])?;
+    assert_eq!(s["result"], "committed", "{s:#}\n{}", l.logs());
+    assert_eq!(s["transport"], "rdma", "{s:#}");
+    let bytes = s["bytes_transferred"].as_u64().unwrap_or(0);
+    let data_ms: f64 = s["per_round"]
+        .as_array()
+        .expect("rounds")
+        .iter()
+        .filter_map(|r| r["ms"].as_f64())
+        .sum();
+    let rate = bytes as f64 / (1u64 << 20) as f64 / (data_ms / 1e3);
+    eprintln!("RDMA capped at 10 MiB/s: {rate:.2} MiB/s over {bytes} bytes");
+    assert!(bytes >= 64 << 20, "{s:#}");
+    assert!((9.0..=11.0).contains(&rate), "{rate:.2} MiB/s\n{s:#}");
+    Ok(())
+}
+
 #[test]
 #[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
 fn a_failed_queue_pair_falls_back_to_tcp_and_loses_nothing() -> anyhow::Result<()> {
