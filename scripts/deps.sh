@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS="build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev
-      ibverbs-providers iproute2 iperf3 procps"
+      ibverbs-providers iproute2 iperf3 procps systemd"
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"
@@ -21,7 +21,7 @@ fi
 if ! command -v cargo >/dev/null 2>&1; then
   # Debian's own cargo may be too old for the locked dependencies; try it anyway and
   # say so if the build then fails.
-  echo "deps: no cargo found; installing Debian's cargo (needs Rust >= 1.85)" >&2
+  echo "deps: no cargo found; installing Debian's cargo (needs Rust >= 1.88, the workspace MSRV)" >&2
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends cargo rustc >/dev/null
 fi

@@ -92,7 +92,7 @@ run a status
 run b status
 run a set-bandwidth vm3 60
 sleep 1
-run a status --json | head -c 900; echo '...'; echo
+run a status --json >"$D/status.json"; head -c 1200 "$D/status.json"; echo ' ...'; echo
 run a cancel vm4
 wait $DRAIN || true
 cat "$D/drain.out"

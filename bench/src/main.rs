@@ -5,9 +5,11 @@
 //! - `ferry-bench tcp`: full-copy throughput over loopback vs iperf3, CPU s/GiB.
 //! - `ferry-bench rdma`: RDMA READ pull throughput vs ib_read_bw (1/2/4 queue pairs), source
 //!   CPU s/GiB over RDMA vs TCP; boots the SoftRoCE guest when the host has no RDMA device.
+//! - `ferry-bench cap`: how closely `--max-bandwidth` holds (achieved/cap, vs uncapped).
 //! - `ferry-bench downtime`: downtime p50/p90 and total time of a running KVM guest
 //!   (1 and 4 GiB, dirtying 0/64/256 MiB/s) over loopback, with dirty-log cost per read.
 
+mod cap;
 mod coldfirst;
 mod downtime;
 mod local;
@@ -35,6 +37,8 @@ enum Cmd {
     /// RDMA READ pull throughput vs ib_read_bw per queue-pair count, and source CPU per
     /// GiB over RDMA vs TCP (in the SoftRoCE guest when this host has no RDMA device).
     Rdma(rdma::RdmaArgs),
+    /// How closely `--max-bandwidth` caps hold: achieved rate over cap, several runs.
+    Cap(cap::CapArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -43,5 +47,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Coldfirst(a) => coldfirst::run(&a),
         Cmd::Downtime(a) => downtime::run(&a),
         Cmd::Rdma(a) => rdma::run(&a),
+        Cmd::Cap(a) => cap::run(&a),
     }
 }

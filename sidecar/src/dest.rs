@@ -16,7 +16,7 @@ use ferry_verbs::RdmaPuller;
 
 use crate::context::Daemon;
 use crate::dest_exec::{settle_vmm, Executor};
-use crate::intake::{collect_data, prepare, Intake};
+use crate::intake::{expect_data, prepare, Intake};
 use crate::peer::{refuse, Control, PeerStream};
 use crate::queue::Slot;
 use crate::registry::WaitingVmm;
@@ -195,13 +195,17 @@ fn receive(
         }
     };
     tracing::info!(vm = %vm_id, ms = landing.prepare.as_millis() as u64, "destination memory prepared");
+    // Expected before `Accept` leaves: the source connects as soon as it reads it.
+    let expected = expect_data(&d.registry, session, ctl.key, channels);
     write_msg(
         &mut ctl.stream,
         &PeerMsg::Accept {
             prepare_us: landing.prepare.as_micros() as u64,
         },
     )?;
-    let streams = match collect_data(&d.registry, session, ctl.key, channels) {
+    #[cfg(feature = "fault-injection")]
+    crate::faults::hold("accept-sent");
+    let streams = match expected.collect() {
         Ok(s) => s,
         Err(e) => return Err(refuse(&mut ctl.stream, format!("{e:#}"))),
     }

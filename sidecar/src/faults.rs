@@ -7,7 +7,8 @@
 //!   (after round 1's first window), `round2` (after round 2's first window), `paused`
 //!   (the VM just paused), `decided` (the commit decision just recorded, `Commit` not
 //!   sent), `running` (the destination confirmed it runs the VM; the source not stopped).
-//!   Destination points: `loaded` (the VMM loaded the VM, `Ready` not sent) and
+//!   Destination points: `accept-sent` (`Accept` written; the source is connecting its
+//!   data connections), `loaded` (the VMM loaded the VM, `Ready` not sent) and
 //!   `commit-received` (`Commit` recorded, the VMM not told to start).
 //! - `FERRY_TEST_DROP_COMMIT=<ms>`: after recording the commit decision, cut the control
 //!   link instead of sending `Commit`, then wait `<ms>` before the replay starts.

@@ -72,47 +72,65 @@ pub fn prepare(vm_id: &str, regions: &[RegionInfo]) -> anyhow::Result<Landing> {
     })
 }
 
-/// Waits for the `channels` data connections of `session` (each proved with `key`).
-///
-/// # Errors
-///
-/// Not all arrived in time, or one came twice or out of range.
-pub fn collect_data(
+/// The data connections a migration waits for. Registered before `Accept` is sent, so
+/// that the source's first connection (it connects as soon as it reads `Accept`) finds
+/// the session's key; forgotten when this is dropped.
+pub struct ExpectedData<'a> {
+    reg: &'a Registry,
+    session: SessionId,
+    channels: u16,
+    rx: crossbeam_channel::Receiver<(u16, PeerStream)>,
+}
+
+impl Drop for ExpectedData<'_> {
+    fn drop(&mut self) {
+        self.reg.forget_data(self.session);
+    }
+}
+
+/// Starts expecting `channels` data connections of `session`, authenticated with `key`.
+pub fn expect_data(
     reg: &Registry,
     session: SessionId,
     key: SessionKey,
     channels: u16,
-) -> anyhow::Result<Vec<PeerStream>> {
+) -> ExpectedData<'_> {
     let (tx, rx) = crossbeam_channel::bounded(usize::from(channels));
     reg.expect_data(session, DataWaiter { key, tx });
-    let mut slots: Vec<Option<PeerStream>> = (0..channels).map(|_| None).collect();
-    let deadline = Instant::now() + DATA_CONNECT_TIMEOUT;
-    let mut got = 0;
-    let res = loop {
-        if got == usize::from(channels) {
-            break Ok(());
+    ExpectedData {
+        reg,
+        session,
+        channels,
+        rx,
+    }
+}
+
+impl ExpectedData<'_> {
+    /// Waits for every channel (at most [`DATA_CONNECT_TIMEOUT`]), in channel order.
+    ///
+    /// # Errors
+    ///
+    /// A channel out of range or twice, or fewer than all in time.
+    pub fn collect(self) -> anyhow::Result<Vec<PeerStream>> {
+        let channels = self.channels;
+        let mut slots: Vec<Option<PeerStream>> = (0..channels).map(|_| None).collect();
+        let deadline = Instant::now() + DATA_CONNECT_TIMEOUT;
+        let mut got = 0;
+        while got < usize::from(channels) {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.rx.recv_timeout(left) {
+                Ok((ch, s))
+                    if usize::from(ch) < slots.len() && slots[usize::from(ch)].is_none() =>
+                {
+                    slots[usize::from(ch)] = Some(s);
+                    got += 1;
+                }
+                Ok((ch, _)) => anyhow::bail!("data channel {ch} is out of range or duplicated"),
+                Err(_) => anyhow::bail!("only {got} of {channels} data connections arrived"),
+            }
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match rx.recv_timeout(left) {
-            Ok((ch, s)) if usize::from(ch) < slots.len() && slots[usize::from(ch)].is_none() => {
-                slots[usize::from(ch)] = Some(s);
-                got += 1;
-            }
-            Ok((ch, _)) => {
-                break Err(anyhow::anyhow!(
-                    "data channel {ch} is out of range or duplicated"
-                ))
-            }
-            Err(_) => {
-                break Err(anyhow::anyhow!(
-                    "only {got} of {channels} data connections arrived"
-                ))
-            }
-        }
-    };
-    reg.forget_data(session);
-    res?;
-    Ok(slots.into_iter().flatten().collect())
+        Ok(slots.into_iter().flatten().collect())
+    }
 }
 
 /// Checks page ranges a peer named (a pull list, or ranges handed back unfinished)

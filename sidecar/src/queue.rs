@@ -67,6 +67,25 @@ pub struct Live {
     pub note: String,
     /// Transport in use.
     pub transport: &'static str,
+    /// Where the rate was last measured from: when, and the bytes then.
+    mark: Option<(Instant, u64)>,
+}
+
+impl Live {
+    /// Payload bytes moved so far, seen at `now`: the rate is measured over a second or
+    /// more, across windows and rounds.
+    pub fn observe(&mut self, bytes: u64, now: Instant) {
+        self.bytes = bytes;
+        match self.mark {
+            None => self.mark = Some((now, bytes)),
+            Some((t, b)) if now.saturating_duration_since(t) >= Duration::from_secs(1) => {
+                let dt = now.saturating_duration_since(t).as_secs_f64();
+                self.rate = Some(bytes.saturating_sub(b) as f64 / dt);
+                self.mark = Some((now, bytes));
+            }
+            Some(_) => {}
+        }
+    }
 }
 
 /// The operator's cancel, as the job's driver sees it.
@@ -513,6 +532,19 @@ mod tests {
         q.defer(&n1, "busy".into());
         assert!(run_when_first(&q, &n2));
         assert_eq!(q.position(&n1), 1, "its place is kept");
+    }
+
+    #[test]
+    fn the_rate_is_measured_over_a_second_or_more() {
+        let mut l = Live::default();
+        let t = Instant::now();
+        l.observe(0, t);
+        l.observe(50, t + Duration::from_millis(500));
+        assert_eq!((l.bytes, l.rate), (50, None));
+        l.observe(100, t + Duration::from_secs(1));
+        assert_eq!(l.rate, Some(100.0));
+        l.observe(400, t + Duration::from_secs(3));
+        assert_eq!(l.rate, Some(150.0));
     }
 
     #[test]

@@ -436,11 +436,15 @@ impl Registry {
                         o.to.clone(),
                     )
                 })
-                .chain(
-                    g.incoming
-                        .values()
-                        .map(|i| (i.vm_id.clone(), "incoming", i.phase, 0, 0, String::new())),
-                )
+                .chain(g.incoming.values().map(|i| {
+                    let from = i
+                        .control
+                        .as_ref()
+                        .and_then(|c| c.peer_addr().ok())
+                        .map(|a| a.ip().to_string())
+                        .unwrap_or_default();
+                    (i.vm_id.clone(), "incoming", i.phase, 0, 0, from)
+                }))
                 .collect(),
             held: g
                 .held

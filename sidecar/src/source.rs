@@ -363,18 +363,10 @@ impl<'a> Driver<'a> {
         };
         let result = std::thread::scope(|s| {
             let reporter = s.spawn(|| {
-                let mut last = (Instant::now(), 0u64);
                 while !finished.load(Ordering::Acquire) {
                     let d = done.load(Ordering::Relaxed);
                     let live = job.as_ref().map(|j| {
-                        j.update(|l| {
-                            l.bytes = total_before + d;
-                            let dt = last.0.elapsed();
-                            if dt >= Duration::from_millis(900) {
-                                l.rate = Some((d - last.1) as f64 / dt.as_secs_f64());
-                                last = (Instant::now(), d);
-                            }
-                        });
+                        j.update(|l| l.observe(total_before + d, Instant::now()));
                         j.live()
                     });
                     if let Some(report) = report {
@@ -447,8 +439,9 @@ impl<'a> Driver<'a> {
                     .metrics
                     .add_bytes(w.transport == TransportKind::Rdma, moved);
                 if let Some(j) = &self.job {
+                    let total = self.total.load(Ordering::Relaxed);
                     j.update(|l| {
-                        l.bytes = self.total.load(Ordering::Relaxed);
+                        l.observe(total, Instant::now());
                         l.round = shown;
                         l.transport = w.transport.label();
                     });

@@ -123,8 +123,12 @@ pub struct Status {
     pub encrypted: bool,
 }
 
+fn tenth(v: f64) -> f64 {
+    (v * 10.0).round() / 10.0
+}
+
 fn mibps(bytes_per_s: f64) -> f64 {
-    (bytes_per_s / (1u64 << 20) as f64 * 10.0).round() / 10.0
+    tenth(bytes_per_s / (1u64 << 20) as f64)
 }
 
 fn job_row(job: &Job, position: usize) -> Migration {
@@ -140,7 +144,7 @@ fn job_row(job: &Job, position: usize) -> Migration {
         bytes: l.bytes,
         rate_mibps: l.rate.map(mibps),
         dirty_rate_mibps: l.dirty_rate.map(mibps),
-        expected_downtime_ms: l.expected_downtime.map(|d| d.as_secs_f64() * 1e3),
+        expected_downtime_ms: l.expected_downtime.map(|d| tenth(d.as_secs_f64() * 1e3)),
         queue_position: (position > 0).then_some(position),
         max_bandwidth_mibps: Some(job.flow.own() >> 20),
         bandwidth_mibps: (position == 0)
@@ -160,8 +164,8 @@ fn finished_row(f: Finished) -> Migration {
         peer: f.peer,
         round: f.rounds,
         bytes: f.bytes,
-        downtime_ms: f.downtime_ms,
-        total_ms: Some(f.total_ms),
+        downtime_ms: f.downtime_ms.map(tenth),
+        total_ms: Some(tenth(f.total_ms)),
         ended_at: f
             .ended_at
             .duration_since(std::time::UNIX_EPOCH)
@@ -280,8 +284,17 @@ pub fn table(st: &Status) -> String {
                         (s, _) => s.to_owned(),
                     },
                     m.priority.clone().unwrap_or_else(|| "-".into()),
-                    m.round.to_string(),
-                    format!("{}", m.bytes >> 20),
+                    // The destination does not count rounds or bytes: its source does.
+                    if m.direction == "incoming" {
+                        "-".into()
+                    } else {
+                        m.round.to_string()
+                    },
+                    if m.direction == "incoming" {
+                        "-".into()
+                    } else {
+                        format!("{}", m.bytes >> 20)
+                    },
                     or_dash(m.rate_mibps),
                     or_dash(m.dirty_rate_mibps),
                     or_dash(m.expected_downtime_ms.map(|d| format!("{d:.0}"))),

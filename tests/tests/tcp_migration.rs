@@ -397,3 +397,25 @@ fn an_unconfirmed_commit_is_delivered_later_by_ferry_recover() -> anyhow::Result
     );
     Ok(())
 }
+
+/// The source opens its data connections as soon as it reads `Accept`: the destination
+/// must already know the session's key by then (it once registered it only after sending
+/// `Accept`, and a busy host refused the first connection's proof). Held right after
+/// `Accept`, the migration still commits.
+#[test]
+fn data_connections_opened_right_after_accept_are_taken() -> anyhow::Result<()> {
+    let _g = serial();
+    let cl = Cluster::start(&ClusterOpts {
+        dest_env: hold_for("accept-sent", 1000),
+        ..ClusterOpts::default()
+    })?;
+    let s = cl.migrate(&[])?;
+    assert!(committed(&s), "{s:#}\n{}", cl.logs());
+    assert!(
+        cl.procs[SIDECAR_B]
+            .log_text()
+            .contains("test hook: holding at accept-sent"),
+        "the hold never happened"
+    );
+    Ok(())
+}
