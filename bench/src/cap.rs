@@ -90,7 +90,7 @@ fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
 pub fn run(a: &CapArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.runs > 0 && !a.caps.is_empty(), "need runs and caps");
     println!(
-        "ferry-bench cap: {} MiB fully written guest, 4 TCP streams over loopback (TLS), caps {:?} MiB/s, {} runs each",
+        "ferry-bench cap: {} MiB fully written guest, 4 TCP streams over loopback (--insecure-psk), caps {:?} MiB/s, {} runs each",
         a.mem_mib, a.caps, a.runs
     );
     let free = once(a, None, 0)?;
