@@ -10,6 +10,9 @@ use ferry_engine::session::SessionId;
 
 use crate::ProtoError;
 
+/// Longest VM id, reason or other short string on the wire.
+pub const MAX_STR: usize = 4096;
+
 /// Appends fixed-layout little-endian fields to a buffer.
 #[derive(Default)]
 pub struct Writer {
@@ -69,9 +72,8 @@ impl Writer {
     /// character boundary, which is what every decoder of such a field accepts. An error
     /// chain longer than that must not cost the link that carries it.
     ///
-    /// [`MAX_STR`]: crate::common::MAX_STR
     pub fn text(&mut self, s: &str) -> &mut Self {
-        let mut end = s.len().min(crate::common::MAX_STR);
+        let mut end = s.len().min(MAX_STR);
         while !s.is_char_boundary(end) {
             end -= 1;
         }
@@ -323,7 +325,7 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::common::MAX_STR;
+    use MAX_STR;
 
     #[test]
     fn long_text_is_cut_to_what_decoders_accept_on_a_character_boundary() {

@@ -4,8 +4,7 @@
 use crate::codec::{Reader, Writer};
 use crate::ProtoError;
 
-/// Longest VM id, reason or other short string on the wire.
-pub const MAX_STR: usize = 4096;
+pub use crate::codec::MAX_STR;
 /// Most RAM regions a VM may register: one memfd per region rides with one message, and
 /// Linux passes at most 253 descriptors per `sendmsg` (`SCM_MAX_FD`).
 pub const MAX_REGIONS: usize = 253;

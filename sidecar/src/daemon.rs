@@ -195,7 +195,9 @@ pub fn serve(cfg: DaemonConfig, auth: PeerAuth) -> anyhow::Result<()> {
     }
     if let Some(l) = metrics {
         let d = Arc::clone(&d);
-        std::thread::spawn(move || crate::metrics::serve(d, l));
+        std::thread::spawn(move || {
+            crate::metrics::serve(l, || d.metrics.render(&crate::status::gauges(&d)));
+        });
     }
     crate::outgoing::resume_recorded(&d);
     crate::replay::spawn_releaser(&d);

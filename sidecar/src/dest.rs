@@ -23,10 +23,6 @@ use crate::registry::WaitingVmm;
 use crate::vmm::request;
 use ferry_proto::records::{self};
 
-/// Most data channels a peer may ask for: far above what fills any link (8 streams
-/// fill 100 Gb/s with Ferry's batches), low enough to bound threads and sockets.
-pub const MAX_CHANNELS: u16 = 64;
-
 /// Longest silence on the control connection between steps.
 const CONTROL_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
 

@@ -18,7 +18,7 @@ use ferry_proto::vmm::VmmMsg;
 use ferry_proto::{check_version, VERSION};
 
 use crate::context::Daemon;
-use crate::dest::MAX_CHANNELS;
+use crate::offer::MAX_CHANNELS;
 use crate::registry::{SourceVm, WaitingVmm};
 use crate::watchdog::{watchdog, Armed};
 use ferry_proto::records;

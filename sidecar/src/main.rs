@@ -32,6 +32,7 @@ mod entries;
 #[cfg(feature = "fault-injection")]
 mod faults;
 mod intake;
+mod job;
 mod lifecycle;
 mod local;
 mod memory;
@@ -48,6 +49,7 @@ mod summary;
 mod transport;
 mod vmm;
 mod watchdog;
+mod window;
 
 use std::path::PathBuf;
 use std::process::ExitCode;

@@ -1,16 +1,31 @@
 //! Prometheus metrics (`ferry serve --metrics <addr:port>`): counters and histograms the
-//! migrations update, gauges read from the queue and registry at scrape time, served as
-//! text exposition format 0.0.4 on `GET /metrics` by a small HTTP/1.0 responder.
+//! migrations update, and [`Gauges`] the daemon reads at scrape time, as text exposition
+//! format 0.0.4 on `GET /metrics` from a small HTTP/1.0 responder.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
 use std::io::{Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::Mutex;
 use std::time::Duration;
 
-use crate::context::Daemon;
+/// What is read at scrape time.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Gauges {
+    /// Outgoing migrations running.
+    pub outgoing: usize,
+    /// Outgoing migrations waiting.
+    pub queued: usize,
+    /// Incoming migrations running.
+    pub incoming: usize,
+    /// `max_outgoing`.
+    pub max_outgoing: usize,
+    /// `max_incoming`.
+    pub max_incoming: usize,
+    /// The host's cap, bytes per second (0: none).
+    pub cap: u64,
+}
 
 /// Downtime histogram bucket bounds, seconds.
 const DOWNTIME_BUCKETS: [f64; 9] = [0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0];
@@ -123,82 +138,83 @@ impl Metrics {
     }
 }
 
-/// The exposition text for `d` now.
-pub fn render(d: &Daemon) -> String {
-    let m = &d.metrics;
-    let mut out = String::new();
-    let _ = writeln!(
+impl Metrics {
+    /// The exposition text: the counters, and `g` read now.
+    pub fn render(&self, g: &Gauges) -> String {
+        let m = self;
+        let mut out = String::new();
+        let _ = writeln!(
         out,
         "# HELP ferry_bytes_total Guest memory payload bytes sent by outgoing migrations.\n# TYPE ferry_bytes_total counter"
     );
-    let _ = writeln!(
-        out,
-        "ferry_bytes_total{{transport=\"tcp\"}} {}",
-        m.tcp_bytes.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
-        out,
-        "ferry_bytes_total{{transport=\"rdma\"}} {}",
-        m.rdma_bytes.load(Ordering::Relaxed)
-    );
-    let _ = writeln!(
+        let _ = writeln!(
+            out,
+            "ferry_bytes_total{{transport=\"tcp\"}} {}",
+            m.tcp_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "ferry_bytes_total{{transport=\"rdma\"}} {}",
+            m.rdma_bytes.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
         out,
         "# HELP ferry_migrations_total Migrations ended, by direction and result.\n# TYPE ferry_migrations_total counter"
     );
-    for ((dir, result), n) in m.results.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+        for ((dir, result), n) in m.results.lock().unwrap_or_else(|p| p.into_inner()).iter() {
+            let _ = writeln!(
+                out,
+                "ferry_migrations_total{{direction=\"{dir}\",result=\"{result}\"}} {n}"
+            );
+        }
         let _ = writeln!(
-            out,
-            "ferry_migrations_total{{direction=\"{dir}\",result=\"{result}\"}} {n}"
-        );
-    }
-    let _ = writeln!(
         out,
         "# HELP ferry_rounds_total Pre-copy rounds (the final one included) of ended outgoing migrations.\n# TYPE ferry_rounds_total counter\nferry_rounds_total {}",
         m.rounds.load(Ordering::Relaxed)
     );
-    m.downtime.lock().unwrap_or_else(|p| p.into_inner()).render(
-        &mut out,
-        "ferry_downtime_seconds",
-        "Guest pause of committed outgoing migrations.",
-    );
-    m.total.lock().unwrap_or_else(|p| p.into_inner()).render(
-        &mut out,
-        "ferry_migration_seconds",
-        "Whole outgoing migrations, request to end.",
-    );
-    let (running, queued) = d.queue.counts();
-    let incoming = d.incoming.load(std::sync::atomic::Ordering::Relaxed);
-    let _ = writeln!(
+        m.downtime.lock().unwrap_or_else(|p| p.into_inner()).render(
+            &mut out,
+            "ferry_downtime_seconds",
+            "Guest pause of committed outgoing migrations.",
+        );
+        m.total.lock().unwrap_or_else(|p| p.into_inner()).render(
+            &mut out,
+            "ferry_migration_seconds",
+            "Whole outgoing migrations, request to end.",
+        );
+        let (running, queued, incoming) = (g.outgoing, g.queued, g.incoming);
+        let _ = writeln!(
         out,
         "# HELP ferry_queue_length Outgoing migrations waiting for a slot.\n# TYPE ferry_queue_length gauge\nferry_queue_length {queued}"
     );
-    let _ = writeln!(
+        let _ = writeln!(
         out,
         "# HELP ferry_running_migrations Migrations running now.\n# TYPE ferry_running_migrations gauge\nferry_running_migrations{{direction=\"outgoing\"}} {running}\nferry_running_migrations{{direction=\"incoming\"}} {incoming}"
     );
-    let _ = writeln!(
+        let _ = writeln!(
         out,
         "# HELP ferry_migration_limit Most migrations at once.\n# TYPE ferry_migration_limit gauge\nferry_migration_limit{{direction=\"outgoing\"}} {}\nferry_migration_limit{{direction=\"incoming\"}} {}",
-        d.cfg.max_outgoing, d.cfg.max_incoming
+        g.max_outgoing, g.max_incoming
     );
-    let _ = writeln!(
+        let _ = writeln!(
         out,
         "# HELP ferry_bandwidth_cap_bytes_per_second The host's bandwidth cap for outgoing migrations (0: none).\n# TYPE ferry_bandwidth_cap_bytes_per_second gauge\nferry_bandwidth_cap_bytes_per_second {}",
-        d.bandwidth.host_cap().unwrap_or(0)
+        g.cap
     );
-    out
+        out
+    }
 }
 
-/// Serves `GET /metrics` on `l` until the daemon exits.
-pub fn serve(d: Arc<Daemon>, l: TcpListener) {
+/// Serves `GET /metrics` on `l` until the daemon exits, with the text `render` gives.
+pub fn serve(l: TcpListener, render: impl Fn() -> String) {
     for s in l.incoming().flatten() {
-        if let Err(e) = answer(&d, s) {
+        if let Err(e) = answer(&render, s) {
             tracing::debug!("metrics request: {e}");
         }
     }
 }
 
-fn answer(d: &Daemon, mut s: TcpStream) -> std::io::Result<()> {
+fn answer(render: &impl Fn() -> String, mut s: TcpStream) -> std::io::Result<()> {
     s.set_read_timeout(Some(Duration::from_secs(2)))?;
     s.set_write_timeout(Some(Duration::from_secs(2)))?;
     // The request line is all that matters; read until the headers end (bounded).
@@ -214,7 +230,7 @@ fn answer(d: &Daemon, mut s: TcpStream) -> std::io::Result<()> {
     let line = String::from_utf8_lossy(&req);
     let path = line.split_whitespace().nth(1).unwrap_or("");
     let (status, body) = if line.starts_with("GET ") && (path == "/metrics" || path == "/") {
-        ("200 OK", render(d))
+        ("200 OK", render())
     } else {
         ("404 Not Found", "GET /metrics\n".to_owned())
     };

@@ -190,6 +190,10 @@ fn rdma_handshake(
 
 // ---- the destination's side: checking an offer ----
 
+/// Most data channels a peer may ask for: far above what fills any link (8 streams
+/// fill 100 Gb/s with Ferry's batches), low enough to bound threads and sockets.
+pub const MAX_CHANNELS: u16 = 64;
+
 fn mem_available() -> Option<u64> {
     let s = std::fs::read_to_string("/proc/meminfo").ok()?;
     let line = s.lines().find(|l| l.starts_with("MemAvailable:"))?;
@@ -218,10 +222,10 @@ pub fn check_offer(
     }
     // Whole pages, aligned, in order, not overlapping: what a VMM may register.
     ferry_proto::common::check_layout(regions)?;
-    if channels == 0 || channels > crate::dest::MAX_CHANNELS {
+    if channels == 0 || channels > MAX_CHANNELS {
         return Err(format!(
             "{channels} channels requested; 1 to {} are allowed",
-            crate::dest::MAX_CHANNELS
+            MAX_CHANNELS
         ));
     }
     // Non-overlapping spans of the address space: their sizes add up without overflow.

@@ -176,6 +176,19 @@ fn finished_row(f: Finished) -> Migration {
     }
 }
 
+/// What the metrics read at scrape time.
+pub fn gauges(d: &Daemon) -> crate::metrics::Gauges {
+    let (outgoing, queued) = d.queue.counts();
+    crate::metrics::Gauges {
+        outgoing,
+        queued,
+        incoming: d.incoming.load(std::sync::atomic::Ordering::Relaxed),
+        max_outgoing: d.cfg.max_outgoing,
+        max_incoming: d.cfg.max_incoming,
+        cap: d.bandwidth.host_cap().unwrap_or(0),
+    }
+}
+
 /// The daemon's status now.
 pub fn of(d: &Daemon) -> Status {
     let s = d.registry.snapshot();
