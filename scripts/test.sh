@@ -6,9 +6,11 @@
 #  3. checks formatting, clippy -D warnings and rustdoc -D warnings
 #  4. runs every test on the host: unit tests, /dev/kvm tests, end-to-end tests
 #     (real sidecars and VMMs in network namespaces)
-#  5. runs the RDMA tests inside a SoftRoCE guest (scripts/rdma-tests.sh), reusing the
+#  5. runs the Cloud Hypervisor tests when it finds CH (FERRY_CH_BIN, PATH, or
+#     ../shared/vmm/cloud-hypervisor/bin): without CH they stay listed as ignored
+#  6. runs the RDMA tests inside a SoftRoCE guest (scripts/rdma-tests.sh), reusing the
 #     host's build over 9p
-#  6. fuzzes every decoder target for a bounded slice (scripts/fuzz.sh, FERRY_FUZZ_RUNS
+#  7. fuzzes every decoder target for a bounded slice (scripts/fuzz.sh, FERRY_FUZZ_RUNS
 #     executions each, 200000 by default)
 # Ends with one line "tests: N passed, N failed" summing every libtest result.
 set -uo pipefail
@@ -36,6 +38,17 @@ RUSTDOCFLAGS="-D warnings" cargo doc --release --locked --workspace --no-deps -q
 step "host tests (unit, KVM, end-to-end)"
 cargo test --release --locked --workspace $FEATURES 2>&1 | tee -a "$LOG"
 [ "${PIPESTATUS[0]}" = 0 ] || fail=1
+
+step "Cloud Hypervisor tests"
+CH_BIN=${FERRY_CH_BIN:-$(command -v cloud-hypervisor || true)}
+[ -n "$CH_BIN" ] || { [ -x "$ROOT/../shared/vmm/cloud-hypervisor/bin/cloud-hypervisor" ] && CH_BIN=$ROOT/../shared/vmm/cloud-hypervisor/bin/cloud-hypervisor; }
+if [ -n "$CH_BIN" ]; then
+  echo "Cloud Hypervisor: $CH_BIN ($("$CH_BIN" --version 2>/dev/null | head -n 1))"
+  FERRY_CH_BIN=$CH_BIN cargo test --release --locked --workspace $FEATURES --test ch_migration -- --ignored 2>&1 | tee -a "$LOG"
+  [ "${PIPESTATUS[0]}" = 0 ] || fail=1
+else
+  echo "Cloud Hypervisor not found (FERRY_CH_BIN, PATH, ../shared/vmm/cloud-hypervisor/bin): its tests stay ignored"
+fi
 
 step "RDMA tests in the SoftRoCE guest"
 scripts/rdma-tests.sh 2>&1 | tee -a "$LOG"

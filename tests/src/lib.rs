@@ -5,6 +5,7 @@
 //! The binaries come from the same target directory as the test executable
 //! (`cargo build --release --workspace` first; the test command does that).
 
+pub mod ch;
 pub mod matrix;
 
 use std::path::{Path, PathBuf};
