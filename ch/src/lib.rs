@@ -5,8 +5,16 @@
 //!   side of a migration.
 //! - [`api`]: CH's HTTP API over its `--api-socket` (`vmm.ping`, `vm.info`, and the
 //!   migration calls).
+//! - [`ram`]: a CH VM's RAM in memfds Ferry creates from the VM's layout.
+//! - [`link`]: Ferry as the destination of a source CH, and as the source towards a
+//!   destination CH (`MemoryFd` before `Config`: the destination runs from Ferry's memfds).
+//! - [`relay`]: one migration through Ferry's memfds on one host, in the order that keeps
+//!   exactly one VM.
 //!
 //! `docs/cloud-hypervisor.md` has the protocol as CH implements it, with sources.
 
 pub mod api;
+pub mod link;
+pub mod ram;
+pub mod relay;
 pub mod wire;

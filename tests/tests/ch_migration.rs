@@ -85,3 +85,156 @@ fn ch_migrates_the_test_guest_by_itself() -> anyhow::Result<()> {
     assert_eq!(state.as_deref(), Some("Running"));
     Ok(())
 }
+
+/// A CH migration through Ferry's memory: the source CH sends to Ferry, Ferry lands every
+/// page in memfds it created from the VM's layout, hands them to the destination CH before
+/// its `Config`, and answers the source's `Complete` only once the destination runs. The
+/// guest counts on with no page missing, and runs from Ferry's memfds.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_ch_migration_lands_in_ferrys_memfds_and_the_destination_runs_from_them() -> anyhow::Result<()>
+{
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let hosts = TwoHosts::new()?;
+    let kernel = guest_kernel(&hosts.dir)?;
+    let mut src = Ch::start(&hosts, 0, "src", Some(&kernel), 256, false)?;
+    wait_for(
+        "the guest counting at the source",
+        Duration::from_secs(20),
+        || src.guest().pass >= 16,
+    )?;
+    let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
+    let dst_sock = hosts.path("dst-migration.sock");
+    let recv = dst.remote(
+        &hosts,
+        1,
+        &[
+            "receive-migration",
+            &format!("receiver_url=unix:{}", dst_sock.display()),
+        ],
+    )?;
+    wait_for(
+        "the destination CH listening",
+        Duration::from_secs(10),
+        || dst_sock.exists(),
+    )?;
+    let relay_sock = hosts.path("relay.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&relay_sock)?;
+    let before = src.guest().pass;
+    let relay = std::thread::spawn(move || {
+        let (s, _) = listener.accept()?;
+        ferry_ch::relay::relay_local(s, "vm1", || {
+            Ok(std::os::unix::net::UnixStream::connect(&dst_sock)?)
+        })
+        .map_err(|f| anyhow::anyhow!("{f}"))
+    });
+    let sent = src
+        .remote(
+            &hosts,
+            0,
+            &[
+                "send-migration",
+                &format!("destination_url=unix:{}", relay_sock.display()),
+            ],
+        )?
+        .wait_with_output()?;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let report = relay.join().expect("relay thread")?;
+    let received = recv.wait_with_output()?;
+    assert!(
+        received.status.success(),
+        "receive-migration: {}\n{}",
+        String::from_utf8_lossy(&received.stderr),
+        dst.proc.log_text()
+    );
+    assert!(report.running, "{report:?}");
+    assert_eq!(report.ram_bytes, 256 << 20, "{report:?}");
+    // Round 0 is all of RAM (zero pages included), then what the guest dirtied.
+    assert!(report.bytes_landed >= 256 << 20, "{report:?}");
+    assert!(report.memory_requests >= 2, "{report:?}");
+    wait_for(
+        "the guest counting on at the destination",
+        Duration::from_secs(20),
+        || src.guest().pass >= before + 16,
+    )?;
+    let g = src.guest();
+    assert_eq!(g.bad, 0, "{:?}", g.bad_lines);
+    assert_eq!(dst.vm_state()?.as_deref(), Some("Running"));
+    // The source CH shut its VM down and exited, as after any successful migration.
+    wait_for("the source CH exiting", Duration::from_secs(10), || {
+        !src.proc.alive()
+    })?;
+    assert_eq!(
+        src.proc.child.wait()?.code(),
+        Some(0),
+        "{}",
+        src.proc.log_text()
+    );
+    Ok(())
+}
+
+/// A destination that cannot take the VM (here: no destination CH listening when the
+/// source's `Config` arrives) is refused before any memory moves: the source CH is
+/// answered Error and its VM runs on, counting.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_destination_that_cannot_take_the_vm_leaves_it_running_at_the_source() -> anyhow::Result<()> {
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let hosts = TwoHosts::new()?;
+    let kernel = guest_kernel(&hosts.dir)?;
+    let src = Ch::start(&hosts, 0, "src", Some(&kernel), 128, false)?;
+    wait_for("the guest counting", Duration::from_secs(20), || {
+        src.guest().pass >= 16
+    })?;
+    let relay_sock = hosts.path("relay.sock");
+    let listener = std::os::unix::net::UnixListener::bind(&relay_sock)?;
+    let nowhere = hosts.path("no-destination.sock");
+    let relay = std::thread::spawn(move || {
+        let (s, _) = listener.accept()?;
+        match ferry_ch::relay::relay_local(s, "vm1", || {
+            Ok(std::os::unix::net::UnixStream::connect(&nowhere)?)
+        }) {
+            Ok(r) => anyhow::bail!("relayed without a destination: {r:?}"),
+            Err(f) => Ok(f),
+        }
+    });
+    let sent = src
+        .remote(
+            &hosts,
+            0,
+            &[
+                "send-migration",
+                &format!("destination_url=unix:{}", relay_sock.display()),
+            ],
+        )?
+        .wait_with_output()?;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let failed = relay.join().expect("relay thread")?;
+    assert!(failed.unsettled.is_none(), "{failed}");
+    // The source CH resumed its VM: it keeps counting and says Running.
+    wait_for(
+        "the source VM running again",
+        Duration::from_secs(10),
+        || src.vm_state().ok().flatten().as_deref() == Some("Running"),
+    )?;
+    let at = src.guest().pass;
+    wait_for(
+        "the guest counting on at the source",
+        Duration::from_secs(20),
+        || src.guest().pass >= at + 16,
+    )?;
+    assert_eq!(src.guest().bad, 0);
+    Ok(())
+}

@@ -1,0 +1,228 @@
+//! The two ends Ferry speaks CH's migration protocol on: as the destination of a source
+//! CH ([`FromSource`]: Ferry receives `Config`, `Memory`, `State` and `Complete`), and as
+//! the source towards a destination CH ([`ToDest`]: Ferry sends `Start`, one `MemoryFd`
+//! per RAM slot, `Config`, `State` and `Complete`, and the destination CH runs the VM
+//! from Ferry's memfds).
+//!
+//! Reads are exact and unbuffered: a `MemoryFd`'s descriptor rides on its 4 payload bytes,
+//! and a buffered reader would swallow them.
+
+use std::io::{IoSlice, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd};
+use std::os::unix::net::UnixStream;
+
+use anyhow::{bail, Context};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+
+use crate::ram::Ram;
+use crate::wire::{
+    decode_ranges, Command, Request, Response, Status, CH_PROTOCOL_VERSION, HEADER_LEN,
+};
+
+/// Reads one request header.
+///
+/// # Errors
+///
+/// The connection failed or closed, or the header is not CH's.
+pub fn read_request(s: &mut impl Read) -> anyhow::Result<Request> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h).context("reading a CH request")?;
+    Ok(Request::decode(&h)?)
+}
+
+/// Answers a request.
+///
+/// # Errors
+///
+/// The connection failed.
+pub fn respond(s: &mut impl Write, ok: bool) -> anyhow::Result<()> {
+    let r = if ok { Response::OK } else { Response::ERROR };
+    s.write_all(&r.encode()).context("answering CH")?;
+    Ok(())
+}
+
+/// Waits for the answer to a request; `Ok` only for an Ok without payload.
+///
+/// # Errors
+///
+/// The connection failed, CH answered Error, or the answer is not CH's.
+pub fn expect_ok(s: &mut impl Read, what: Command) -> anyhow::Result<()> {
+    let mut h = [0u8; HEADER_LEN];
+    s.read_exact(&mut h)
+        .with_context(|| format!("waiting for CH's answer to {}", what.name()))?;
+    let r = Response::decode(&h)?;
+    match (r.status, r.length) {
+        (Status::Ok, 0) => Ok(()),
+        (Status::Ok, n) => bail!("CH answered {} with {n} unexpected bytes", what.name()),
+        (Status::Error, _) => bail!("CH answered Error to {}", what.name()),
+    }
+}
+
+/// Reads a payload of `len` bytes (a `Config` or `State`; the header's cap was checked).
+fn read_payload(s: &mut impl Read, len: u64) -> anyhow::Result<Vec<u8>> {
+    let mut v = vec![0u8; usize::try_from(len).context("payload too large")?];
+    s.read_exact(&mut v).context("reading a CH payload")?;
+    Ok(v)
+}
+
+/// What a `Memory` request carried.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Landed {
+    /// Ranges in its table.
+    pub ranges: u64,
+    /// Bytes written into the RAM.
+    pub bytes: u64,
+}
+
+/// Reads a `Memory` request's table and bytes (after its header) straight into `ram`.
+///
+/// # Errors
+///
+/// The connection failed, or a range lies outside the VM's RAM (its bytes are not
+/// read: the connection is then out of step and must be dropped).
+///
+/// # Safety
+///
+/// Nothing else may touch `ram` meanwhile (the destination CH is not running the VM).
+pub unsafe fn land_memory(
+    s: &mut impl Read,
+    req: &Request,
+    ram: &mut Ram,
+) -> anyhow::Result<Landed> {
+    let table = read_payload(s, req.length)?;
+    let ranges = decode_ranges(&table)?;
+    let mut got = Landed::default();
+    for r in ranges {
+        // SAFETY: exclusive access is the caller's promise.
+        let Some(dst) = (unsafe { ram.range_mut(r) }) else {
+            bail!(
+                "CH sent memory at {:#x}+{:#x}, outside the VM's RAM",
+                r.gpa,
+                r.length
+            );
+        };
+        s.read_exact(dst).context("reading guest memory from CH")?;
+        got.ranges += 1;
+        got.bytes += r.length;
+    }
+    Ok(got)
+}
+
+/// Ferry as the destination of a source CH: what it sends, step by step.
+#[derive(Debug)]
+pub enum FromSource {
+    /// `Start` (version checked, answered).
+    Started,
+    /// `Config`: the VM's configuration and layout (not yet answered).
+    Config(Vec<u8>),
+    /// `Memory`: a table and its bytes are waiting to be read (not yet answered).
+    Memory(Request),
+    /// `State`: the paused VM's state (not yet answered).
+    State(Vec<u8>),
+    /// `Complete` (`paused`: `CompletePaused`), not yet answered: the source CH waits
+    /// for this answer with its VM paused, and resumes it on Error.
+    Complete {
+        /// The VM was paused when the migration began and stays paused.
+        paused: bool,
+    },
+    /// `Abandon` (answered).
+    Abandoned,
+}
+
+/// Reads the next step of a source CH.
+///
+/// # Errors
+///
+/// The connection failed, the version is not CH's, or a command a source never sends.
+pub fn next_from_source(s: &mut UnixStream) -> anyhow::Result<FromSource> {
+    let req = read_request(s)?;
+    Ok(match req.command {
+        Command::Start => {
+            let ok = req.version == CH_PROTOCOL_VERSION;
+            respond(s, ok)?;
+            if !ok {
+                bail!(
+                    "the source CH speaks migration protocol version {}; Ferry speaks {CH_PROTOCOL_VERSION}",
+                    req.version
+                );
+            }
+            FromSource::Started
+        }
+        Command::Config => FromSource::Config(read_payload(s, req.length)?),
+        Command::State => FromSource::State(read_payload(s, req.length)?),
+        Command::Memory => FromSource::Memory(req),
+        Command::Complete => FromSource::Complete { paused: false },
+        Command::CompletePaused => FromSource::Complete { paused: true },
+        Command::Abandon => {
+            respond(s, true)?;
+            FromSource::Abandoned
+        }
+        Command::MemoryFd | Command::PageFault => {
+            respond(s, false)?;
+            bail!("a source CH sent {} in pre-copy", req.command.name())
+        }
+    })
+}
+
+/// Ferry as the source towards a destination CH (`vm.receive-migration` on a Unix socket).
+pub struct ToDest {
+    s: UnixStream,
+}
+
+impl ToDest {
+    /// Opens the migration: `Start`, then one `MemoryFd` per RAM slot, then `Config`, so
+    /// the destination CH builds the VM on Ferry's memfds.
+    ///
+    /// # Errors
+    ///
+    /// The destination CH refused a step or the connection failed.
+    pub fn open(s: UnixStream, ram: &Ram, config: &[u8]) -> anyhow::Result<Self> {
+        let mut t = Self { s };
+        t.send(Command::Start, &[])?;
+        for (slot, fd) in ram.fds() {
+            t.memory_fd(slot, fd)?;
+        }
+        t.send(Command::Config, config)?;
+        Ok(t)
+    }
+
+    /// Sends a request with its payload and waits for Ok.
+    ///
+    /// # Errors
+    ///
+    /// The destination CH answered Error, or the connection failed.
+    pub fn send(&mut self, command: Command, payload: &[u8]) -> anyhow::Result<()> {
+        let mut req = Request::new(command, payload.len() as u64);
+        req.version = CH_PROTOCOL_VERSION;
+        self.s.write_all(&req.encode())?;
+        self.s.write_all(payload)?;
+        expect_ok(&mut self.s, command)
+    }
+
+    /// `MemoryFd`: the header alone, then the slot's 4 bytes with the memfd attached.
+    fn memory_fd(&mut self, slot: u32, fd: BorrowedFd<'_>) -> anyhow::Result<()> {
+        self.s
+            .write_all(&Request::new(Command::MemoryFd, 4).encode())?;
+        let bytes = slot.to_le_bytes();
+        let iov = [IoSlice::new(&bytes)];
+        let fds = [fd.as_raw_fd()];
+        let cmsg = [ControlMessage::ScmRights(&fds)];
+        let n = sendmsg::<()>(
+            self.s.as_raw_fd(),
+            &iov,
+            &cmsg,
+            MsgFlags::MSG_NOSIGNAL,
+            None,
+        )
+        .context("sending a memfd to the destination CH")?;
+        if n != bytes.len() {
+            bail!("sent {n} of the 4 bytes of MemoryFd");
+        }
+        expect_ok(&mut self.s, Command::MemoryFd)
+    }
+
+    /// Gives up: `Abandon` (the destination CH drops what it built).
+    pub fn abandon(mut self) {
+        let _ = self.send(Command::Abandon, &[]);
+    }
+}
