@@ -83,24 +83,24 @@ pub struct Landed {
 ///
 /// # Safety
 ///
-/// Nothing else may touch `ram` meanwhile (the destination CH is not running the VM).
-pub unsafe fn land_memory(
-    s: &mut impl Read,
-    req: &Request,
-    ram: &mut Ram,
-) -> anyhow::Result<Landed> {
+/// Nothing else may touch the table's ranges meanwhile: the destination CH is not
+/// running the VM, and other writers (CH's other memory connections) hold disjoint ranges.
+pub unsafe fn land_memory(s: &mut impl Read, req: &Request, ram: &Ram) -> anyhow::Result<Landed> {
     let table = read_payload(s, req.length)?;
     let ranges = decode_ranges(&table)?;
     let mut got = Landed::default();
     for r in ranges {
-        // SAFETY: exclusive access is the caller's promise.
-        let Some(dst) = (unsafe { ram.range_mut(r) }) else {
+        let Some((ptr, len)) = ram.range_ptr(r) else {
             bail!(
                 "CH sent memory at {:#x}+{:#x}, outside the VM's RAM",
                 r.gpa,
                 r.length
             );
         };
+        // SAFETY: inside the mapping (`range_ptr`); no one else touches these bytes now
+        // (the caller's promise: CH's chunks of one round are disjoint and a round ends
+        // only when every chunk was acknowledged).
+        let dst = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
         s.read_exact(dst).context("reading guest memory from CH")?;
         got.ranges += 1;
         got.bytes += r.length;
@@ -134,7 +134,7 @@ pub enum FromSource {
 /// # Errors
 ///
 /// The connection failed, the version is not CH's, or a command a source never sends.
-pub fn next_from_source(s: &mut UnixStream) -> anyhow::Result<FromSource> {
+pub fn next_from_source(s: &mut (impl Read + Write)) -> anyhow::Result<FromSource> {
     let req = read_request(s)?;
     Ok(match req.command {
         Command::Start => {
@@ -162,6 +162,56 @@ pub fn next_from_source(s: &mut UnixStream) -> anyhow::Result<FromSource> {
             bail!("a source CH sent {} in pre-copy", req.command.name())
         }
     })
+}
+
+/// Serves one of CH's extra pre-copy connections (`connections=N`): the role, then
+/// `Memory` requests, each landed in `ram` and acknowledged, until CH closes it. Returns
+/// the bytes landed.
+///
+/// # Errors
+///
+/// Another role, another command, a range outside RAM, a broken connection.
+///
+/// # Safety
+///
+/// As [`land_memory`].
+pub unsafe fn serve_memory_connection(
+    s: &mut (impl Read + Write),
+    ram: &Ram,
+) -> anyhow::Result<Landed> {
+    let mut role = [0u8; 2];
+    s.read_exact(&mut role)
+        .context("reading the connection's role")?;
+    if crate::wire::Role::decode(role).ok() != Some(crate::wire::Role::PrecopyMemory) {
+        bail!("a connection with role {role:?} during pre-copy");
+    }
+    let mut total = Landed::default();
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        match s.read(&mut h[..1]) {
+            Ok(0) => return Ok(total),
+            Ok(_) => {}
+            Err(e) => return Err(e).context("reading a CH request"),
+        }
+        s.read_exact(&mut h[1..]).context("reading a CH request")?;
+        let req = Request::decode(&h)?;
+        if req.command != Command::Memory {
+            respond(s, false)?;
+            bail!("{} on a memory connection", req.command.name());
+        }
+        // SAFETY: the caller's promise, passed on.
+        let got = match unsafe { land_memory(s, &req, ram) } {
+            Ok(g) => g,
+            Err(e) => {
+                // CH gives the whole migration up on an Error, and resumes its VM.
+                let _ = respond(s, false);
+                return Err(e);
+            }
+        };
+        total.ranges += got.ranges;
+        total.bytes += got.bytes;
+        respond(s, true)?;
+    }
 }
 
 /// Ferry as the source towards a destination CH (`vm.receive-migration` on a Unix socket).

@@ -94,6 +94,12 @@ pub struct Ram {
     slots: Vec<(RamMapping, GuestRegion, OwnedFd)>,
 }
 
+// SAFETY: the mappings stay valid for the life of `Ram`; writes go through `range_mut`
+// (exclusive) or through `range_ptr` under the writers' promise of disjoint ranges.
+unsafe impl Sync for Ram {}
+// SAFETY: as above; the memfds and mappings are not tied to a thread.
+unsafe impl Send for Ram {}
+
 impl Ram {
     /// Fresh, zero-filled memfds for `layout` (a CH source sends zero pages, but a hole of
     /// shared memory it skips must read as zero).
@@ -128,6 +134,15 @@ impl Ram {
     /// CH has not been told to run the VM (it maps the memfds at `Config` but touches
     /// guest memory only once the VM runs).
     pub unsafe fn range_mut(&mut self, r: GpaRange) -> Option<&mut [u8]> {
+        let (ptr, len) = self.range_ptr(r)?;
+        // SAFETY: `range_ptr` keeps the range inside the mapping; `&mut self` and the
+        // caller's promise make the access exclusive.
+        Some(unsafe { std::slice::from_raw_parts_mut(ptr, len) })
+    }
+
+    /// Where the bytes of `r` are, if `r` lies inside one slot: for writers on several
+    /// threads, each with its own disjoint ranges.
+    pub fn range_ptr(&self, r: GpaRange) -> Option<(*mut u8, usize)> {
         let end = r.end()?;
         let (m, region, _) = self
             .slots
@@ -135,9 +150,8 @@ impl Ram {
             .find(|(m, _, _)| m.gpa <= r.gpa && end <= m.gpa + m.size)?;
         let at = usize::try_from(m.file_offset + (r.gpa - m.gpa)).ok()?;
         let len = usize::try_from(r.length).ok()?;
-        // SAFETY: [at, at + len) lies inside the mapping (the slot is inside the file,
-        // checked above); the caller guarantees exclusive access.
-        Some(unsafe { std::slice::from_raw_parts_mut(region.as_ptr().add(at), len) })
+        // SAFETY: [at, at + len) lies inside the mapping: the slot is inside the file.
+        Some((unsafe { region.as_ptr().add(at) }, len))
     }
 
     /// Bytes of guest RAM.

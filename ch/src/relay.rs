@@ -12,12 +12,22 @@
 //! source CH's `Complete` is answered Ok only after the destination CH runs the VM. Any
 //! failure before that is answered Error (the source CH resumes its VM) and the
 //! destination CH is told to `Abandon`.
+//!
+//! With `connections=N` (TCP) CH sends memory on N extra connections, in chunks of at most
+//! 64 MiB, each acknowledged; the chunks of one round are disjoint and a round ends only
+//! when all were acknowledged, so the connections land in parallel without overlapping.
 
+use std::io::{ErrorKind, Read, Write};
+use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::link::{land_memory, next_from_source, respond, FromSource, ToDest};
+use crate::link::{
+    land_memory, next_from_source, respond, serve_memory_connection, FromSource, Landed, ToDest,
+};
 use crate::ram::{layout_of, Ram};
 use crate::wire::Command;
 
@@ -26,8 +36,10 @@ use crate::wire::Command;
 pub struct Report {
     /// Guest RAM of the VM.
     pub ram_bytes: u64,
-    /// `Memory` requests landed.
+    /// `Memory` requests landed from the main connection.
     pub memory_requests: u64,
+    /// Extra memory connections CH opened.
+    pub memory_connections: u64,
     /// Bytes landed in the memfds (pages sent more than once count each time).
     pub bytes_landed: u64,
     /// Whether the destination CH runs the VM (false: it stays paused, as asked).
@@ -36,17 +48,17 @@ pub struct Report {
 
 /// Why a relayed migration stopped.
 #[derive(Debug)]
-pub struct Failed {
+pub struct Failed<S> {
     /// What went wrong.
     pub error: anyhow::Error,
     /// `Complete` went to the destination CH and its answer was lost: the VM may run
     /// there. The source CH was not answered and waits on this connection, VM paused (it
     /// waits forever); whoever settles the outcome answers it (Ok once the destination is
     /// known to run the VM, Error once it is known not to).
-    pub unsettled: Option<UnixStream>,
+    pub unsettled: Option<S>,
 }
 
-impl std::fmt::Display for Failed {
+impl<S> std::fmt::Display for Failed<S> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{:#}", self.error)?;
         if self.unsettled.is_some() {
@@ -56,71 +68,126 @@ impl std::fmt::Display for Failed {
     }
 }
 
-/// Relays the migration a source CH sends on `source`; `open_dest` connects to the
-/// destination CH's `receive-migration` socket. Returns when the destination CH runs the
-/// VM and the source CH was told so.
+/// Relays the migration a source CH sends on `source` (its main connection); with
+/// `extra`, the listener CH opens its `connections=N` memory connections to. `open_dest`
+/// connects to the destination CH's `receive-migration` socket. Returns when the
+/// destination CH runs the VM and the source CH was told so.
 ///
 /// # Errors
 ///
 /// Whatever stopped the migration. Before `Complete` reached the destination CH, the
 /// source CH was answered Error (it resumes its VM) and the destination CH was told to
 /// abandon, as far as their connections allowed; after, see [`Failed::unsettled`].
-pub fn relay_local(
-    mut source: UnixStream,
+pub fn relay<S: Read + Write>(
+    mut source: S,
+    extra: Option<&TcpListener>,
     vm_id: &str,
     open_dest: impl FnOnce() -> anyhow::Result<UnixStream>,
-) -> Result<Report, Failed> {
+) -> Result<Report, Failed<S>> {
     let mut report = Report::default();
-    let mut open_dest = Some(open_dest);
-    let mut dest: Option<(ToDest, Ram)> = None;
     let mut complete_sent = false;
+    let mut dest: Option<ToDest> = None;
     let result = (|| -> anyhow::Result<()> {
-        loop {
+        // Up to Config: the layout, the memfds, the destination CH opened on them.
+        let (config, ram) = loop {
             match next_from_source(&mut source)? {
                 FromSource::Started => {}
                 FromSource::Config(config) => {
                     let layout = layout_of(&config)?;
-                    let ram = Ram::create(vm_id, &layout)?;
-                    report.ram_bytes = ram.size();
-                    let s = open_dest.take().context("a second Config")?()?;
-                    let d = ToDest::open(s, &ram, &config)
-                        .context("the destination CH refused the VM")?;
-                    dest = Some((d, ram));
-                    respond(&mut source, true)?;
-                }
-                FromSource::Memory(req) => {
-                    let (_, ram) = dest.as_mut().context("Memory before Config")?;
-                    // SAFETY: the destination CH has the memfds mapped but does not run
-                    // the VM before Complete; nothing else in this process touches them.
-                    let got = unsafe { land_memory(&mut source, &req, ram)? };
-                    report.memory_requests += 1;
-                    report.bytes_landed += got.bytes;
-                    respond(&mut source, true)?;
-                }
-                FromSource::State(state) => {
-                    let (d, _) = dest.as_mut().context("State before Config")?;
-                    d.send(Command::State, &state)
-                        .context("the destination CH could not restore the VM")?;
-                    respond(&mut source, true)?;
-                }
-                FromSource::Complete { paused } => {
-                    let (d, _) = dest.as_mut().context("Complete before Config")?;
-                    let cmd = if paused {
-                        Command::CompletePaused
-                    } else {
-                        Command::Complete
-                    };
-                    complete_sent = true;
-                    d.send(cmd, &[])
-                        .context("the destination CH did not confirm it started the VM")?;
-                    report.running = !paused;
-                    // The destination runs it: now, and only now, the source may stop.
-                    respond(&mut source, true)?;
-                    return Ok(());
+                    break (config, Ram::create(vm_id, &layout)?);
                 }
                 FromSource::Abandoned => bail!("the source CH abandoned the migration"),
+                other => bail!("the source CH sent {other:?} before its Config"),
             }
-        }
+        };
+        report.ram_bytes = ram.size();
+        let s = open_dest()?;
+        dest = Some(ToDest::open(s, &ram, &config).context("the destination CH refused the VM")?);
+        let d = dest.as_mut().expect("just set");
+        respond(&mut source, true)?;
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|sc| {
+            let ram = &ram;
+            let stop = &stop;
+            let acceptor = extra.map(|l| {
+                sc.spawn(move || -> anyhow::Result<Vec<_>> {
+                    l.set_nonblocking(true)?;
+                    let mut workers = Vec::new();
+                    while !stop.load(Ordering::Acquire) {
+                        match l.accept() {
+                            Ok((mut s, _)) => {
+                                s.set_nonblocking(false)?;
+                                workers.push(sc.spawn(move || {
+                                    // SAFETY: CH's chunks of a round are disjoint, rounds
+                                    // end at acknowledgement barriers, and the destination
+                                    // CH does not run the VM before Complete.
+                                    unsafe { serve_memory_connection(&mut s, ram) }
+                                }));
+                            }
+                            Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                                std::thread::sleep(Duration::from_millis(5));
+                            }
+                            Err(e) => return Err(e).context("accepting a CH memory connection"),
+                        }
+                    }
+                    Ok(workers)
+                })
+            });
+            let mut acceptor = acceptor;
+            // The memory connections' totals, once CH closed them (before its State).
+            let mut join_extra = || -> anyhow::Result<Landed> {
+                let mut total = Landed::default();
+                if let Some(a) = acceptor.take() {
+                    stop.store(true, Ordering::Release);
+                    let workers = a.join().expect("acceptor thread")?;
+                    report.memory_connections = workers.len() as u64;
+                    for w in workers {
+                        let got = w.join().expect("memory connection thread")?;
+                        total.ranges += got.ranges;
+                        total.bytes += got.bytes;
+                    }
+                }
+                Ok(total)
+            };
+            let r = (|| loop {
+                match next_from_source(&mut source)? {
+                    FromSource::Memory(req) => {
+                        // SAFETY: as for the memory connections: CH sends on the main
+                        // connection only once its memory connections are idle or closed.
+                        let got = unsafe { land_memory(&mut source, &req, ram)? };
+                        report.memory_requests += 1;
+                        report.bytes_landed += got.bytes;
+                        respond(&mut source, true)?;
+                    }
+                    FromSource::State(state) => {
+                        report.bytes_landed += join_extra()?.bytes;
+                        d.send(Command::State, &state)
+                            .context("the destination CH could not restore the VM")?;
+                        respond(&mut source, true)?;
+                    }
+                    FromSource::Complete { paused } => {
+                        let cmd = if paused {
+                            Command::CompletePaused
+                        } else {
+                            Command::Complete
+                        };
+                        complete_sent = true;
+                        d.send(cmd, &[])
+                            .context("the destination CH did not confirm it started the VM")?;
+                        report.running = !paused;
+                        // The destination runs it: now, and only now, the source may stop.
+                        respond(&mut source, true)?;
+                        return Ok(());
+                    }
+                    FromSource::Abandoned => bail!("the source CH abandoned the migration"),
+                    other => bail!("the source CH sent {other:?} after its Config"),
+                }
+            })();
+            // Whatever ended the loop, the acceptor stops; memory connections end when CH
+            // closes them (it does on its way to State, and when it gives up).
+            stop.store(true, Ordering::Release);
+            r
+        })
     })();
     match result {
         Ok(()) => Ok(report),
@@ -131,7 +198,7 @@ pub fn relay_local(
         Err(error) => {
             // The source CH resumes on Error (or on the connection closing).
             let _ = respond(&mut source, false);
-            if let Some((d, _)) = dest {
+            if let Some(d) = dest {
                 d.abandon();
             }
             Err(Failed {

@@ -175,6 +175,27 @@ impl TwoHosts {
         c
     }
 
+    /// Moves the calling thread into host `i`'s network namespace (for a test thread that
+    /// must listen or connect there; other threads stay where they are).
+    ///
+    /// # Errors
+    ///
+    /// The namespace cannot be opened or entered.
+    pub fn enter(&self, i: usize) -> anyhow::Result<()> {
+        let f = std::fs::File::open(format!("/var/run/netns/{}", self.ns[i]))?;
+        // SAFETY: setns on a namespace fd this function holds open; it changes only the
+        // calling thread's network namespace.
+        let r = unsafe { libc::setns(std::os::fd::AsRawFd::as_raw_fd(&f), libc::CLONE_NEWNET) };
+        if r != 0 {
+            bail!(
+                "entering {}: {}",
+                self.ns[i],
+                std::io::Error::last_os_error()
+            );
+        }
+        Ok(())
+    }
+
     /// A file in the scratch directory.
     pub fn path(&self, name: &str) -> PathBuf {
         self.dir.join(name)

@@ -125,7 +125,7 @@ fn a_ch_migration_lands_in_ferrys_memfds_and_the_destination_runs_from_them() ->
     let before = src.guest().pass;
     let relay = std::thread::spawn(move || {
         let (s, _) = listener.accept()?;
-        ferry_ch::relay::relay_local(s, "vm1", || {
+        ferry_ch::relay::relay(s, None, "vm1", || {
             Ok(std::os::unix::net::UnixStream::connect(&dst_sock)?)
         })
         .map_err(|f| anyhow::anyhow!("{f}"))
@@ -199,7 +199,7 @@ fn a_destination_that_cannot_take_the_vm_leaves_it_running_at_the_source() -> an
     let nowhere = hosts.path("no-destination.sock");
     let relay = std::thread::spawn(move || {
         let (s, _) = listener.accept()?;
-        match ferry_ch::relay::relay_local(s, "vm1", || {
+        match ferry_ch::relay::relay(s, None, "vm1", || {
             Ok(std::os::unix::net::UnixStream::connect(&nowhere)?)
         }) {
             Ok(r) => anyhow::bail!("relayed without a destination: {r:?}"),
@@ -236,5 +236,92 @@ fn a_destination_that_cannot_take_the_vm_leaves_it_running_at_the_source() -> an
         || src.guest().pass >= at + 16,
     )?;
     assert_eq!(src.guest().bad, 0);
+    Ok(())
+}
+
+/// As above with CH's own parallel transport: the source CH sends memory on 4 extra TCP
+/// connections (64 MiB chunks, each acknowledged only once landed), landed in parallel
+/// into Ferry's memfds.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_ch_migration_over_four_connections_lands_in_parallel() -> anyhow::Result<()> {
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let hosts = std::sync::Arc::new(TwoHosts::new()?);
+    let kernel = guest_kernel(&hosts.dir)?;
+    let mut src = Ch::start(&hosts, 0, "src", Some(&kernel), 512, false)?;
+    wait_for(
+        "the guest counting at the source",
+        Duration::from_secs(20),
+        || src.guest().pass >= 16,
+    )?;
+    let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
+    let dst_sock = hosts.path("dst-migration.sock");
+    let recv = dst.remote(
+        &hosts,
+        1,
+        &[
+            "receive-migration",
+            &format!("receiver_url=unix:{}", dst_sock.display()),
+        ],
+    )?;
+    wait_for(
+        "the destination CH listening",
+        Duration::from_secs(10),
+        || dst_sock.exists(),
+    )?;
+    // The relay listens in host A, where the source CH connects.
+    let (tx, rx) = std::sync::mpsc::channel();
+    let relay = {
+        let hosts = std::sync::Arc::clone(&hosts);
+        std::thread::spawn(move || -> anyhow::Result<ferry_ch::relay::Report> {
+            hosts.enter(0)?;
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            tx.send(l.local_addr()?.port())?;
+            let (s, _) = l.accept()?;
+            ferry_ch::relay::relay(s, Some(&l), "vm1", || {
+                Ok(std::os::unix::net::UnixStream::connect(&dst_sock)?)
+            })
+            .map_err(|f| anyhow::anyhow!("{f}"))
+        })
+    };
+    let port = rx.recv_timeout(Duration::from_secs(10))?;
+    let before = src.guest().pass;
+    let sent = src
+        .remote(
+            &hosts,
+            0,
+            &[
+                "send-migration",
+                &format!("destination_url=tcp:127.0.0.1:{port},connections=4"),
+            ],
+        )?
+        .wait_with_output()?;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let report = relay.join().expect("relay thread")?;
+    let received = recv.wait_with_output()?;
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert_eq!(report.memory_connections, 4, "{report:?}");
+    assert_eq!(report.ram_bytes, 512 << 20, "{report:?}");
+    assert!(report.bytes_landed >= 512 << 20, "{report:?}");
+    wait_for(
+        "the guest counting on at the destination",
+        Duration::from_secs(20),
+        || src.guest().pass >= before + 16,
+    )?;
+    assert_eq!(src.guest().bad, 0, "{:?}", src.guest().bad_lines);
+    assert_eq!(dst.vm_state()?.as_deref(), Some("Running"));
+    wait_for("the source CH exiting", Duration::from_secs(10), || {
+        !src.proc.alive()
+    })?;
     Ok(())
 }
