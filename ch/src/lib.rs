@@ -8,13 +8,17 @@
 //! - [`ram`]: a CH VM's RAM in memfds Ferry creates from the VM's layout.
 //! - [`link`]: Ferry as the destination of a source CH, and as the source towards a
 //!   destination CH (`MemoryFd` before `Config`: the destination runs from Ferry's memfds).
-//! - [`relay`]: one migration through Ferry's memfds on one host, in the order that keeps
-//!   exactly one VM.
+//! - [`relay`]: one migration through Ferry's memfds, in the order that keeps exactly one
+//!   VM: on one host, or as the destination half behind [`proxy`].
+//! - [`proxy`]: the source half: the source CH's connections carried byte for byte over
+//!   Ferry's connections to the destination half, memory paced, the commit decision
+//!   recorded before `Complete` is carried.
 //!
 //! `docs/cloud-hypervisor.md` has the protocol as CH implements it, with sources.
 
 pub mod api;
 pub mod link;
+pub mod proxy;
 pub mod ram;
 pub mod relay;
 pub mod wire;

@@ -65,9 +65,11 @@ fn read_payload(s: &mut impl Read, len: u64) -> anyhow::Result<Vec<u8>> {
     Ok(v)
 }
 
-/// What a `Memory` request carried.
+/// What a `Memory` request (or a memory connection) carried.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Landed {
+    /// A memory connection CH used (it sent its role).
+    pub used: bool,
     /// Ranges in its table.
     pub ranges: u64,
     /// Bytes written into the RAM.
@@ -185,7 +187,10 @@ pub unsafe fn serve_memory_connection(
     if crate::wire::Role::decode(role).ok() != Some(crate::wire::Role::PrecopyMemory) {
         bail!("a connection with role {role:?} during pre-copy");
     }
-    let mut total = Landed::default();
+    let mut total = Landed {
+        used: true,
+        ..Landed::default()
+    };
     loop {
         let mut h = [0u8; HEADER_LEN];
         match s.read(&mut h[..1]) {

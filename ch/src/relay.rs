@@ -68,8 +68,19 @@ impl<S> std::fmt::Display for Failed<S> {
     }
 }
 
-/// Relays the migration a source CH sends on `source` (its main connection); with
-/// `extra`, the listener CH opens its `connections=N` memory connections to. `open_dest`
+/// Where a relayed migration's memory connections come from.
+pub enum MemoryConnections<'a, D> {
+    /// None: all memory comes on the main connection.
+    None,
+    /// CH opens its `connections=N` memory connections to this listener.
+    Listener(&'a TcpListener),
+    /// Already open (the source half's data connections, each carrying one of CH's memory
+    /// connections byte for byte); one CH did not use ends at once.
+    Given(Vec<D>),
+}
+
+/// Relays the migration a source CH sends on `source` (its main connection), its memory
+/// connections coming as `extra` says. `open_dest`
 /// connects to the destination CH's `receive-migration` socket. Returns when the
 /// destination CH runs the VM and the source CH was told so.
 ///
@@ -78,9 +89,9 @@ impl<S> std::fmt::Display for Failed<S> {
 /// Whatever stopped the migration. Before `Complete` reached the destination CH, the
 /// source CH was answered Error (it resumes its VM) and the destination CH was told to
 /// abandon, as far as their connections allowed; after, see [`Failed::unsettled`].
-pub fn relay<S: Read + Write>(
+pub fn relay<S: Read + Write, D: Read + Write + Send>(
     mut source: S,
-    extra: Option<&TcpListener>,
+    extra: MemoryConnections<'_, D>,
     vm_id: &str,
     open_dest: impl FnOnce() -> anyhow::Result<UnixStream>,
 ) -> Result<Report, Failed<S>> {
@@ -109,30 +120,44 @@ pub fn relay<S: Read + Write>(
         std::thread::scope(|sc| {
             let ram = &ram;
             let stop = &stop;
-            let acceptor = extra.map(|l| {
-                sc.spawn(move || -> anyhow::Result<Vec<_>> {
-                    l.set_nonblocking(true)?;
-                    let mut workers = Vec::new();
-                    while !stop.load(Ordering::Acquire) {
-                        match l.accept() {
-                            Ok((mut s, _)) => {
-                                s.set_nonblocking(false)?;
-                                workers.push(sc.spawn(move || {
-                                    // SAFETY: CH's chunks of a round are disjoint, rounds
-                                    // end at acknowledgement barriers, and the destination
-                                    // CH does not run the VM before Complete.
-                                    unsafe { serve_memory_connection(&mut s, ram) }
-                                }));
+            // SAFETY (for every memory connection below): CH's chunks of a round are
+            // disjoint, rounds end at acknowledgement barriers, and the destination CH does
+            // not run the VM before Complete.
+            let acceptor = match extra {
+                MemoryConnections::None => None,
+                MemoryConnections::Listener(l) => {
+                    Some(sc.spawn(move || -> anyhow::Result<Vec<_>> {
+                        l.set_nonblocking(true)?;
+                        let mut workers = Vec::new();
+                        while !stop.load(Ordering::Acquire) {
+                            match l.accept() {
+                                Ok((mut s, _)) => {
+                                    s.set_nonblocking(false)?;
+                                    workers.push(sc.spawn(move || unsafe {
+                                        serve_memory_connection(&mut s, ram)
+                                    }));
+                                }
+                                Err(e) if e.kind() == ErrorKind::WouldBlock => {
+                                    std::thread::sleep(Duration::from_millis(5));
+                                }
+                                Err(e) => {
+                                    return Err(e).context("accepting a CH memory connection")
+                                }
                             }
-                            Err(e) if e.kind() == ErrorKind::WouldBlock => {
-                                std::thread::sleep(Duration::from_millis(5));
-                            }
-                            Err(e) => return Err(e).context("accepting a CH memory connection"),
                         }
-                    }
-                    Ok(workers)
-                })
-            });
+                        Ok(workers)
+                    }))
+                }
+                MemoryConnections::Given(streams) => {
+                    let workers: Vec<_> = streams
+                        .into_iter()
+                        .map(|mut s| {
+                            sc.spawn(move || unsafe { serve_memory_connection(&mut s, ram) })
+                        })
+                        .collect();
+                    Some(sc.spawn(move || Ok(workers)))
+                }
+            };
             let mut acceptor = acceptor;
             // The memory connections' totals, once CH closed them (before its State).
             let mut join_extra = || -> anyhow::Result<Landed> {
@@ -140,9 +165,10 @@ pub fn relay<S: Read + Write>(
                 if let Some(a) = acceptor.take() {
                     stop.store(true, Ordering::Release);
                     let workers = a.join().expect("acceptor thread")?;
-                    report.memory_connections = workers.len() as u64;
                     for w in workers {
                         let got = w.join().expect("memory connection thread")?;
+                        // A connection CH never used carried no role.
+                        report.memory_connections += u64::from(got.used);
                         total.ranges += got.ranges;
                         total.bytes += got.bytes;
                     }

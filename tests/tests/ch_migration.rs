@@ -8,6 +8,9 @@
 
 use std::time::Duration;
 
+use std::os::unix::net::UnixStream;
+
+use ferry_ch::relay::MemoryConnections;
 use ferry_tests::ch::{guest_kernel, require_ch, Ch};
 use ferry_tests::*;
 
@@ -125,7 +128,7 @@ fn a_ch_migration_lands_in_ferrys_memfds_and_the_destination_runs_from_them() ->
     let before = src.guest().pass;
     let relay = std::thread::spawn(move || {
         let (s, _) = listener.accept()?;
-        ferry_ch::relay::relay(s, None, "vm1", || {
+        ferry_ch::relay::relay(s, MemoryConnections::<UnixStream>::None, "vm1", || {
             Ok(std::os::unix::net::UnixStream::connect(&dst_sock)?)
         })
         .map_err(|f| anyhow::anyhow!("{f}"))
@@ -199,7 +202,7 @@ fn a_destination_that_cannot_take_the_vm_leaves_it_running_at_the_source() -> an
     let nowhere = hosts.path("no-destination.sock");
     let relay = std::thread::spawn(move || {
         let (s, _) = listener.accept()?;
-        match ferry_ch::relay::relay(s, None, "vm1", || {
+        match ferry_ch::relay::relay(s, MemoryConnections::<UnixStream>::None, "vm1", || {
             Ok(std::os::unix::net::UnixStream::connect(&nowhere)?)
         }) {
             Ok(r) => anyhow::bail!("relayed without a destination: {r:?}"),
@@ -280,9 +283,12 @@ fn a_ch_migration_over_four_connections_lands_in_parallel() -> anyhow::Result<()
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             tx.send(l.local_addr()?.port())?;
             let (s, _) = l.accept()?;
-            ferry_ch::relay::relay(s, Some(&l), "vm1", || {
-                Ok(std::os::unix::net::UnixStream::connect(&dst_sock)?)
-            })
+            ferry_ch::relay::relay(
+                s,
+                MemoryConnections::<std::net::TcpStream>::Listener(&l),
+                "vm1",
+                || Ok(std::os::unix::net::UnixStream::connect(&dst_sock)?),
+            )
             .map_err(|f| anyhow::anyhow!("{f}"))
         })
     };
@@ -313,6 +319,118 @@ fn a_ch_migration_over_four_connections_lands_in_parallel() -> anyhow::Result<()
     assert_eq!(report.memory_connections, 4, "{report:?}");
     assert_eq!(report.ram_bytes, 512 << 20, "{report:?}");
     assert!(report.bytes_landed >= 512 << 20, "{report:?}");
+    wait_for(
+        "the guest counting on at the destination",
+        Duration::from_secs(20),
+        || src.guest().pass >= before + 16,
+    )?;
+    assert_eq!(src.guest().bad, 0, "{:?}", src.guest().bad_lines);
+    assert_eq!(dst.vm_state()?.as_deref(), Some("Running"));
+    wait_for("the source CH exiting", Duration::from_secs(10), || {
+        !src.proc.alive()
+    })?;
+    Ok(())
+}
+
+/// The migration split in two halves as two sidecars run it: the source half carries the
+/// source CH's main connection and its 4 memory connections byte for byte over Ferry's
+/// connections (here socket pairs), paced, and records the decision before `Complete`;
+/// the destination half lands the memory in its memfds and runs the destination CH from
+/// them. Every acknowledgement the source CH gets comes from the destination half.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_ch_migration_split_in_a_source_and_a_destination_half() -> anyhow::Result<()> {
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let hosts = std::sync::Arc::new(TwoHosts::new()?);
+    let kernel = guest_kernel(&hosts.dir)?;
+    let mut src = Ch::start(&hosts, 0, "src", Some(&kernel), 256, false)?;
+    wait_for(
+        "the guest counting at the source",
+        Duration::from_secs(20),
+        || src.guest().pass >= 16,
+    )?;
+    let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
+    let dst_sock = hosts.path("dst-migration.sock");
+    let recv = dst.remote(
+        &hosts,
+        1,
+        &[
+            "receive-migration",
+            &format!("receiver_url=unix:{}", dst_sock.display()),
+        ],
+    )?;
+    wait_for(
+        "the destination CH listening",
+        Duration::from_secs(10),
+        || dst_sock.exists(),
+    )?;
+    // Ferry's control connection and 4 data connections between the halves.
+    let (ctl_src, ctl_dst) = UnixStream::pair()?;
+    let (data_src, data_dst): (Vec<_>, Vec<_>) = (0..4)
+        .map(|_| UnixStream::pair())
+        .collect::<std::io::Result<Vec<_>>>()?
+        .into_iter()
+        .unzip();
+    let dest_half = std::thread::spawn(move || {
+        ferry_ch::relay::relay(ctl_dst, MemoryConnections::Given(data_dst), "vm1", || {
+            Ok(UnixStream::connect(&dst_sock)?)
+        })
+        .map_err(|f| anyhow::anyhow!("{f}"))
+    });
+    let decided = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let (tx, rx) = std::sync::mpsc::channel();
+    let source_half = {
+        let (hosts, decided) = (
+            std::sync::Arc::clone(&hosts),
+            std::sync::Arc::clone(&decided),
+        );
+        std::thread::spawn(move || -> anyhow::Result<ferry_ch::proxy::Carried> {
+            hosts.enter(0)?;
+            let l = std::net::TcpListener::bind("127.0.0.1:0")?;
+            tx.send(l.local_addr()?.port())?;
+            let (main, _) = l.accept()?;
+            ferry_ch::proxy::proxy(main, Some(&l), ctl_src, data_src, &|_| {}, || {
+                decided.store(true, std::sync::atomic::Ordering::SeqCst);
+                Ok(())
+            })
+            .map_err(|f| anyhow::anyhow!("{f}"))
+        })
+    };
+    let port = rx.recv_timeout(Duration::from_secs(10))?;
+    let before = src.guest().pass;
+    let sent = src
+        .remote(
+            &hosts,
+            0,
+            &[
+                "send-migration",
+                &format!("destination_url=tcp:127.0.0.1:{port},connections=4"),
+            ],
+        )?
+        .wait_with_output()?;
+    assert!(
+        sent.status.success(),
+        "{}",
+        String::from_utf8_lossy(&sent.stderr)
+    );
+    let carried = source_half.join().expect("source half")?;
+    let landed = dest_half.join().expect("destination half")?;
+    let received = recv.wait_with_output()?;
+    assert!(
+        received.status.success(),
+        "{}",
+        String::from_utf8_lossy(&received.stderr)
+    );
+    assert!(decided.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(carried.memory_connections, 4, "{carried:?}");
+    assert_eq!(landed.memory_connections, 4, "{landed:?}");
+    assert_eq!(
+        carried.memory_bytes, landed.bytes_landed,
+        "{carried:?} {landed:?}"
+    );
+    assert!(landed.bytes_landed >= 256 << 20, "{landed:?}");
     wait_for(
         "the guest counting on at the destination",
         Duration::from_secs(20),
