@@ -120,9 +120,9 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
         std::thread::scope(|sc| {
             let ram = &ram;
             let stop = &stop;
-            // SAFETY (for every memory connection below): CH's chunks of a round are
-            // disjoint, rounds end at acknowledgement barriers, and the destination CH does
-            // not run the VM before Complete.
+            // For every memory connection below: CH's chunks of a round are disjoint,
+            // rounds end at acknowledgement barriers, and the destination CH does not run
+            // the VM before Complete, so the writes never overlap anything.
             let acceptor = match extra {
                 MemoryConnections::None => None,
                 MemoryConnections::Listener(l) => {
@@ -133,8 +133,9 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
                             match l.accept() {
                                 Ok((mut s, _)) => {
                                     s.set_nonblocking(false)?;
-                                    workers.push(sc.spawn(move || unsafe {
-                                        serve_memory_connection(&mut s, ram)
+                                    workers.push(sc.spawn(move || {
+                                        // SAFETY: see above.
+                                        unsafe { serve_memory_connection(&mut s, ram) }
                                     }));
                                 }
                                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -152,7 +153,10 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
                     let workers: Vec<_> = streams
                         .into_iter()
                         .map(|mut s| {
-                            sc.spawn(move || unsafe { serve_memory_connection(&mut s, ram) })
+                            sc.spawn(move || {
+                                // SAFETY: see above.
+                                unsafe { serve_memory_connection(&mut s, ram) }
+                            })
                         })
                         .collect();
                     Some(sc.spawn(move || Ok(workers)))
