@@ -193,9 +193,13 @@ pub unsafe fn serve_memory_connection(
     };
     loop {
         let mut h = [0u8; HEADER_LEN];
+        // Closed between requests: CH is done with this connection. (Over TLS a peer that
+        // closes without close_notify reads as UnexpectedEof; between requests that is the
+        // same end: everything before it was acknowledged end to end.)
         match s.read(&mut h[..1]) {
             Ok(0) => return Ok(total),
             Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(total),
             Err(e) => return Err(e).context("reading a CH request"),
         }
         s.read_exact(&mut h[1..]).context("reading a CH request")?;

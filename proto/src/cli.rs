@@ -192,6 +192,16 @@ pub enum CliMsg {
         /// MiB/s; 0 removes the migration's own cap (the host's still applies).
         mibps: u32,
     },
+    /// CLI: attach a Cloud Hypervisor VM (`ferry ch register`) or a CH waiting for one
+    /// (`ferry ch await`) by its API socket.
+    ChAttach {
+        /// The VM's id here.
+        vm_id: String,
+        /// CH's `--api-socket`.
+        api_socket: String,
+        /// Waits for an incoming VM.
+        incoming: bool,
+    },
     /// Daemon: a request (cancel, set-bandwidth) was carried out.
     Done {
         /// What happened.
@@ -232,6 +242,7 @@ impl Message for CliMsg {
             CliMsg::Cancel { .. } => 12,
             CliMsg::SetBandwidth { .. } => 13,
             CliMsg::Done { .. } => 14,
+            CliMsg::ChAttach { .. } => 15,
         }
     }
 
@@ -251,6 +262,7 @@ impl Message for CliMsg {
             CliMsg::Cancel { .. } => "Cancel",
             CliMsg::SetBandwidth { .. } => "SetBandwidth",
             CliMsg::Done { .. } => "Done",
+            CliMsg::ChAttach { .. } => "ChAttach",
         }
     }
 
@@ -270,6 +282,13 @@ impl Message for CliMsg {
             }
             CliMsg::SetBandwidth { vm_id, mibps } => {
                 w.str(vm_id).u32(*mibps);
+            }
+            CliMsg::ChAttach {
+                vm_id,
+                api_socket,
+                incoming,
+            } => {
+                w.str(vm_id).str(api_socket).bool(*incoming);
             }
             CliMsg::Summary { json } | CliMsg::StatusReport { json } => {
                 w.bytes(json.as_bytes());
@@ -406,6 +425,11 @@ impl Message for CliMsg {
             14 => CliMsg::Done {
                 detail: r.str(MAX_STR)?,
             },
+            15 => CliMsg::ChAttach {
+                vm_id: get_vm_id(r)?,
+                api_socket: r.str(MAX_STR)?,
+                incoming: r.bool("incoming")?,
+            },
             tag => {
                 return Err(ProtoError::UnknownTag {
                     protocol: Self::PROTOCOL,
@@ -469,12 +493,17 @@ pub(crate) mod tests {
                 mibps: 50,
             },
             CliMsg::Done { detail: "d".into() },
+            CliMsg::ChAttach {
+                vm_id: "vm1".into(),
+                api_socket: "/run/ch.sock".into(),
+                incoming: true,
+            },
         ]
     }
 
     #[test]
     fn every_message_round_trips_and_rejects_cut_or_extended_payloads() {
-        crate::common::assert_round_trips(samples(), 14);
+        crate::common::assert_round_trips(samples(), 15);
         // Enum bytes outside their range.
         let mut w = Writer::new();
         w.str("vm1").u8(0);

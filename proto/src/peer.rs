@@ -230,6 +230,18 @@ pub enum PeerMsg {
         /// Ranges not confirmed.
         unfinished: Vec<PageRange>,
     },
+    /// Source, first request of a control connection for a Cloud Hypervisor VM: from here
+    /// on the control connection carries the source CH's migration protocol byte for
+    /// byte, and each data connection one of its memory connections
+    /// (`docs/cloud-hypervisor.md`). Answered `Accept`, `Busy` or `Refused`.
+    ChOffer {
+        /// The VM (registered with `ferry ch await` at the destination).
+        vm_id: String,
+        /// The migration.
+        session: SessionId,
+        /// Data connections the source opens after `Accept`.
+        channels: u16,
+    },
     /// Destination, instead of `Accept`: it runs as many incoming migrations as it allows
     /// (`max_incoming`); the source keeps the migration queued and offers it again later.
     Busy {
@@ -275,6 +287,7 @@ impl Message for PeerMsg {
             PeerMsg::PullRanges { .. } => 27,
             PeerMsg::RdmaFailed { .. } => 28,
             PeerMsg::Busy { .. } => 29,
+            PeerMsg::ChOffer { .. } => 30,
         }
     }
 
@@ -309,6 +322,7 @@ impl Message for PeerMsg {
             PeerMsg::PullRanges { .. } => "PullRanges",
             PeerMsg::RdmaFailed { .. } => "RdmaFailed",
             PeerMsg::Busy { .. } => "Busy",
+            PeerMsg::ChOffer { .. } => "ChOffer",
         }
     }
 
@@ -405,6 +419,13 @@ impl Message for PeerMsg {
             }
             PeerMsg::Busy { running, limit } => {
                 w.u32(*running).u32(*limit);
+            }
+            PeerMsg::ChOffer {
+                vm_id,
+                session,
+                channels,
+            } => {
+                w.str(vm_id).session(session).u16(*channels);
             }
             PeerMsg::DataOk | PeerMsg::Commit | PeerMsg::Discarded => {}
         }
@@ -512,6 +533,11 @@ impl Message for PeerMsg {
             29 => PeerMsg::Busy {
                 running: r.u32()?,
                 limit: r.u32()?,
+            },
+            30 => PeerMsg::ChOffer {
+                vm_id: get_vm_id(r)?,
+                session: r.session()?,
+                channels: r.u16()?,
             },
             tag => {
                 return Err(ProtoError::UnknownTag {
@@ -626,12 +652,17 @@ pub(crate) mod tests {
                 running: 2,
                 limit: 2,
             },
+            PeerMsg::ChOffer {
+                vm_id: "vm1".into(),
+                session: SessionId([3; 16]),
+                channels: 4,
+            },
         ]
     }
 
     #[test]
     fn every_message_round_trips_and_rejects_cut_or_extended_payloads() {
-        crate::common::assert_round_trips(samples(), 29);
+        crate::common::assert_round_trips(samples(), 30);
     }
 
     #[test]

@@ -58,6 +58,8 @@ pub struct Daemon {
     pub stopping: AtomicBool,
     /// `ferry migrate` requests not yet answered with their summary.
     pub clients: Arc<AtomicUsize>,
+    /// Cloud Hypervisor VMs attached here.
+    pub ch: crate::ch::ChVms,
 }
 
 impl Daemon {
@@ -70,6 +72,7 @@ impl Daemon {
             incoming: Arc::new(AtomicUsize::new(0)),
             stopping: AtomicBool::new(false),
             clients: Arc::new(AtomicUsize::new(0)),
+            ch: crate::ch::ChVms::default(),
             registry: Registry::default(),
             started: std::time::Instant::now(),
             cfg,

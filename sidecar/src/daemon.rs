@@ -264,12 +264,17 @@ fn handle_peer(d: &Arc<Daemon>, s: TcpStream) {
             ferry_proto::peer::PeerMsg::Decision { session, commit } => {
                 crate::dest::settle(d, c, session, commit)
             }
+            ferry_proto::peer::PeerMsg::ChOffer {
+                vm_id,
+                session,
+                channels,
+            } => crate::ch::receive(d, c, vm_id, session, channels),
             other => {
                 let mut c = c;
                 Err(crate::peer::refuse(
                     &mut c.stream,
                     format!(
-                        "expected Offer or Decision, got {}",
+                        "expected Offer, ChOffer or Decision, got {}",
                         ferry_proto::common::Message::name(&other)
                     ),
                 ))

@@ -259,7 +259,13 @@ fn handle_cli(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
             let _client = crate::queue::Slot::take(&d.clients, usize::MAX);
             let job = check(&req)
                 .and_then(|()| crate::outgoing::check_record(d, &req.vm_id, false))
-                .and_then(|()| d.registry.can_migrate(&req.vm_id))
+                .and_then(|()| {
+                    if d.ch.has_source(&req.vm_id) {
+                        Ok(())
+                    } else {
+                        d.registry.can_migrate(&req.vm_id)
+                    }
+                })
                 .and_then(|()| {
                     d.queue.submit(
                         &req.vm_id,
@@ -309,6 +315,23 @@ fn handle_cli(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
                     message: format!("no migration of {vm_id} is queued or running on this host"),
                 },
             };
+            write_msg(&mut w, &reply)?;
+        }
+        CliMsg::ChAttach {
+            vm_id,
+            api_socket,
+            incoming,
+        } => {
+            let reply =
+                match crate::ch::attach(d, &vm_id, std::path::Path::new(&api_socket), incoming) {
+                    Ok(detail) => {
+                        tracing::info!(vm = %vm_id, "{detail}");
+                        CliMsg::Done { detail }
+                    }
+                    Err(e) => CliMsg::Error {
+                        message: format!("{e:#}"),
+                    },
+                };
             write_msg(&mut w, &reply)?;
         }
         CliMsg::SetBandwidth { vm_id, mibps } => {

@@ -21,6 +21,7 @@
 
 mod args;
 mod bandwidth;
+mod ch;
 mod cli;
 mod config;
 mod context;
@@ -77,6 +78,34 @@ enum LogFormat {
     Text,
     /// One JSON object per line.
     Json,
+}
+
+#[derive(Subcommand)]
+enum ChCmd {
+    /// Register a running CH VM with the local sidecar; then `ferry migrate` it.
+    Register {
+        /// CH's --api-socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// The VM's id here.
+        #[arg(long)]
+        vm_id: String,
+        /// The local daemon's socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
+    /// Attach a CH started without a VM (only --api-socket) to receive the VM `--vm-id`.
+    Await {
+        /// CH's --api-socket.
+        #[arg(long)]
+        api_socket: PathBuf,
+        /// The VM's id.
+        #[arg(long)]
+        vm_id: String,
+        /// The local daemon's socket.
+        #[arg(long, default_value = config::DEFAULT_SOCKET)]
+        socket: PathBuf,
+    },
 }
 
 #[derive(Subcommand)]
@@ -247,6 +276,9 @@ enum Cmd {
     /// Make TLS certificates for a fleet.
     #[command(subcommand)]
     Cert(CertCmd),
+    /// Attach Cloud Hypervisor VMs (unmodified CH, through its API socket).
+    #[command(subcommand)]
+    Ch(ChCmd),
 }
 
 /// Logs to stderr: text (colour only on a terminal) or JSON lines.
@@ -423,6 +455,31 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::recover(&socket, vm, mode)
         }
         Cmd::Status { socket, json } => cli::status(&socket, json),
+        Cmd::Ch(c) => {
+            let (vm, api, socket, incoming) = match c {
+                ChCmd::Register {
+                    api_socket,
+                    vm_id,
+                    socket,
+                } => (vm_id, api_socket, socket, false),
+                ChCmd::Await {
+                    api_socket,
+                    vm_id,
+                    socket,
+                } => (vm_id, api_socket, socket, true),
+            };
+            check_vm(&vm)?;
+            let api = std::path::absolute(&api)
+                .map_err(|e| Usage(format!("--api-socket {}: {e}", api.display())))?;
+            cli::request(
+                &socket,
+                CliMsg::ChAttach {
+                    vm_id: vm,
+                    api_socket: api.to_string_lossy().into_owned(),
+                    incoming,
+                },
+            )
+        }
         Cmd::Cancel { vm, socket } => {
             check_vm(&vm)?;
             cli::request(&socket, CliMsg::Cancel { vm_id: vm })

@@ -156,6 +156,9 @@ fn migrate(
     job: Option<&Arc<Job>>,
     report: Reporter<'_>,
 ) -> Result<Summary, String> {
+    if d.ch.has_source(&req.vm_id) {
+        return crate::ch::migrate(d, req, job, report);
+    }
     let mut summary = Summary::new(req, d.auth.encrypted());
     if let Err(e) = check_record(d, &req.vm_id, false) {
         summary.error = e;

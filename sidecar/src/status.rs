@@ -20,6 +20,10 @@ pub struct Registered {
     /// The session of the commit fence it is paused under, if any.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fenced_session: Option<String>,
+    /// "cloud-hypervisor" for a VM attached with `ferry ch register` (absent: a VMM
+    /// speaking Ferry's VMM protocol).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vmm: Option<String>,
 }
 
 /// A migration: queued, running or recently ended, either way.
@@ -226,9 +230,21 @@ pub fn of(d: &Daemon) -> Status {
                 regions,
                 ram_bytes,
                 fenced_session: fence.map(|f| f.to_string()),
+                vmm: None,
             })
+            .chain(
+                d.ch.sources()
+                    .into_iter()
+                    .map(|(vm_id, ram_bytes)| Registered {
+                        vm_id,
+                        regions: 0,
+                        ram_bytes,
+                        fenced_session: None,
+                        vmm: Some("cloud-hypervisor".into()),
+                    }),
+            )
             .collect(),
-        waiting_incoming: s.waiting,
+        waiting_incoming: s.waiting.into_iter().chain(d.ch.waiting()).collect(),
         migrating: s
             .migrating
             .iter()

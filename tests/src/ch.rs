@@ -155,7 +155,9 @@ impl Ch {
         let serial = hosts.path(&format!("{name}.serial"));
         let _ = std::fs::remove_file(&api);
         let mut c = hosts.cmd(i, &ch);
-        c.arg("--api-socket").arg(&api).args(["--seccomp", "log"]);
+        c.arg("--api-socket")
+            .arg(&api)
+            .args(["--seccomp", "log", "-v"]);
         if let Some(k) = kernel {
             c.arg("--kernel")
                 .arg(k)

@@ -1,0 +1,449 @@
+//! The Cloud Hypervisor adapter: unmodified CH VMs migrate through Ferry
+//! (`docs/cloud-hypervisor.md`).
+//!
+//! `ferry ch register` attaches a running CH VM (its API socket) to this sidecar;
+//! `ferry ch await` attaches a CH started without a VM that is to receive one. A
+//! migration of a CH VM goes through the same queue, limits, caps, cancel and status as
+//! any other; its session is CH's own pre-copy: the source sidecar asks the source CH to
+//! send to a local listener (`connections` = the migration's streams), carries its
+//! connections byte for byte over Ferry's authenticated control and data connections
+//! (`ferry_ch::proxy`), and the destination sidecar lands the memory in memfds it hands to
+//! the destination CH, which runs the VM from them (`ferry_ch::relay`).
+
+use std::collections::HashMap;
+use std::net::TcpListener;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use ferry_ch::relay::MemoryConnections;
+use ferry_engine::session::SessionId;
+use ferry_proto::cli::{CliMsg, MigrateRequest, OnLimit, Phase, UNKNOWN};
+use ferry_proto::common::MAX_FRAME;
+use ferry_proto::frame::{read_msg, write_msg};
+use ferry_proto::net::Timeouts;
+use ferry_proto::peer::PeerMsg;
+
+use crate::context::Daemon;
+use crate::offer::DestinationBusy;
+use crate::peer::{connect_control, connect_data, refuse, Control, PeerStream};
+use crate::queue::{Job, Slot};
+use crate::source::Reporter;
+use crate::summary::Summary;
+
+/// How long a silent peer is waited for on a CH migration's connections (a 64 MiB chunk
+/// under a low bandwidth cap takes a while).
+const PEER_IDLE: Duration = Duration::from_secs(300);
+
+/// How long `vm.receive-migration` may run (it returns when the migration ends).
+const RECEIVE_LIMIT: Duration = Duration::from_secs(24 * 3600);
+
+/// A CH attached to this sidecar.
+#[derive(Clone, Debug)]
+pub struct ChVm {
+    /// Its API socket.
+    pub api: PathBuf,
+    /// Its guest RAM (sources).
+    pub ram_bytes: u64,
+}
+
+/// CH VMs attached here: sources (`ferry ch register`) and CHs waiting for an incoming
+/// VM (`ferry ch await`).
+#[derive(Default)]
+pub struct ChVms {
+    sources: Mutex<HashMap<String, ChVm>>,
+    waiting: Mutex<HashMap<String, ChVm>>,
+    /// Source CH connections whose `Complete` answer was lost: held open (the source CH
+    /// waits, paused) until the outcome is settled.
+    unsettled: Mutex<HashMap<String, std::net::TcpStream>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl ChVms {
+    /// Whether `vm_id` is a CH source here.
+    pub fn has_source(&self, vm_id: &str) -> bool {
+        lock(&self.sources).contains_key(vm_id)
+    }
+
+    /// Registered CH sources: id and RAM.
+    pub fn sources(&self) -> Vec<(String, u64)> {
+        let mut v: Vec<_> = lock(&self.sources)
+            .iter()
+            .map(|(k, c)| (k.clone(), c.ram_bytes))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// CHs waiting for an incoming VM.
+    pub fn waiting(&self) -> Vec<String> {
+        let mut v: Vec<_> = lock(&self.waiting).keys().cloned().collect();
+        v.sort();
+        v
+    }
+}
+
+/// `ferry ch register` / `ferry ch await`: attaches the CH answering at `api`.
+///
+/// # Errors
+///
+/// No CH there, a source without a VM (or a waiting CH with one), or the id taken.
+pub fn attach(d: &Daemon, vm_id: &str, api: &Path, incoming: bool) -> anyhow::Result<String> {
+    let version = ferry_ch::api::ping(api)?;
+    let info = ferry_ch::api::call(api, "GET", "vm.info", None, Duration::from_secs(5))?;
+    let has_vm = info.status == 200;
+    if d.registry.can_migrate(vm_id).is_ok() || d.ch.has_source(vm_id) {
+        bail!("VM {vm_id} is already registered with this sidecar");
+    }
+    if incoming {
+        if has_vm {
+            bail!("the CH at {} already runs a VM: start it without one (only --api-socket) to receive {vm_id}", api.display());
+        }
+        lock(&d.ch.waiting).insert(
+            vm_id.to_owned(),
+            ChVm {
+                api: api.to_owned(),
+                ram_bytes: 0,
+            },
+        );
+        Ok(format!(
+            "Cloud Hypervisor {version} at {} waits for VM {vm_id}",
+            api.display()
+        ))
+    } else {
+        if !has_vm {
+            bail!(
+                "the CH at {} runs no VM ({}): start the VM first",
+                api.display(),
+                info.body
+            );
+        }
+        let v: serde_json::Value = serde_json::from_str(&info.body)?;
+        let ram_bytes = v["config"]["memory"]["size"].as_u64().unwrap_or(0);
+        lock(&d.ch.sources).insert(
+            vm_id.to_owned(),
+            ChVm {
+                api: api.to_owned(),
+                ram_bytes,
+            },
+        );
+        Ok(format!(
+            "VM {vm_id} ({} MiB, Cloud Hypervisor {version} at {}) is registered",
+            ram_bytes >> 20,
+            api.display()
+        ))
+    }
+}
+
+/// Accepts the source CH's main connection, waiting at most `limit`.
+fn accept_main(l: &TcpListener, limit: Duration) -> anyhow::Result<std::net::TcpStream> {
+    l.set_nonblocking(true)?;
+    let end = Instant::now() + limit;
+    loop {
+        match l.accept() {
+            Ok((s, _)) => {
+                s.set_nonblocking(false)?;
+                return Ok(s);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                std::thread::sleep(Duration::from_millis(5));
+            }
+            Err(e) => return Err(e).context("waiting for the source CH to connect"),
+        }
+    }
+}
+
+/// Migrates a CH source VM (from the queue: `outgoing::run_queued`).
+///
+/// # Errors
+///
+/// The destination was busy (nothing happened; the job waits again).
+pub fn migrate(
+    d: &Daemon,
+    req: &MigrateRequest,
+    job: Option<&Arc<Job>>,
+    report: Reporter<'_>,
+) -> Result<Summary, String> {
+    let mut summary = Summary::new(req, d.auth.encrypted());
+    summary.transport = "tcp".into();
+    summary.verify_mode = "none (Cloud Hypervisor's own pre-copy)".into();
+    let Some(vm) = lock(&d.ch.sources).remove(&req.vm_id) else {
+        summary.error = format!("no Cloud Hypervisor VM {} is registered here", req.vm_id);
+        return Ok(summary);
+    };
+    summary.ram_bytes = vm.ram_bytes;
+    let t0 = Instant::now();
+    let outcome = run_source(d, req, &vm, job, report, &mut summary);
+    summary.total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    match outcome {
+        Ok(()) => {
+            summary.result = "committed".into();
+            tracing::info!(vm = %req.vm_id, to = %req.to, "Cloud Hypervisor VM migrated");
+        }
+        Err(e) if e.downcast_ref::<DestinationBusy>().is_some() => {
+            lock(&d.ch.sources).insert(req.vm_id.clone(), vm);
+            return Err(e.to_string());
+        }
+        Err(e) => {
+            summary.error = format!("{e:#}");
+            if summary.result != "committed-unconfirmed" {
+                summary.result = "aborted".into();
+                // The source CH resumed its VM (it does on any failure before Complete).
+                lock(&d.ch.sources).insert(req.vm_id.clone(), vm);
+            }
+            tracing::warn!(vm = %req.vm_id, "Cloud Hypervisor migration: {}", summary.error);
+        }
+    }
+    Ok(summary)
+}
+
+fn run_source(
+    d: &Daemon,
+    req: &MigrateRequest,
+    vm: &ChVm,
+    job: Option<&Arc<Job>>,
+    report: Reporter<'_>,
+    summary: &mut Summary,
+) -> anyhow::Result<()> {
+    let session = SessionId(ferry_proto::auth::random()?);
+    summary.session = session.to_string();
+    let mut ctl = connect_control(&d.auth, &req.to)?;
+    ctl.stream.tcp().set_timeouts(Some(PEER_IDLE))?;
+    write_msg(
+        &mut ctl.stream,
+        &PeerMsg::ChOffer {
+            vm_id: req.vm_id.clone(),
+            session,
+            channels: req.channels,
+        },
+    )?;
+    match read_msg(&mut ctl.stream, MAX_FRAME)? {
+        PeerMsg::Accept { .. } => {}
+        PeerMsg::Busy { running, limit } => return Err(DestinationBusy { running, limit }.into()),
+        other => return Err(ferry_proto::peer::unexpected("Accept", other).into()),
+    }
+    let mut data = Vec::with_capacity(usize::from(req.channels));
+    for ch in 0..req.channels {
+        let s = connect_data(&d.auth, &req.to, session, &ctl.key, ch)?;
+        s.tcp().set_timeouts(Some(PEER_IDLE))?;
+        data.push(s);
+    }
+    summary.channels = req.channels;
+    summary.transport_reason = "Cloud Hypervisor pre-copy carried over Ferry's TCP streams".into();
+    let listener = TcpListener::bind("127.0.0.1:0").context("a local port for the source CH")?;
+    let url = format!("tcp:127.0.0.1:{}", listener.local_addr()?.port());
+    let body = serde_json::json!({
+        "destination_url": url,
+        "connections": req.channels,
+        "downtime_ms": req.downtime_ms.max(1),
+        "timeout_s": (req.timeout_ms / 1000).max(1),
+        "timeout_strategy": match req.on_limit { OnLimit::Abort => "Cancel", OnLimit::Force => "Ignore" },
+    });
+    let a = ferry_ch::api::call(
+        &vm.api,
+        "PUT",
+        "vm.send-migration",
+        Some(&body),
+        Duration::from_secs(30),
+    )?;
+    if !a.ok() {
+        bail!("the source CH refused to send: {} {}", a.status, a.body);
+    }
+    let main = accept_main(&listener, Duration::from_secs(30))?;
+    let moved = AtomicU64::new(0);
+    let last = Mutex::new(Instant::now());
+    let pace = |b: u64| {
+        let total = moved.fetch_add(b, Ordering::Relaxed) + b;
+        if let Some(j) = job {
+            j.flow.take(b);
+            j.update(|l| {
+                l.phase = "precopy";
+                l.observe(total, Instant::now());
+            });
+        }
+        let mut t = lock(&last);
+        if t.elapsed() >= Duration::from_millis(200) {
+            *t = Instant::now();
+            report(CliMsg::Progress {
+                phase: Phase::Precopy,
+                round: 0,
+                round_done: total,
+                round_total: 0,
+                total_done: total,
+                rate: UNKNOWN,
+                dirty_rate: UNKNOWN,
+                expected_downtime_ms: UNKNOWN,
+            });
+        }
+    };
+    let carried = ferry_ch::proxy::proxy(main, Some(&listener), ctl.stream, data, &pace, || {
+        tracing::info!(vm = %req.vm_id, %session, "Cloud Hypervisor VM: the destination holds it restored; committing");
+        Ok(())
+    });
+    d.metrics.add_bytes(false, moved.load(Ordering::Relaxed));
+    match carried {
+        Ok(c) => {
+            summary.bytes_transferred = c.memory_bytes;
+            Ok(())
+        }
+        Err(f) => {
+            if let Some(s) = f.unsettled {
+                // The VM may run at the destination: the source CH must not resume. Keep
+                // its connection open (it waits, paused) until the outcome is settled.
+                lock(&d.ch.unsettled).insert(req.vm_id.clone(), s);
+                summary.result = "committed-unconfirmed".into();
+                return Err(f.error.context(
+                    "the destination's answer to Complete was lost: the source CH stays paused (check the destination, then stop or resume the source CH)",
+                ));
+            }
+            Err(f.error)
+        }
+    }
+}
+
+/// The destination side of a CH migration (a `ChOffer` on a control connection).
+///
+/// # Errors
+///
+/// Whatever ended it (the source was told when it could be).
+pub fn receive(
+    d: &Arc<Daemon>,
+    mut ctl: Control,
+    vm_id: String,
+    session: SessionId,
+    channels: u16,
+) -> anyhow::Result<()> {
+    if channels == 0 || channels > crate::offer::MAX_CHANNELS {
+        return Err(refuse(
+            &mut ctl.stream,
+            format!("{channels} channels requested"),
+        ));
+    }
+    let slot = (!d.stopping.load(Ordering::Acquire))
+        .then(|| Slot::take(&d.incoming, d.cfg.max_incoming))
+        .flatten();
+    let Some(_slot) = slot else {
+        let running = d.incoming.load(Ordering::Relaxed);
+        write_msg(
+            &mut ctl.stream,
+            &PeerMsg::Busy {
+                running: u32::try_from(running).unwrap_or(u32::MAX),
+                limit: u32::try_from(d.cfg.max_incoming).unwrap_or(u32::MAX),
+            },
+        )?;
+        return Ok(());
+    };
+    let Some(ch) = lock(&d.ch.waiting).remove(&vm_id) else {
+        return Err(refuse(
+            &mut ctl.stream,
+            format!("no Cloud Hypervisor waits for VM {vm_id} here (`ferry ch await`)"),
+        ));
+    };
+    let sock = d.cfg.state_dir.join(format!("ch-{vm_id}.sock"));
+    let _ = std::fs::remove_file(&sock);
+    let t0 = Instant::now();
+    let peer = ctl
+        .stream
+        .tcp()
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default();
+    let res = receive_into(d, &mut ctl, &vm_id, session, channels, &ch, &sock);
+    let _ = std::fs::remove_file(&sock);
+    let state = if res.is_ok() {
+        "committed"
+    } else {
+        "discarded"
+    };
+    d.metrics.finished("incoming", state, 0, None, t0.elapsed());
+    d.queue.record(crate::queue::Finished {
+        vm_id: vm_id.clone(),
+        direction: "incoming",
+        peer,
+        state: state.into(),
+        priority: None,
+        rounds: 0,
+        bytes: 0,
+        downtime_ms: None,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        ended_at: std::time::SystemTime::now(),
+        error: res
+            .as_ref()
+            .err()
+            .map(|e| format!("{e:#}"))
+            .unwrap_or_default(),
+    });
+    match &res {
+        Ok(()) => tracing::info!(vm = %vm_id, "Cloud Hypervisor VM runs here"),
+        Err(e) => {
+            tracing::warn!(vm = %vm_id, "incoming Cloud Hypervisor migration: {e:#}");
+            // The destination CH abandoned what it built and can receive again.
+            if ferry_ch::api::vm_state(&ch.api).ok() == Some(None) {
+                lock(&d.ch.waiting).insert(vm_id.clone(), ch);
+            }
+        }
+    }
+    res
+}
+
+fn receive_into(
+    d: &Daemon,
+    ctl: &mut Control,
+    vm_id: &str,
+    session: SessionId,
+    channels: u16,
+    ch: &ChVm,
+    sock: &Path,
+) -> anyhow::Result<()> {
+    let expected = crate::intake::expect_data(&d.registry, session, ctl.key, channels);
+    write_msg(&mut ctl.stream, &PeerMsg::Accept { prepare_us: 0 })?;
+    let data: Vec<PeerStream> = expected.collect()?;
+    for s in &data {
+        s.tcp().set_timeouts(Some(PEER_IDLE))?;
+    }
+    ctl.stream.tcp().set_timeouts(Some(PEER_IDLE))?;
+    let api = ch.api.clone();
+    let url = format!("unix:{}", sock.display());
+    let receiver = std::thread::spawn(move || {
+        ferry_ch::api::call(
+            &api,
+            "PUT",
+            "vm.receive-migration",
+            Some(&serde_json::json!({ "receiver_url": url })),
+            RECEIVE_LIMIT,
+        )
+    });
+    let end = Instant::now() + Duration::from_secs(10);
+    while !sock.exists() {
+        if Instant::now() > end || receiver.is_finished() {
+            bail!("the destination CH did not start receiving");
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let relayed = ferry_ch::relay::relay(
+        &mut ctl.stream,
+        MemoryConnections::Given(data),
+        vm_id,
+        || Ok(UnixStream::connect(sock)?),
+    );
+    let answer = receiver
+        .join()
+        .map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
+    match relayed {
+        Ok(r) => {
+            let a = answer?;
+            if !a.ok() {
+                bail!("the destination CH reported {} {}", a.status, a.body);
+            }
+            tracing::info!(vm = %vm_id, bytes = r.bytes_landed, connections = r.memory_connections, "Cloud Hypervisor VM landed in Ferry's memfds and runs");
+            Ok(())
+        }
+        Err(f) => Err(f.error),
+    }
+}
