@@ -10,6 +10,8 @@
 //!   destination CH (`MemoryFd` before `Config`: the destination runs from Ferry's memfds).
 //! - [`relay`]: one migration through Ferry's memfds, in the order that keeps exactly one
 //!   VM: on one host, or as the destination half behind [`proxy`].
+//! - [`keeper`]: holds the source CH's connection through the commit window, across a
+//!   source sidecar crash.
 //! - [`proxy`]: the source half: the source CH's connections carried byte for byte over
 //!   Ferry's connections to the destination half, memory paced, the commit decision
 //!   recorded before `Complete` is carried.
@@ -17,6 +19,7 @@
 //! `docs/cloud-hypervisor.md` has the protocol as CH implements it, with sources.
 
 pub mod api;
+pub mod keeper;
 pub mod link;
 pub mod proxy;
 pub mod ram;

@@ -160,7 +160,7 @@ fn carry_memory_connection(
 /// `connections=N`) where its memory connections arrive, `peer` Ferry's control connection
 /// to the destination half and `data` Ferry's data connections (at least N; unused ones
 /// are closed at the end). `pace` paces memory; `decide` records the commit decision
-/// before `Complete` is carried.
+/// before `Complete` is carried; `carried_complete` runs once it was (before its answer).
 ///
 /// # Errors
 ///
@@ -173,6 +173,7 @@ pub fn proxy<C, P, D>(
     data: Vec<D>,
     pace: &(dyn Fn(u64) + Sync),
     decide: impl FnOnce() -> anyhow::Result<()>,
+    carried_complete: impl FnOnce(),
 ) -> Result<Carried, Failed<C>>
 where
     C: Read + Write,
@@ -182,6 +183,7 @@ where
     let mut carried = Carried::default();
     let mut complete_sent = false;
     let mut decide = Some(decide);
+    let mut carried_complete = Some(carried_complete);
     let stop = AtomicBool::new(false);
     let result = std::thread::scope(|sc| -> anyhow::Result<()> {
         let stop = &stop;
@@ -233,7 +235,12 @@ where
                         return Err(e.context("the commit decision could not be recorded"));
                     }
                     complete_sent = true;
-                    carry_request(&mut ch, &mut peer, &req, pace)?;
+                    peer.write_all(&req.encode())
+                        .context("writing to the destination half")?;
+                    if let Some(f) = carried_complete.take() {
+                        f();
+                    }
+                    answer_back(&mut peer, &mut ch)?;
                     return Ok(());
                 }
                 Command::State => {

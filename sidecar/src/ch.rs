@@ -159,6 +159,65 @@ fn accept_main(l: &TcpListener, limit: Duration) -> anyhow::Result<std::net::Tcp
     }
 }
 
+/// Where the keeper of `vm_id`'s source CH connection listens.
+pub fn keeper_path(d: &Daemon, vm_id: &str) -> PathBuf {
+    d.cfg.state_dir.join(format!("ch-{vm_id}.keeper"))
+}
+
+/// Starts a keeper (`ferry ch keep`, in a session of its own so it outlives this
+/// sidecar) and hands it `ch`.
+fn start_keeper(socket: &Path, ch: &std::net::TcpStream) -> anyhow::Result<ferry_ch::keeper::Kept> {
+    use std::os::unix::process::CommandExt;
+    let _ = std::fs::remove_file(socket);
+    let mut c = std::process::Command::new(std::env::current_exe()?);
+    c.args(["ch", "keep", "--socket"])
+        .arg(socket)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null());
+    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    unsafe {
+        c.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = c.spawn().context("starting the keeper")?;
+    let end = Instant::now() + Duration::from_secs(5);
+    while !socket.exists() {
+        if Instant::now() > end || child.try_wait()?.is_some() {
+            bail!("the keeper did not start");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // Reaped by a thread: the keeper ends when released or answered.
+    std::thread::spawn(move || child.wait());
+    ferry_ch::keeper::Kept::hand_over(socket, ch)
+}
+
+/// `ferry recover` of a CH VM whose source sidecar died in the commit window: the keeper
+/// still holds the source CH's connection. Deliver: the source CH is told Ok (it stops
+/// its VM for good; check first that the destination runs it). Abort: it is told Error
+/// (it resumes its VM; check first that the destination does not run it).
+///
+/// Returns `None` when no keeper holds anything for `vm_id`.
+///
+/// # Errors
+///
+/// The keeper did not answer.
+pub fn settle_kept(d: &Daemon, vm_id: &str, commit: bool) -> anyhow::Result<Option<String>> {
+    let socket = keeper_path(d, vm_id);
+    if !socket.exists() {
+        return Ok(None);
+    }
+    ferry_ch::keeper::answer(&socket, commit)?;
+    lock(&d.ch.unsettled).remove(vm_id);
+    Ok(Some(if commit {
+        format!("the source CH of {vm_id} was told the migration completed: it stops its VM")
+    } else {
+        format!("the source CH of {vm_id} was told the migration failed: it resumes its VM")
+    }))
+}
+
 /// Migrates a CH source VM (from the queue: `outgoing::run_queued`).
 ///
 /// # Errors
@@ -256,6 +315,10 @@ fn run_source(
         bail!("the source CH refused to send: {} {}", a.status, a.body);
     }
     let main = accept_main(&listener, Duration::from_secs(30))?;
+    // The keeper's copy of the source CH's connection (see `ferry_ch::keeper`).
+    let for_keeper = main.try_clone()?;
+    let keeper_socket = keeper_path(d, &req.vm_id);
+    let kept: Mutex<Option<ferry_ch::keeper::Kept>> = Mutex::new(None);
     let moved = AtomicU64::new(0);
     let last = Mutex::new(Instant::now());
     let pace = |b: u64| {
@@ -282,18 +345,44 @@ fn run_source(
             });
         }
     };
-    let carried = ferry_ch::proxy::proxy(main, Some(&listener), ctl.stream, data, &pace, || {
+    let decide = || -> anyhow::Result<()> {
+        // From here on a dying sidecar must not let the source CH resume: the keeper holds
+        // its connection open until the outcome is settled.
+        *lock(&kept) = Some(start_keeper(&keeper_socket, &for_keeper)?);
         tracing::info!(vm = %req.vm_id, %session, "Cloud Hypervisor VM: the destination holds it restored; committing");
+        #[cfg(feature = "fault-injection")]
+        crate::faults::hold("ch-decided");
         Ok(())
-    });
+    };
+    let carried_complete = || {
+        #[cfg(feature = "fault-injection")]
+        crate::faults::hold("ch-complete-carried");
+    };
+    let carried = ferry_ch::proxy::proxy(
+        main,
+        Some(&listener),
+        ctl.stream,
+        data,
+        &pace,
+        decide,
+        carried_complete,
+    );
     d.metrics.add_bytes(false, moved.load(Ordering::Relaxed));
+    let kept = lock(&kept).take();
     match carried {
         Ok(c) => {
+            // The source CH got its answer from this sidecar: the keeper lets go.
+            if let Some(k) = kept {
+                k.release();
+            }
             summary.bytes_transferred = c.memory_bytes;
             Ok(())
         }
         Err(f) => {
             if let Some(s) = f.unsettled {
+                // The keeper goes on holding it too (its link ends here, not released):
+                // `ferry recover` settles it through the keeper.
+                drop(kept);
                 // The VM may run at the destination: the source CH must not resume. Keep
                 // its connection open (it waits, paused) until the outcome is settled.
                 lock(&d.ch.unsettled).insert(req.vm_id.clone(), s);
@@ -301,6 +390,10 @@ fn run_source(
                 return Err(f.error.context(
                     "the destination's answer to Complete was lost: the source CH stays paused (check the destination, then stop or resume the source CH)",
                 ));
+            }
+            // Nothing was decided: the source CH was answered Error and resumes.
+            if let Some(k) = kept {
+                k.release();
             }
             Err(f.error)
         }

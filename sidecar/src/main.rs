@@ -82,6 +82,14 @@ enum LogFormat {
 
 #[derive(Subcommand)]
 enum ChCmd {
+    /// (Started by the sidecar.) Hold a source CH's migration connection through the
+    /// commit window.
+    #[command(hide = true)]
+    Keep {
+        /// Where to listen.
+        #[arg(long)]
+        socket: PathBuf,
+    },
     /// Register a running CH VM with the local sidecar; then `ferry migrate` it.
     Register {
         /// CH's --api-socket.
@@ -455,8 +463,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             cli::recover(&socket, vm, mode)
         }
         Cmd::Status { socket, json } => cli::status(&socket, json),
+        Cmd::Ch(ChCmd::Keep { socket }) => {
+            ferry_ch::keeper::run(&socket)?;
+            Ok(ExitCode::SUCCESS)
+        }
         Cmd::Ch(c) => {
             let (vm, api, socket, incoming) = match c {
+                ChCmd::Keep { .. } => unreachable!("handled above"),
                 ChCmd::Register {
                     api_socket,
                     vm_id,

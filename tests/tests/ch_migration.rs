@@ -391,10 +391,18 @@ fn a_ch_migration_split_in_a_source_and_a_destination_half() -> anyhow::Result<(
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
             tx.send(l.local_addr()?.port())?;
             let (main, _) = l.accept()?;
-            ferry_ch::proxy::proxy(main, Some(&l), ctl_src, data_src, &|_| {}, || {
-                decided.store(true, std::sync::atomic::Ordering::SeqCst);
-                Ok(())
-            })
+            ferry_ch::proxy::proxy(
+                main,
+                Some(&l),
+                ctl_src,
+                data_src,
+                &|_| {},
+                || {
+                    decided.store(true, std::sync::atomic::Ordering::SeqCst);
+                    Ok(())
+                },
+                || {},
+            )
             .map_err(|f| anyhow::anyhow!("{f}"))
         })
     };
@@ -559,5 +567,192 @@ fn ferry_migrates_an_unmodified_ch_vm_between_two_sidecars() -> anyhow::Result<(
             .any(|m| m["direction"] == "incoming" && m["state"] == "committed")),
         "{st:#}"
     );
+    Ok(())
+}
+
+/// Two sidecars (A with `source_env`), a running CH VM registered at A and a CH waiting
+/// for it at B.
+struct ChPair {
+    hosts: TwoHosts,
+    opts: ClusterOpts,
+    sidecars: Vec<Proc>,
+    src: Ch,
+    dst: Ch,
+}
+
+impl ChPair {
+    fn start(source_env: Vec<(String, String)>) -> anyhow::Result<Self> {
+        let hosts = TwoHosts::new()?;
+        make_certs(&hosts.dir, "ca", &[("a", ADDR_A), ("b", ADDR_B)])?;
+        let opts = ClusterOpts {
+            source_env,
+            ..ClusterOpts::default()
+        };
+        let mut sidecars = Vec::new();
+        for i in 0..2 {
+            sidecars.push(Cluster::spawn_sidecar(&hosts, &opts, i)?);
+        }
+        for side in ["a", "b"] {
+            let s = hosts.path(&format!("{side}.sock"));
+            wait_for("a sidecar", Duration::from_secs(10), || s.exists())?;
+        }
+        let kernel = guest_kernel(&hosts.dir)?;
+        let src = Ch::start(&hosts, 0, "src", Some(&kernel), 128, false)?;
+        wait_for(
+            "the guest counting at the source",
+            Duration::from_secs(20),
+            || src.guest().pass >= 16,
+        )?;
+        let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
+        let p = Self {
+            hosts,
+            opts,
+            sidecars,
+            src,
+            dst,
+        };
+        let api = p.src.api.to_string_lossy().into_owned();
+        p.ok(
+            0,
+            &["ch", "register", "--api-socket", &api, "--vm-id", "vm1"],
+        )?;
+        let api = p.dst.api.to_string_lossy().into_owned();
+        p.ok(1, &["ch", "await", "--api-socket", &api, "--vm-id", "vm1"])?;
+        Ok(p)
+    }
+
+    fn ferry(&self, i: usize, args: &[&str]) -> anyhow::Result<std::process::Child> {
+        let side = ["a", "b"][i];
+        Ok(self
+            .hosts
+            .cmd(i, &bin("ferry"))
+            .args(args)
+            .arg("--socket")
+            .arg(self.hosts.path(&format!("{side}.sock")))
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()?)
+    }
+
+    fn ok(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
+        let o = self.ferry(i, args)?.wait_with_output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        anyhow::ensure!(o.status.success(), "ferry {args:?}: {text}");
+        Ok(text)
+    }
+
+    fn migrate(&self) -> anyhow::Result<std::process::Child> {
+        let to = format!("{ADDR_B}:{PORT}");
+        self.ferry(
+            0,
+            &["migrate", "vm1", "--to", &to, "--json", "--streams", "2"],
+        )
+    }
+
+    fn wait_hold(&self, point: &str) -> anyhow::Result<()> {
+        let marker = format!("test hook: holding at {point}");
+        wait_for(&marker, Duration::from_secs(60), || {
+            self.sidecars[0].log_text().contains(&marker)
+        })
+    }
+
+    /// Starts sidecar A again (after a kill -9: its old socket file is still there).
+    fn restart_source_sidecar(&mut self) -> anyhow::Result<()> {
+        self.sidecars[0] = Cluster::spawn_sidecar(&self.hosts, &self.opts, 0)?;
+        wait_for("the restarted sidecar", Duration::from_secs(10), || {
+            self.ok(0, &["status", "--json"]).is_ok()
+        })
+    }
+
+    fn source_resumed(&self) -> bool {
+        self.src.proc.log_text().contains("Resumed VM successfully")
+    }
+}
+
+/// The source sidecar killed after `Complete` went to the destination, before the source
+/// CH got its answer: the destination runs the VM, and the keeper holds the source CH's
+/// connection, so the source CH does not resume (as it would on a closed connection). The
+/// operator, seeing the VM run at B, runs `ferry recover vm1` on the restarted sidecar: the
+/// source CH is told Ok, stops its VM and exits.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_source_sidecar_killed_after_complete_never_lets_the_source_ch_resume() -> anyhow::Result<()> {
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let mut p = ChPair::start(hold_for("ch-complete-carried", 3000))?;
+    let before = p.src.guest().pass;
+    let child = p.migrate()?;
+    p.wait_hold("ch-complete-carried")?;
+    p.sidecars[0].kill9();
+    drop(child);
+    // The destination runs the guest, which counts on from where it was.
+    wait_for(
+        "the guest running at the destination",
+        Duration::from_secs(20),
+        || p.dst.vm_state().ok().flatten().as_deref() == Some("Running"),
+    )?;
+    wait_for(
+        "the guest counting at the destination",
+        Duration::from_secs(20),
+        || p.src.guest().pass >= before + 16,
+    )?;
+    // The source CH waits, its VM paused: it did not resume.
+    std::thread::sleep(Duration::from_secs(2));
+    assert!(!p.source_resumed(), "{}", p.src.proc.log_text());
+    assert!(p.src.proc.alive());
+    // The operator restarts the sidecar and settles it.
+    p.restart_source_sidecar()?;
+    let line = p.ok(0, &["recover", "vm1"])?;
+    assert!(line.contains("stops its VM"), "{line}");
+    wait_for("the source CH exiting", Duration::from_secs(10), || {
+        !p.src.proc.alive()
+    })?;
+    assert!(!p.source_resumed());
+    assert_eq!(p.src.guest().bad, 0);
+    Ok(())
+}
+
+/// The source sidecar killed right after its decision, before `Complete` left: the
+/// destination CH never ran the VM and drops it when Ferry's connection ends; the source CH
+/// stays paused (held by the keeper) until `ferry recover vm1 --abort`, then resumes and
+/// counts on.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_source_sidecar_killed_after_the_decision_is_rolled_back_by_recover_abort() -> anyhow::Result<()>
+{
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let mut p = ChPair::start(hold_for("ch-decided", 3000))?;
+    let child = p.migrate()?;
+    p.wait_hold("ch-decided")?;
+    p.sidecars[0].kill9();
+    drop(child);
+    // The destination CH drops the half-received VM.
+    wait_for(
+        "the destination CH without a VM",
+        Duration::from_secs(20),
+        || matches!(p.dst.vm_state(), Ok(None)),
+    )?;
+    std::thread::sleep(Duration::from_secs(1));
+    assert!(!p.source_resumed(), "{}", p.src.proc.log_text());
+    p.restart_source_sidecar()?;
+    let line = p.ok(0, &["recover", "vm1", "--abort"])?;
+    assert!(line.contains("resumes its VM"), "{line}");
+    wait_for("the source CH resuming", Duration::from_secs(10), || {
+        p.source_resumed()
+    })?;
+    let at = p.src.guest().pass;
+    wait_for(
+        "the guest counting on at the source",
+        Duration::from_secs(20),
+        || p.src.guest().pass >= at + 16,
+    )?;
+    assert_eq!(p.src.guest().bad, 0);
     Ok(())
 }
