@@ -58,7 +58,7 @@ exit $failed
 '
 T_GUEST=$(now)
 set +e
-"$ROOT/scripts/rxe-vm.sh" --share "$ROOT" --timeout "${FERRY_RXE_TIMEOUT:-300}" -- \
+"$ROOT/scripts/rxe-vm.sh" --share "$ROOT" --timeout "${FERRY_RXE_TIMEOUT:-600}" -- \
   bash -c "export EXTRA_ARGS='$*'; $GUEST_SCRIPT" rdma-tests "${EXES[@]}"
 RC=$?
 set -e

@@ -169,7 +169,7 @@ fn migrates_over_rdma_read_with_four_queue_pairs() -> anyhow::Result<()> {
 fn a_bandwidth_cap_holds_on_rdma() -> anyhow::Result<()> {
     require_rdma();
     let _g = serial();
-    let l = Loopback::start("capped", 128, &[])?;
+    let l = Loopback::start("capped", 64, &[])?;
     let s = l.migrate(&[
         "--transport",
         "rdma",
@@ -191,7 +191,7 @@ fn a_bandwidth_cap_holds_on_rdma() -> anyhow::Result<()> {
         .sum();
     let rate = bytes as f64 / (1u64 << 20) as f64 / (data_ms / 1e3);
     eprintln!("RDMA capped at 10 MiB/s: {rate:.2} MiB/s over {bytes} bytes");
-    assert!(bytes >= 64 << 20, "{s:#}");
+    assert!(bytes >= 64 << 20, "{s:#}"); // round 1 pulls every page
     assert!((9.0..=11.0).contains(&rate), "{rate:.2} MiB/s\n{s:#}");
     Ok(())
 }
