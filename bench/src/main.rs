@@ -5,11 +5,14 @@
 //! - `ferry-bench tcp`: full-copy throughput over loopback vs iperf3, CPU s/GiB.
 //! - `ferry-bench rdma`: RDMA READ pull throughput vs ib_read_bw (1/2/4 queue pairs), source
 //!   CPU s/GiB over RDMA vs TCP; boots the SoftRoCE guest when the host has no RDMA device.
+//! - `ferry-bench ch`: an unmodified Cloud Hypervisor VM migrated by CH's own transport
+//!   and through Ferry, same guest, same connections.
 //! - `ferry-bench cap`: how closely `--max-bandwidth` holds (achieved/cap, vs uncapped).
 //! - `ferry-bench downtime`: downtime p50/p90 and total time of a running KVM guest
 //!   (1 and 4 GiB, dirtying 0/64/256 MiB/s) over loopback, with dirty-log cost per read.
 
 mod cap;
+mod ch;
 mod coldfirst;
 mod downtime;
 mod local;
@@ -39,6 +42,8 @@ enum Cmd {
     Rdma(rdma::RdmaArgs),
     /// How closely `--max-bandwidth` caps hold: achieved rate over cap, several runs.
     Cap(cap::CapArgs),
+    /// An unmodified Cloud Hypervisor VM: CH's own transport vs through Ferry.
+    Ch(ch::ChArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -48,5 +53,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Downtime(a) => downtime::run(&a),
         Cmd::Rdma(a) => rdma::run(&a),
         Cmd::Cap(a) => cap::run(&a),
+        Cmd::Ch(a) => ch::run(&a),
     }
 }

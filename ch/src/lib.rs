@@ -10,6 +10,8 @@
 //!   destination CH (`MemoryFd` before `Config`: the destination runs from Ferry's memfds).
 //! - [`relay`]: one migration through Ferry's memfds, in the order that keeps exactly one
 //!   VM: on one host, or as the destination half behind [`proxy`].
+//! - [`host`]: finding CH on a host and the nested-state shim PVM hosts need (tests and
+//!   benchmarks).
 //! - [`keeper`]: holds the source CH's connection through the commit window, across a
 //!   source sidecar crash.
 //! - [`proxy`]: the source half: the source CH's connections carried byte for byte over
@@ -19,6 +21,7 @@
 //! `docs/cloud-hypervisor.md` has the protocol as CH implements it, with sources.
 
 pub mod api;
+pub mod host;
 pub mod keeper;
 pub mod link;
 pub mod proxy;

@@ -165,8 +165,9 @@ pub fn keeper_path(d: &Daemon, vm_id: &str) -> PathBuf {
 }
 
 /// Starts a keeper (`ferry ch keep`, in a session of its own so it outlives this
-/// sidecar) and hands it `ch`.
-fn start_keeper(socket: &Path, ch: &std::net::TcpStream) -> anyhow::Result<ferry_ch::keeper::Kept> {
+/// sidecar), before the migration starts: starting a process inside the downtime would
+/// lengthen it. [`dismiss_keeper`] ends one that was never handed anything.
+fn start_keeper(socket: &Path) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let _ = std::fs::remove_file(socket);
     let mut c = std::process::Command::new(std::env::current_exe()?);
@@ -189,9 +190,24 @@ fn start_keeper(socket: &Path, ch: &std::net::TcpStream) -> anyhow::Result<ferry
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    // Reaped by a thread: the keeper ends when released or answered.
+    // Reaped by a thread: the keeper ends when released, answered or dismissed.
     std::thread::spawn(move || child.wait());
-    ferry_ch::keeper::Kept::hand_over(socket, ch)
+    Ok(())
+}
+
+/// A started keeper: one that was never handed the source CH's connection is dismissed
+/// when this drops (a link that hands nothing over makes it exit).
+struct KeeperGuard<'a> {
+    socket: &'a Path,
+    handed: bool,
+}
+
+impl Drop for KeeperGuard<'_> {
+    fn drop(&mut self) {
+        if !self.handed {
+            drop(UnixStream::connect(self.socket));
+        }
+    }
 }
 
 /// `ferry recover` of a CH VM whose source sidecar died in the commit window: the keeper
@@ -296,6 +312,14 @@ fn run_source(
     summary.channels = req.channels;
     summary.transport_reason = "Cloud Hypervisor pre-copy carried over Ferry's TCP streams".into();
     let listener = TcpListener::bind("127.0.0.1:0").context("a local port for the source CH")?;
+    // The keeper is started now, outside the downtime; handed the source CH's connection
+    // at the decision, or dismissed when the migration ends before it.
+    let keeper_socket = keeper_path(d, &req.vm_id);
+    start_keeper(&keeper_socket)?;
+    let mut keeper = KeeperGuard {
+        socket: &keeper_socket,
+        handed: false,
+    };
     let url = format!("tcp:127.0.0.1:{}", listener.local_addr()?.port());
     let body = serde_json::json!({
         "destination_url": url,
@@ -317,13 +341,18 @@ fn run_source(
     let main = accept_main(&listener, Duration::from_secs(30))?;
     // The keeper's copy of the source CH's connection (see `ferry_ch::keeper`).
     let for_keeper = main.try_clone()?;
-    let keeper_socket = keeper_path(d, &req.vm_id);
     let kept: Mutex<Option<ferry_ch::keeper::Kept>> = Mutex::new(None);
     let moved = AtomicU64::new(0);
     let last = Mutex::new(Instant::now());
     let pace = |b: u64| {
         let total = moved.fetch_add(b, Ordering::Relaxed) + b;
         if let Some(j) = job {
+            if j.cancel_requested() {
+                j.answer_cancel(Err(format!(
+                    "a running Cloud Hypervisor migration cannot be cancelled yet (CH has no way to be told): {} goes on",
+                    req.vm_id
+                )));
+            }
             j.flow.take(b);
             j.update(|l| {
                 l.phase = "precopy";
@@ -348,7 +377,10 @@ fn run_source(
     let decide = || -> anyhow::Result<()> {
         // From here on a dying sidecar must not let the source CH resume: the keeper holds
         // its connection open until the outcome is settled.
-        *lock(&kept) = Some(start_keeper(&keeper_socket, &for_keeper)?);
+        *lock(&kept) = Some(ferry_ch::keeper::Kept::hand_over(
+            &keeper_socket,
+            &for_keeper,
+        )?);
         tracing::info!(vm = %req.vm_id, %session, "Cloud Hypervisor VM: the destination holds it restored; committing");
         #[cfg(feature = "fault-injection")]
         crate::faults::hold("ch-decided");
@@ -369,6 +401,7 @@ fn run_source(
     );
     d.metrics.add_bytes(false, moved.load(Ordering::Relaxed));
     let kept = lock(&kept).take();
+    keeper.handed = kept.is_some();
     match carried {
         Ok(c) => {
             // The source CH got its answer from this sidecar: the keeper lets go.

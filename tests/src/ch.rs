@@ -12,7 +12,6 @@
 //! missing. A real KVM host needs none.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::sync::OnceLock;
 use std::time::Duration;
 
@@ -29,29 +28,15 @@ fn beside_repo() -> PathBuf {
         .unwrap_or_else(|_| PathBuf::from("/nonexistent"))
 }
 
-fn on_path(name: &str) -> Option<PathBuf> {
-    std::env::var_os("PATH").and_then(|p| {
-        std::env::split_paths(&p)
-            .map(|d| d.join(name))
-            .find(|f| f.is_file())
-    })
-}
-
 /// The `cloud-hypervisor` binary, if there is one.
 pub fn ch_bin() -> Option<PathBuf> {
-    if let Some(p) = std::env::var_os("FERRY_CH_BIN").map(PathBuf::from) {
-        return p.is_file().then_some(p);
-    }
-    on_path("cloud-hypervisor").or_else(|| {
-        let p = beside_repo().join("shared/vmm/cloud-hypervisor/bin/cloud-hypervisor");
-        p.is_file().then_some(p)
-    })
+    ferry_ch::host::ch_bin(&beside_repo())
 }
 
 /// `ch-remote`, next to the `cloud-hypervisor` found.
 pub fn ch_remote_bin() -> Option<PathBuf> {
     let p = ch_bin()?.with_file_name("ch-remote");
-    p.is_file().then_some(p).or_else(|| on_path("ch-remote"))
+    p.is_file().then_some(p)
 }
 
 /// Fails the test unless Cloud Hypervisor was found (tests asking for it explicitly).
@@ -59,24 +44,6 @@ pub fn require_ch() -> PathBuf {
     ch_bin().unwrap_or_else(|| {
         panic!("this test needs Cloud Hypervisor: set FERRY_CH_BIN, put cloud-hypervisor on PATH, or provide ../shared/vmm/cloud-hypervisor/bin")
     })
-}
-
-/// Whether `/dev/kvm` reports `KVM_CAP_NESTED_STATE`.
-fn has_nested_state() -> bool {
-    const KVM_CHECK_EXTENSION: libc::c_ulong = 0xae03;
-    const KVM_CAP_NESTED_STATE: libc::c_ulong = 157;
-    let Ok(f) = std::fs::File::open("/dev/kvm") else {
-        return false;
-    };
-    // SAFETY: KVM_CHECK_EXTENSION takes an integer and touches no memory of ours.
-    let r = unsafe {
-        libc::ioctl(
-            std::os::fd::AsRawFd::as_raw_fd(&f),
-            KVM_CHECK_EXTENSION,
-            KVM_CAP_NESTED_STATE,
-        )
-    };
-    r > 0
 }
 
 /// The shim to preload into CH on this host, built once; `None` when KVM has nested state.
@@ -87,28 +54,9 @@ fn has_nested_state() -> bool {
 pub fn shim() -> anyhow::Result<Option<PathBuf>> {
     static SHIM: OnceLock<Result<Option<PathBuf>, String>> = OnceLock::new();
     SHIM.get_or_init(|| {
-        if has_nested_state() {
-            return Ok(None);
-        }
-        let src = ch_bin()
-            .and_then(|b| Some(b.parent()?.parent()?.join("nested-state-shim.c")))
-            .filter(|p| p.is_file())
-            .ok_or("this host lacks KVM_CAP_NESTED_STATE and no nested-state-shim.c is beside the CH binaries")?;
-        let out = bin("ferry").with_file_name("ch-nested-state-shim.so");
-        let o = Command::new("cc")
-            .args(["-shared", "-fPIC", "-O2", "-o"])
-            .arg(&out)
-            .arg(&src)
-            .arg("-ldl")
-            .output()
-            .map_err(|e| format!("cc: {e}"))?;
-        if !o.status.success() {
-            return Err(format!(
-                "building the shim failed: {}",
-                String::from_utf8_lossy(&o.stderr)
-            ));
-        }
-        Ok(Some(out))
+        let ch = ch_bin().ok_or("no Cloud Hypervisor")?;
+        ferry_ch::host::shim(&ch, &bin("ferry").with_file_name("ch-nested-state-shim.so"))
+            .map_err(|e| format!("{e:#}"))
     })
     .clone()
     .map_err(|e| anyhow::anyhow!(e))
