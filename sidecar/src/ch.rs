@@ -166,7 +166,7 @@ pub fn keeper_path(d: &Daemon, vm_id: &str) -> PathBuf {
 
 /// Starts a keeper (`ferry ch keep`, in a session of its own so it outlives this
 /// sidecar), before the migration starts: starting a process inside the downtime would
-/// lengthen it. [`dismiss_keeper`] ends one that was never handed anything.
+/// lengthen it. [`KeeperGuard`] ends one that was never handed anything.
 fn start_keeper(socket: &Path) -> anyhow::Result<()> {
     use std::os::unix::process::CommandExt;
     let _ = std::fs::remove_file(socket);
