@@ -10,7 +10,6 @@
 //! (`ferry_ch::proxy`), and the destination sidecar lands the memory in memfds it hands to
 //! the destination CH, which runs the VM from them (`ferry_ch::relay`).
 
-use std::collections::HashMap;
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -27,6 +26,7 @@ use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::net::Timeouts;
 use ferry_proto::peer::PeerMsg;
 
+use crate::ch_vms::{lock, ChVm};
 use crate::context::Daemon;
 use crate::offer::DestinationBusy;
 use crate::peer::{connect_control, connect_data, refuse, Control, PeerStream};
@@ -40,54 +40,6 @@ const PEER_IDLE: Duration = Duration::from_secs(300);
 
 /// How long `vm.receive-migration` may run (it returns when the migration ends).
 const RECEIVE_LIMIT: Duration = Duration::from_secs(24 * 3600);
-
-/// A CH attached to this sidecar.
-#[derive(Clone, Debug)]
-pub struct ChVm {
-    /// Its API socket.
-    pub api: PathBuf,
-    /// Its guest RAM (sources).
-    pub ram_bytes: u64,
-}
-
-/// CH VMs attached here: sources (`ferry ch register`) and CHs waiting for an incoming
-/// VM (`ferry ch await`).
-#[derive(Default)]
-pub struct ChVms {
-    sources: Mutex<HashMap<String, ChVm>>,
-    waiting: Mutex<HashMap<String, ChVm>>,
-    /// Source CH connections whose `Complete` answer was lost: held open (the source CH
-    /// waits, paused) until the outcome is settled.
-    unsettled: Mutex<HashMap<String, std::net::TcpStream>>,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
-impl ChVms {
-    /// Whether `vm_id` is a CH source here.
-    pub fn has_source(&self, vm_id: &str) -> bool {
-        lock(&self.sources).contains_key(vm_id)
-    }
-
-    /// Registered CH sources: id and RAM.
-    pub fn sources(&self) -> Vec<(String, u64)> {
-        let mut v: Vec<_> = lock(&self.sources)
-            .iter()
-            .map(|(k, c)| (k.clone(), c.ram_bytes))
-            .collect();
-        v.sort();
-        v
-    }
-
-    /// CHs waiting for an incoming VM.
-    pub fn waiting(&self) -> Vec<String> {
-        let mut v: Vec<_> = lock(&self.waiting).keys().cloned().collect();
-        v.sort();
-        v
-    }
-}
 
 /// `ferry ch register` / `ferry ch await`: attaches the CH answering at `api`.
 ///

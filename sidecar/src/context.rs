@@ -59,7 +59,7 @@ pub struct Daemon {
     /// `ferry migrate` requests not yet answered with their summary.
     pub clients: Arc<AtomicUsize>,
     /// Cloud Hypervisor VMs attached here.
-    pub ch: crate::ch::ChVms,
+    pub ch: crate::ch_vms::ChVms,
 }
 
 impl Daemon {
@@ -72,7 +72,7 @@ impl Daemon {
             incoming: Arc::new(AtomicUsize::new(0)),
             stopping: AtomicBool::new(false),
             clients: Arc::new(AtomicUsize::new(0)),
-            ch: crate::ch::ChVms::default(),
+            ch: crate::ch_vms::ChVms::default(),
             registry: Registry::default(),
             started: std::time::Instant::now(),
             cfg,

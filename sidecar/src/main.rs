@@ -22,6 +22,7 @@
 mod args;
 mod bandwidth;
 mod ch;
+mod ch_vms;
 mod cli;
 mod config;
 mod context;
