@@ -30,7 +30,7 @@ use crate::ch_vms::{lock, ChVm};
 use crate::context::Daemon;
 use crate::offer::DestinationBusy;
 use crate::peer::{connect_control, connect_data, refuse, Control, PeerStream};
-use crate::queue::{Job, Slot};
+use crate::queue::Job;
 use crate::source::Reporter;
 use crate::summary::Summary;
 
@@ -403,18 +403,7 @@ pub fn receive(
             format!("{channels} channels requested"),
         ));
     }
-    let slot = (!d.stopping.load(Ordering::Acquire))
-        .then(|| Slot::take(&d.incoming, d.cfg.max_incoming))
-        .flatten();
-    let Some(_slot) = slot else {
-        let running = d.incoming.load(Ordering::Relaxed);
-        write_msg(
-            &mut ctl.stream,
-            &PeerMsg::Busy {
-                running: u32::try_from(running).unwrap_or(u32::MAX),
-                limit: u32::try_from(d.cfg.max_incoming).unwrap_or(u32::MAX),
-            },
-        )?;
+    let Some(_slot) = crate::dest::admit(d, &mut ctl, &vm_id)? else {
         return Ok(());
     };
     let Some(ch) = lock(&d.ch.waiting).remove(&vm_id) else {
@@ -426,12 +415,7 @@ pub fn receive(
     let sock = d.cfg.state_dir.join(format!("ch-{vm_id}.sock"));
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
-    let peer = ctl
-        .stream
-        .tcp()
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
+    let peer = crate::dest::peer_ip(&ctl);
     let res = receive_into(d, &mut ctl, &vm_id, session, channels, &ch, &sock);
     let _ = std::fs::remove_file(&sock);
     let state = if res.is_ok() {
@@ -439,24 +423,12 @@ pub fn receive(
     } else {
         "discarded"
     };
-    d.metrics.finished("incoming", state, 0, None, t0.elapsed());
-    d.queue.record(crate::queue::Finished {
-        vm_id: vm_id.clone(),
-        direction: "incoming",
-        peer,
-        state: state.into(),
-        priority: None,
-        rounds: 0,
-        bytes: 0,
-        downtime_ms: None,
-        total_ms: t0.elapsed().as_secs_f64() * 1e3,
-        ended_at: std::time::SystemTime::now(),
-        error: res
-            .as_ref()
-            .err()
-            .map(|e| format!("{e:#}"))
-            .unwrap_or_default(),
-    });
+    let error = res
+        .as_ref()
+        .err()
+        .map(|e| format!("{e:#}"))
+        .unwrap_or_default();
+    crate::dest::record_incoming(d, &vm_id, &peer, state, t0, error);
     match &res {
         Ok(()) => tracing::info!(vm = %vm_id, "Cloud Hypervisor VM runs here"),
         Err(e) => {

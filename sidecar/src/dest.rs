@@ -56,29 +56,11 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
     if let Err(reason) = crate::offer::check_offer(page_size, &regions, channels, transports) {
         return Err(refuse(&mut ctl.stream, reason));
     }
-    // A full host (or one shutting down) says so; the source keeps the migration queued.
-    let slot = (!d.stopping.load(std::sync::atomic::Ordering::Acquire))
-        .then(|| Slot::take(&d.incoming, d.cfg.max_incoming))
-        .flatten();
-    let Some(_slot) = slot else {
-        let running = d.incoming.load(std::sync::atomic::Ordering::Relaxed);
-        tracing::info!(vm = %vm_id, running, limit = d.cfg.max_incoming, "incoming migration refused for now: busy");
-        write_msg(
-            &mut ctl.stream,
-            &PeerMsg::Busy {
-                running: u32::try_from(running).unwrap_or(u32::MAX),
-                limit: u32::try_from(d.cfg.max_incoming).unwrap_or(u32::MAX),
-            },
-        )?;
+    let Some(_slot) = admit(d, &mut ctl, &vm_id)? else {
         return Ok(());
     };
     let t0 = std::time::Instant::now();
-    let peer = ctl
-        .stream
-        .tcp()
-        .peer_addr()
-        .map(|a| a.ip().to_string())
-        .unwrap_or_default();
+    let peer = peer_ip(&ctl);
     let Some(vmm) = d.registry.take_waiting(&vm_id) else {
         return Err(refuse(
             &mut ctl.stream,
@@ -149,24 +131,70 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
 /// here, else what the session ended in (discarded, held, start-failed).
 fn finished(d: &Daemon, vm_id: &str, peer: &str, s: &DestSession, t0: std::time::Instant) {
     let state = match s.phase() {
-        DestPhase::Running(_) => "committed".to_owned(),
-        p => p.name().to_owned(),
+        DestPhase::Running(_) => "committed",
+        p => p.name(),
     };
+    record_incoming(d, vm_id, peer, state, t0, String::new());
+}
+
+/// An incoming migration (of any VMM) ended in `state`: metrics and status learn it.
+pub fn record_incoming(
+    d: &Daemon,
+    vm_id: &str,
+    peer: &str,
+    state: &str,
+    t0: std::time::Instant,
+    error: String,
+) {
     let total = t0.elapsed();
-    d.metrics.finished("incoming", &state, 0, None, total);
+    d.metrics.finished("incoming", state, 0, None, total);
     d.queue.record(crate::queue::Finished {
         vm_id: vm_id.to_owned(),
         direction: "incoming",
         peer: peer.to_owned(),
-        state,
+        state: state.to_owned(),
         priority: None,
         rounds: 0,
         bytes: 0,
         downtime_ms: None,
         total_ms: total.as_secs_f64() * 1e3,
         ended_at: std::time::SystemTime::now(),
-        error: String::new(),
+        error,
     });
+}
+
+/// A slot among `max_incoming` for an offered migration; without one (full, or shutting
+/// down) the source is told `Busy` and keeps the migration queued, and `None` comes back.
+///
+/// # Errors
+///
+/// `Busy` could not be sent.
+pub fn admit(d: &Daemon, ctl: &mut Control, vm_id: &str) -> anyhow::Result<Option<Slot>> {
+    use std::sync::atomic::Ordering;
+    let slot = (!d.stopping.load(Ordering::Acquire))
+        .then(|| Slot::take(&d.incoming, d.cfg.max_incoming))
+        .flatten();
+    if slot.is_none() {
+        let running = d.incoming.load(Ordering::Relaxed);
+        tracing::info!(vm = %vm_id, running, limit = d.cfg.max_incoming, "incoming migration refused for now: busy");
+        write_msg(
+            &mut ctl.stream,
+            &PeerMsg::Busy {
+                running: u32::try_from(running).unwrap_or(u32::MAX),
+                limit: u32::try_from(d.cfg.max_incoming).unwrap_or(u32::MAX),
+            },
+        )?;
+    }
+    Ok(slot)
+}
+
+/// The source's address, for status.
+pub fn peer_ip(ctl: &Control) -> String {
+    ctl.stream
+        .tcp()
+        .peer_addr()
+        .map(|a| a.ip().to_string())
+        .unwrap_or_default()
 }
 
 #[allow(clippy::too_many_arguments)]
