@@ -17,7 +17,7 @@
 //! answered `answered`. Lines of text, one per message.
 
 use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
@@ -86,9 +86,17 @@ fn serve(l: &UnixListener) -> anyhow::Result<()> {
     let (link, _) = l.accept()?;
     let (line, fd) = recv_fd(&link)?;
     let ch = match (line.as_str(), fd) {
-        ("hold", Some(fd)) => std::net::TcpStream::from(fd),
+        // Dismissed: the migration ended before its decision.
+        ("", None) => return Ok(()),
+        // TCP (pre-copy) or Unix (post-copy's local mode): only written to.
+        ("hold", Some(fd)) => std::fs::File::from(fd),
         _ => bail!("the first message was not a connection to hold"),
     };
+    // From here on the keeper outlives its sidecar (it was started to end with it).
+    // SAFETY: prctl with these arguments only changes this process's death signal.
+    unsafe {
+        libc::prctl(libc::PR_SET_PDEATHSIG, 0);
+    }
     (&link).write_all(b"held\n")?;
     let mut lines = BufReader::new(&link).lines();
     match lines.next() {
@@ -123,7 +131,7 @@ impl Kept {
     /// # Errors
     ///
     /// No keeper there, or it did not confirm.
-    pub fn hand_over(socket: &Path, ch: &std::net::TcpStream) -> anyhow::Result<Self> {
+    pub fn hand_over(socket: &Path, ch: BorrowedFd<'_>) -> anyhow::Result<Self> {
         let link = UnixStream::connect(socket)
             .with_context(|| format!("connecting to the keeper at {}", socket.display()))?;
         send_fd(&link, "hold\n", ch.as_raw_fd())?;
@@ -167,6 +175,7 @@ pub fn answer(socket: &Path, ok: bool) -> anyhow::Result<()> {
 mod tests {
     use super::*;
     use std::io::Read;
+    use std::os::fd::AsFd;
 
     fn tcp_pair() -> (std::net::TcpStream, std::net::TcpStream) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
@@ -189,7 +198,7 @@ mod tests {
         while !sock.exists() {
             std::thread::sleep(std::time::Duration::from_millis(5));
         }
-        let kept = Kept::hand_over(&sock, &mine).expect("held");
+        let kept = Kept::hand_over(&sock, mine.as_fd()).expect("held");
         // The sidecar dies: its link and its own copy of the connection close.
         drop(kept);
         drop(mine);

@@ -17,6 +17,8 @@
 //! - [`proxy`]: the source half: the source CH's connections carried byte for byte over
 //!   Ferry's connections to the destination half, memory paced, the commit decision
 //!   recorded before `Complete` is carried.
+//! - [`postcopy`]: post-copy: the source CH's memfds kept by the source sidecar, the VM
+//!   run at the destination at once, its pages pulled on fault and in bulk.
 //!
 //! `docs/cloud-hypervisor.md` has the protocol as CH implements it, with sources.
 
@@ -24,6 +26,7 @@ pub mod api;
 pub mod host;
 pub mod keeper;
 pub mod link;
+pub mod postcopy;
 pub mod proxy;
 pub mod ram;
 pub mod relay;

@@ -121,6 +121,38 @@ impl Ram {
         Ok(Self { slots })
     }
 
+    /// The source's RAM in post-copy: the memfds the source CH handed over in local mode
+    /// (one per slot of `layout`), mapped with a guard: a memfd truncated under Ferry
+    /// reads as zeros and [`Ram::faulted`] says so, instead of killing the sidecar.
+    ///
+    /// # Errors
+    ///
+    /// A slot without its memfd, a memfd shorter than its slot, `mmap` failures.
+    pub fn adopt(layout: &[RamMapping], mut fds: Vec<(u32, OwnedFd)>) -> anyhow::Result<Self> {
+        let mut slots = Vec::with_capacity(layout.len());
+        for m in layout {
+            let at = fds
+                .iter()
+                .position(|(s, _)| *s == m.slot)
+                .with_context(|| format!("the source CH sent no memfd for RAM slot {}", m.slot))?;
+            let (_, fd) = fds.swap_remove(at);
+            let region = GuestRegion::map_guarded(fd.as_fd(), 0, m.file_offset + m.size)
+                .with_context(|| format!("mapping RAM slot {} of the source CH", m.slot))?;
+            slots.push((m.clone(), region, fd));
+        }
+        Ok(Self { slots })
+    }
+
+    /// Whether a guarded memfd ([`Ram::adopt`]) shrank: what was read from it since is void.
+    pub fn faulted(&self) -> bool {
+        self.slots.iter().any(|(_, r, _)| r.faulted())
+    }
+
+    /// The slots, by guest-physical address.
+    pub fn layout(&self) -> impl Iterator<Item = &RamMapping> {
+        self.slots.iter().map(|(m, _, _)| m)
+    }
+
     /// Each slot and its memfd, for `MemoryFd`.
     pub fn fds(&self) -> impl Iterator<Item = (u32, std::os::fd::BorrowedFd<'_>)> {
         self.slots.iter().map(|(m, _, fd)| (m.slot, fd.as_fd()))

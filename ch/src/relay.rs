@@ -68,6 +68,12 @@ impl<S> std::fmt::Display for Failed<S> {
     }
 }
 
+/// Called at named points of the destination half (`ch-dest-restored`: the destination
+/// CH restored the VM, paused, and the source was not answered yet; `ch-dest-running`:
+/// the destination CH runs it, the source not answered yet): the sidecar's fault
+/// injection holds there in tests; otherwise it does nothing.
+pub type Hold<'a> = &'a (dyn Fn(&'static str) + Sync);
+
 /// Where a relayed migration's memory connections come from.
 pub enum MemoryConnections<'a, D> {
     /// None: all memory comes on the main connection.
@@ -81,7 +87,7 @@ pub enum MemoryConnections<'a, D> {
 
 /// Relays the migration a source CH sends on `source` (its main connection), its memory
 /// connections coming as `extra` says. `open_dest`
-/// connects to the destination CH's `receive-migration` socket. Returns when the
+/// connects to the destination CH's `receive-migration` socket; `hold` see [`Hold`]. Returns when the
 /// destination CH runs the VM and the source CH was told so.
 ///
 /// # Errors
@@ -94,6 +100,7 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
     extra: MemoryConnections<'_, D>,
     vm_id: &str,
     open_dest: impl FnOnce() -> anyhow::Result<UnixStream>,
+    hold: Hold<'_>,
 ) -> Result<Report, Failed<S>> {
     let mut report = Report::default();
     let mut complete_sent = false;
@@ -193,6 +200,7 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
                         report.bytes_landed += join_extra()?.bytes;
                         d.send(Command::State, &state)
                             .context("the destination CH could not restore the VM")?;
+                        hold("ch-dest-restored");
                         respond(&mut source, true)?;
                     }
                     FromSource::Complete { paused } => {
@@ -205,6 +213,7 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
                         d.send(cmd, &[])
                             .context("the destination CH did not confirm it started the VM")?;
                         report.running = !paused;
+                        hold("ch-dest-running");
                         // The destination runs it: now, and only now, the source may stop.
                         respond(&mut source, true)?;
                         return Ok(());

@@ -78,6 +78,9 @@ pub struct MigrateRequest {
     pub priority: Priority,
     /// Its own bandwidth cap in MiB/s (0: none; the host's cap applies anyway).
     pub max_bandwidth_mibps: u32,
+    /// Post-copy (Cloud Hypervisor VMs): the VM moves at once and its memory is pulled
+    /// after it runs at the destination, which depends on both hosts until the pull ends.
+    pub postcopy: bool,
 }
 
 /// What `ferry recover` asks for.
@@ -107,6 +110,8 @@ pub enum Phase {
     Done = 5,
     /// Waiting in the queue for a free slot here and at the destination.
     Queued = 6,
+    /// Post-copy: the VM runs at the destination, which pulls its memory.
+    Postcopy = 7,
 }
 
 /// Progress numbers meaning "not known yet".
@@ -308,7 +313,8 @@ impl Message for CliMsg {
                         VerifyMode::AfterResume => 2,
                     })
                     .u8(m.priority as u8)
-                    .u32(m.max_bandwidth_mibps);
+                    .u32(m.max_bandwidth_mibps)
+                    .bool(m.postcopy);
             }
             CliMsg::Progress {
                 phase,
@@ -375,6 +381,7 @@ impl Message for CliMsg {
                     &[Priority::High, Priority::Normal, Priority::Low],
                 )?,
                 max_bandwidth_mibps: r.u32()?,
+                postcopy: r.bool("postcopy")?,
             }),
             6 => CliMsg::Progress {
                 phase: get_enum(
@@ -387,6 +394,7 @@ impl Message for CliMsg {
                         Phase::Verifying,
                         Phase::Done,
                         Phase::Queued,
+                        Phase::Postcopy,
                     ],
                 )?,
                 round: r.u32()?,
@@ -466,6 +474,7 @@ pub(crate) mod tests {
                 verify: VerifyMode::Strict,
                 priority: Priority::Low,
                 max_bandwidth_mibps: 100,
+                postcopy: true,
             }),
             CliMsg::Progress {
                 phase: Phase::Queued,

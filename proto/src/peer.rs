@@ -241,6 +241,10 @@ pub enum PeerMsg {
         session: SessionId,
         /// Data connections the source opens after `Accept`.
         channels: u16,
+        /// Post-copy: the source CH hands its memory to the source sidecar (local mode)
+        /// and the destination pulls it after the VM runs there; the data connections
+        /// carry page requests and their bytes instead of CH's memory connections.
+        postcopy: bool,
     },
     /// Destination, instead of `Accept`: it runs as many incoming migrations as it allows
     /// (`max_incoming`); the source keeps the migration queued and offers it again later.
@@ -424,8 +428,9 @@ impl Message for PeerMsg {
                 vm_id,
                 session,
                 channels,
+                postcopy,
             } => {
-                w.str(vm_id).session(session).u16(*channels);
+                w.str(vm_id).session(session).u16(*channels).bool(*postcopy);
             }
             PeerMsg::DataOk | PeerMsg::Commit | PeerMsg::Discarded => {}
         }
@@ -538,6 +543,7 @@ impl Message for PeerMsg {
                 vm_id: get_vm_id(r)?,
                 session: r.session()?,
                 channels: r.u16()?,
+                postcopy: r.bool("postcopy")?,
             },
             tag => {
                 return Err(ProtoError::UnknownTag {
@@ -656,6 +662,7 @@ pub(crate) mod tests {
                 vm_id: "vm1".into(),
                 session: SessionId([3; 16]),
                 channels: 4,
+                postcopy: true,
             },
         ]
     }

@@ -89,6 +89,11 @@ pub struct MigrateOpts {
     /// live with `ferry set-bandwidth`).
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..=1_048_576))]
     pub max_bandwidth: Option<u32>,
+    /// Post-copy (Cloud Hypervisor VMs): move the VM at once and pull its memory after it
+    /// runs at the destination. Downtime is the state copy only, but until the pull ends
+    /// the VM depends on both hosts: losing either loses it.
+    #[arg(long)]
+    pub postcopy: bool,
 }
 
 impl MigrateOpts {
@@ -120,6 +125,7 @@ impl MigrateOpts {
                 PriorityArg::Low => Priority::Low,
             },
             max_bandwidth_mibps: self.max_bandwidth.unwrap_or(0),
+            postcopy: self.postcopy,
         }
     }
 }

@@ -10,6 +10,7 @@
 //! (`ferry_ch::proxy`), and the destination sidecar lands the memory in memfds it hands to
 //! the destination CH, which runs the VM from them (`ferry_ch::relay`).
 
+use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -127,10 +128,23 @@ fn start_keeper(socket: &Path) -> anyhow::Result<()> {
         .arg(socket)
         .stdin(std::process::Stdio::null())
         .stdout(std::process::Stdio::null());
-    // SAFETY: setsid is async-signal-safe and touches nothing of the parent.
+    let parent = i32::try_from(std::process::id()).context("pid")?;
+    // SAFETY: setsid, sigemptyset, sigprocmask, prctl, getppid and _exit are
+    // async-signal-safe and touch nothing of the parent.
     unsafe {
-        c.pre_exec(|| {
+        c.pre_exec(move || {
             libc::setsid();
+            // The daemon blocks the signals it waits for; the keeper takes them as usual.
+            let mut none: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut none);
+            libc::sigprocmask(libc::SIG_SETMASK, &none, std::ptr::null_mut());
+            // Until it is handed a connection, the keeper ends with this sidecar (a
+            // sidecar killed before its decision leaves no keeper behind); it clears this
+            // once it holds one, and outlives the sidecar from then on.
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
+            if libc::getppid() != parent {
+                libc::_exit(1);
+            }
             Ok(())
         });
     }
@@ -248,6 +262,7 @@ fn run_source(
             vm_id: req.vm_id.clone(),
             session,
             channels: req.channels,
+            postcopy: req.postcopy,
         },
     )?;
     match read_msg(&mut ctl.stream, MAX_FRAME)? {
@@ -262,8 +277,6 @@ fn run_source(
         data.push(s);
     }
     summary.channels = req.channels;
-    summary.transport_reason = "Cloud Hypervisor pre-copy carried over Ferry's TCP streams".into();
-    let listener = TcpListener::bind("127.0.0.1:0").context("a local port for the source CH")?;
     // The keeper is started now, outside the downtime; handed the source CH's connection
     // at the decision, or dismissed when the migration ends before it.
     let keeper_socket = keeper_path(d, &req.vm_id);
@@ -272,32 +285,13 @@ fn run_source(
         socket: &keeper_socket,
         handed: false,
     };
-    let url = format!("tcp:127.0.0.1:{}", listener.local_addr()?.port());
-    let body = serde_json::json!({
-        "destination_url": url,
-        "connections": req.channels,
-        "downtime_ms": req.downtime_ms.max(1),
-        "timeout_s": (req.timeout_ms / 1000).max(1),
-        "timeout_strategy": match req.on_limit { OnLimit::Abort => "Cancel", OnLimit::Force => "Ignore" },
-    });
-    let a = ferry_ch::api::call(
-        &vm.api,
-        "PUT",
-        "vm.send-migration",
-        Some(&body),
-        Duration::from_secs(30),
-    )?;
-    if !a.ok() {
-        bail!("the source CH refused to send: {} {}", a.status, a.body);
-    }
-    let main = accept_main(&listener, Duration::from_secs(30))?;
-    // The keeper's copy of the source CH's connection (see `ferry_ch::keeper`).
-    let for_keeper = main.try_clone()?;
     let kept: Mutex<Option<ferry_ch::keeper::Kept>> = Mutex::new(None);
     let moved = AtomicU64::new(0);
     let last = Mutex::new(Instant::now());
+    let phase = Mutex::new("precopy");
     let pace = |b: u64| {
         let total = moved.fetch_add(b, Ordering::Relaxed) + b;
+        let phase = *lock(&phase);
         if let Some(j) = job {
             if j.cancel_requested() {
                 j.answer_cancel(Err(format!(
@@ -307,7 +301,7 @@ fn run_source(
             }
             j.flow.take(b);
             j.update(|l| {
-                l.phase = "precopy";
+                l.phase = phase;
                 l.observe(total, Instant::now());
             });
         }
@@ -315,7 +309,11 @@ fn run_source(
         if t.elapsed() >= Duration::from_millis(200) {
             *t = Instant::now();
             report(CliMsg::Progress {
-                phase: Phase::Precopy,
+                phase: if phase == "postcopy" {
+                    Phase::Postcopy
+                } else {
+                    Phase::Precopy
+                },
                 round: 0,
                 round_done: total,
                 round_total: 0,
@@ -326,13 +324,10 @@ fn run_source(
             });
         }
     };
-    let decide = || -> anyhow::Result<()> {
-        // From here on a dying sidecar must not let the source CH resume: the keeper holds
-        // its connection open until the outcome is settled.
-        *lock(&kept) = Some(ferry_ch::keeper::Kept::hand_over(
-            &keeper_socket,
-            &for_keeper,
-        )?);
+    // From the decision on, a dying sidecar must not let the source CH resume: the keeper
+    // holds (a duplicate of) its connection until the outcome is settled.
+    let decide = |ch: std::os::fd::BorrowedFd<'_>| -> anyhow::Result<()> {
+        *lock(&kept) = Some(ferry_ch::keeper::Kept::hand_over(&keeper_socket, ch)?);
         tracing::info!(vm = %req.vm_id, %session, "Cloud Hypervisor VM: the destination holds it restored; committing");
         #[cfg(feature = "fault-injection")]
         crate::faults::hold("ch-decided");
@@ -342,29 +337,45 @@ fn run_source(
         #[cfg(feature = "fault-injection")]
         crate::faults::hold("ch-complete-carried");
     };
-    let carried = ferry_ch::proxy::proxy(
-        main,
-        Some(&listener),
-        ctl.stream,
-        data,
-        &pace,
-        decide,
-        carried_complete,
-    );
+    let carried = if req.postcopy {
+        source_postcopy(
+            d,
+            req,
+            vm,
+            ctl.stream,
+            data,
+            &pace,
+            &phase,
+            decide,
+            carried_complete,
+            summary,
+        )
+    } else {
+        source_precopy(
+            req,
+            vm,
+            ctl.stream,
+            data,
+            &pace,
+            decide,
+            carried_complete,
+            summary,
+        )
+    };
     d.metrics.add_bytes(false, moved.load(Ordering::Relaxed));
     let kept = lock(&kept).take();
     keeper.handed = kept.is_some();
     match carried {
-        Ok(c) => {
+        Ok(bytes) => {
             // The source CH got its answer from this sidecar: the keeper lets go.
             if let Some(k) = kept {
                 k.release();
             }
-            summary.bytes_transferred = c.memory_bytes;
+            summary.bytes_transferred = bytes;
             Ok(())
         }
-        Err(f) => {
-            if let Some(s) = f.unsettled {
+        Err(Unsettled { error, kept_open }) => {
+            if let Some(s) = kept_open {
                 // The keeper goes on holding it too (its link ends here, not released):
                 // `ferry recover` settles it through the keeper.
                 drop(kept);
@@ -372,7 +383,7 @@ fn run_source(
                 // its connection open (it waits, paused) until the outcome is settled.
                 lock(&d.ch.unsettled).insert(req.vm_id.clone(), s);
                 summary.result = "committed-unconfirmed".into();
-                return Err(f.error.context(
+                return Err(error.context(
                     "the destination's answer to Complete was lost: the source CH stays paused (check the destination, then stop or resume the source CH)",
                 ));
             }
@@ -380,9 +391,229 @@ fn run_source(
             if let Some(k) = kept {
                 k.release();
             }
-            Err(f.error)
+            Err(error)
         }
     }
+}
+
+/// Why a CH migration's source half stopped; `kept_open`: the source CH's connection,
+/// `Complete` carried and its answer lost (the source CH waits, paused).
+struct Unsettled {
+    error: anyhow::Error,
+    kept_open: Option<std::os::fd::OwnedFd>,
+}
+
+impl<C: Into<std::os::fd::OwnedFd>> From<ferry_ch::proxy::Failed<C>> for Unsettled {
+    fn from(f: ferry_ch::proxy::Failed<C>) -> Self {
+        Self {
+            error: f.error,
+            kept_open: f.unsettled.map(Into::into),
+        }
+    }
+}
+
+/// Pre-copy: the source CH sends to a local TCP port (`connections` = the streams), and
+/// its connections are carried over Ferry's. Returns the memory bytes carried.
+#[allow(clippy::too_many_arguments)]
+fn source_precopy(
+    req: &MigrateRequest,
+    vm: &ChVm,
+    peer: PeerStream,
+    data: Vec<PeerStream>,
+    pace: &(dyn Fn(u64) + Sync),
+    decide: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()>,
+    carried_complete: impl FnOnce(),
+    summary: &mut Summary,
+) -> Result<u64, Unsettled> {
+    summary.transport = "tcp".into();
+    summary.verify_mode = "none (Cloud Hypervisor's own pre-copy)".into();
+    summary.transport_reason = "Cloud Hypervisor pre-copy carried over Ferry's TCP streams".into();
+    let start = || -> anyhow::Result<_> {
+        let listener =
+            TcpListener::bind("127.0.0.1:0").context("a local port for the source CH")?;
+        let url = format!("tcp:127.0.0.1:{}", listener.local_addr()?.port());
+        let body = serde_json::json!({
+            "destination_url": url,
+            "connections": req.channels,
+            "downtime_ms": req.downtime_ms.max(1),
+            "timeout_s": (req.timeout_ms / 1000).max(1),
+            "timeout_strategy": match req.on_limit { OnLimit::Abort => "Cancel", OnLimit::Force => "Ignore" },
+        });
+        send_migration(vm, &body)?;
+        let main = accept_main(&listener, Duration::from_secs(30))?;
+        // The keeper's copy of the source CH's connection (see `ferry_ch::keeper`).
+        let for_keeper = main.try_clone()?;
+        Ok((listener, main, for_keeper))
+    };
+    let (listener, main, for_keeper) = start().map_err(|error| Unsettled {
+        error,
+        kept_open: None,
+    })?;
+    let carried = ferry_ch::proxy::proxy(
+        main,
+        Some(&listener),
+        peer,
+        data,
+        pace,
+        || decide(std::os::fd::AsFd::as_fd(&for_keeper)),
+        carried_complete,
+    )?;
+    Ok(carried.memory_bytes)
+}
+
+/// Asks the source CH to send (`vm.send-migration`).
+fn send_migration(vm: &ChVm, body: &serde_json::Value) -> anyhow::Result<()> {
+    let a = ferry_ch::api::call(
+        &vm.api,
+        "PUT",
+        "vm.send-migration",
+        Some(body),
+        Duration::from_secs(30),
+    )?;
+    if !a.ok() {
+        bail!("the source CH refused to send: {} {}", a.status, a.body);
+    }
+    Ok(())
+}
+
+/// Post-copy: the source CH sends in local mode to a Unix socket of this sidecar, which
+/// keeps its memfds, carries `Config`, `State` and `Complete` to the destination, and
+/// answers the destination's pulls from the memfds until it has every page. Returns the
+/// bytes pulled.
+#[allow(clippy::too_many_arguments)]
+fn source_postcopy(
+    d: &Daemon,
+    req: &MigrateRequest,
+    vm: &ChVm,
+    mut peer: PeerStream,
+    data: Vec<PeerStream>,
+    pace: &(dyn Fn(u64) + Sync),
+    phase: &Mutex<&'static str>,
+    decide: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()>,
+    carried_complete: impl FnOnce(),
+    summary: &mut Summary,
+) -> Result<u64, Unsettled> {
+    use std::os::unix::net::UnixListener;
+    summary.postcopy = true;
+    summary.transport = "tcp".into();
+    summary.verify_mode = "none (Cloud Hypervisor post-copy)".into();
+    summary.transport_reason =
+        "post-copy: pages pulled over Ferry's TCP streams, faulting pages first".into();
+    let sock = d.cfg.state_dir.join(format!("ch-{}.local.sock", req.vm_id));
+    let mut start = || -> anyhow::Result<_> {
+        let _ = std::fs::remove_file(&sock);
+        let listener = UnixListener::bind(&sock).context("a local socket for the source CH")?;
+        std::fs::set_permissions(&sock, std::os::unix::fs::PermissionsExt::from_mode(0o600))?;
+        let body = serde_json::json!({
+            "destination_url": format!("unix:{}", sock.display()),
+            "local": true,
+            "downtime_ms": req.downtime_ms.max(1),
+            "timeout_s": (req.timeout_ms / 1000).max(1),
+        });
+        send_migration(vm, &body).context(
+            "post-copy needs the source CH in local mode: a VM with shared memory (--memory shared=on)",
+        )?;
+        listener.set_nonblocking(true)?;
+        let end = Instant::now() + Duration::from_secs(30);
+        let mut main = loop {
+            match listener.accept() {
+                Ok((s, _)) => break s,
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock && Instant::now() < end => {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                Err(e) => return Err(e).context("waiting for the source CH to connect"),
+            }
+        };
+        main.set_nonblocking(false)?;
+        let _ = std::fs::remove_file(&sock);
+        let local = ferry_ch::postcopy::accept_local(&mut main)?;
+        let layout = ferry_ch::ram::layout_of(&local.config)?;
+        let ram = ferry_ch::ram::Ram::adopt(&layout, local.fds)?;
+        // The destination half begins with Start, as from any source CH.
+        let mut start = ferry_ch::wire::Request::new(ferry_ch::wire::Command::Start, 0);
+        start.version = ferry_ch::wire::CH_PROTOCOL_VERSION;
+        peer.write_all(&start.encode())?;
+        ferry_ch::link::expect_ok(&mut peer, ferry_ch::wire::Command::Start)
+            .context("the destination refused to start")?;
+        let for_keeper = main.try_clone()?;
+        Ok((ram, local.config_request, main, for_keeper))
+    };
+    let started = start();
+    let _ = std::fs::remove_file(&sock);
+    let (ram, config_request, main, for_keeper) = started.map_err(|error| Unsettled {
+        error,
+        kept_open: None,
+    })?;
+    summary.ram_bytes = ram.size();
+    let ch = ferry_ch::postcopy::Replayed::new(config_request, main);
+    let shutters: Vec<_> = data
+        .iter()
+        .filter_map(|s| s.tcp().try_clone().ok())
+        .collect();
+    std::thread::scope(|sc| {
+        let ram = &ram;
+        let servers: Vec<_> = data
+            .into_iter()
+            .map(|mut s| sc.spawn(move || ferry_ch::postcopy::serve_pulls(&mut s, ram, pace)))
+            .collect();
+        let paused_at = ch.first_answer();
+        let carried = ferry_ch::proxy::proxy(
+            ch,
+            None,
+            peer,
+            Vec::<PeerStream>::new(),
+            &|_| {},
+            || decide(std::os::fd::AsFd::as_fd(&for_keeper)),
+            carried_complete,
+        );
+        let complete_carried = match &carried {
+            Ok(_) => true,
+            Err(f) => f.unsettled.is_some(),
+        };
+        if complete_carried {
+            *lock(phase) = "postcopy";
+        } else {
+            // Nothing was decided: the destination needs no page from here.
+            for s in &shutters {
+                let _ = s.shutdown(std::net::Shutdown::Both);
+            }
+        }
+        let t = Instant::now();
+        // The source CH paused its VM once its Config was answered; the destination ran
+        // it before Complete was answered.
+        if let Some(at) = paused_at.get() {
+            summary.downtime_ms = (t - *at).as_secs_f64() * 1e3;
+        }
+        let mut pulled = 0;
+        let mut pull_error = None;
+        for s in servers {
+            match s.join().expect("page server thread") {
+                Ok((ferry_ch::postcopy::PullEnd::Done, b)) => pulled += b,
+                Ok((ferry_ch::postcopy::PullEnd::Closed, b)) => {
+                    pulled += b;
+                    pull_error.get_or_insert_with(|| {
+                        anyhow::anyhow!(
+                            "the destination closed a pull connection before it had every page"
+                        )
+                    });
+                }
+                Err(e) => {
+                    pull_error.get_or_insert(e);
+                }
+            }
+        }
+        summary.postcopy_pull_ms = t.elapsed().as_secs_f64() * 1e3;
+        match (carried, pull_error) {
+            (Ok(_), None) => Ok(pulled),
+            (Ok(_), Some(e)) => Err(Unsettled {
+                error: e.context(
+                    "post-copy: the VM runs at the destination but its pull broke off: the VM there may be lost",
+                ),
+                kept_open: None,
+            }),
+            (Err(f), _) => Err(f.into()),
+        }
+    })
 }
 
 /// The destination side of a CH migration (a `ChOffer` on a control connection).
@@ -396,6 +627,7 @@ pub fn receive(
     vm_id: String,
     session: SessionId,
     channels: u16,
+    postcopy: bool,
 ) -> anyhow::Result<()> {
     if channels == 0 || channels > crate::offer::MAX_CHANNELS {
         return Err(refuse(
@@ -416,7 +648,7 @@ pub fn receive(
     let _ = std::fs::remove_file(&sock);
     let t0 = Instant::now();
     let peer = crate::dest::peer_ip(&ctl);
-    let res = receive_into(d, &mut ctl, &vm_id, session, channels, &ch, &sock);
+    let res = receive_into(d, &mut ctl, &vm_id, session, channels, postcopy, &ch, &sock);
     let _ = std::fs::remove_file(&sock);
     let state = if res.is_ok() {
         "committed"
@@ -442,12 +674,14 @@ pub fn receive(
     res
 }
 
+#[allow(clippy::too_many_arguments)]
 fn receive_into(
     d: &Daemon,
     ctl: &mut Control,
     vm_id: &str,
     session: SessionId,
     channels: u16,
+    postcopy: bool,
     ch: &ChVm,
     sock: &Path,
 ) -> anyhow::Result<()> {
@@ -460,12 +694,17 @@ fn receive_into(
     ctl.stream.tcp().set_timeouts(Some(PEER_IDLE))?;
     let api = ch.api.clone();
     let url = format!("unix:{}", sock.display());
+    let body = if postcopy {
+        serde_json::json!({ "receiver_url": url, "memory_mode": "Postcopy" })
+    } else {
+        serde_json::json!({ "receiver_url": url })
+    };
     let receiver = std::thread::spawn(move || {
         ferry_ch::api::call(
             &api,
             "PUT",
             "vm.receive-migration",
-            Some(&serde_json::json!({ "receiver_url": url })),
+            Some(&body),
             RECEIVE_LIMIT,
         )
     });
@@ -476,24 +715,39 @@ fn receive_into(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let relayed = ferry_ch::relay::relay(
-        &mut ctl.stream,
-        MemoryConnections::Given(data),
-        vm_id,
-        || Ok(UnixStream::connect(sock)?),
-    );
+    let open_dest = || Ok(UnixStream::connect(sock)?);
+    let hold = |_point: &'static str| {
+        #[cfg(feature = "fault-injection")]
+        crate::faults::hold(_point);
+    };
+    let outcome = if postcopy {
+        ferry_ch::postcopy::receive(&mut ctl.stream, data, vm_id, open_dest, || {
+            tracing::info!(vm = %vm_id, "Cloud Hypervisor VM runs here; pulling its memory (post-copy)");
+        }, &hold)
+        .map(|r| {
+            tracing::info!(vm = %vm_id, faults = r.faults, fault_bytes = r.fault_bytes, bulk_bytes = r.bulk_bytes, pull_ms = r.pull.as_millis() as u64, "post-copy pull ended: every page is here");
+        })
+        .map_err(|f| f.error)
+    } else {
+        ferry_ch::relay::relay(
+            &mut ctl.stream,
+            MemoryConnections::Given(data),
+            vm_id,
+            open_dest,
+            &hold,
+        )
+        .map(|r| {
+            tracing::info!(vm = %vm_id, bytes = r.bytes_landed, connections = r.memory_connections, "Cloud Hypervisor VM landed in Ferry's memfds and runs");
+        })
+        .map_err(|f| f.error)
+    };
     let answer = receiver
         .join()
         .map_err(|_| anyhow::anyhow!("the receive thread panicked"))?;
-    match relayed {
-        Ok(r) => {
-            let a = answer?;
-            if !a.ok() {
-                bail!("the destination CH reported {} {}", a.status, a.body);
-            }
-            tracing::info!(vm = %vm_id, bytes = r.bytes_landed, connections = r.memory_connections, "Cloud Hypervisor VM landed in Ferry's memfds and runs");
-            Ok(())
-        }
-        Err(f) => Err(f.error),
+    outcome?;
+    let a = answer?;
+    if !a.ok() {
+        bail!("the destination CH reported {} {}", a.status, a.body);
     }
+    Ok(())
 }

@@ -22,7 +22,7 @@ pub struct ChVms {
     pub(crate) waiting: Mutex<HashMap<String, ChVm>>,
     /// Source CH connections whose `Complete` answer was lost: held open (the source CH
     /// waits, paused) until the outcome is settled.
-    pub(crate) unsettled: Mutex<HashMap<String, std::net::TcpStream>>,
+    pub(crate) unsettled: Mutex<HashMap<String, std::os::fd::OwnedFd>>,
 }
 
 pub(crate) fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

@@ -147,6 +147,7 @@ fn progress_line(m: &CliMsg) -> Option<(String, String)> {
         Phase::StopAndCopy => format!("final round {round}"),
         Phase::Verifying => "verifying".to_string(),
         Phase::Done => "done".to_string(),
+        Phase::Postcopy => "post-copy pull (the VM runs at the destination)".to_string(),
     };
     let downtime = if *expected_downtime_ms == UNKNOWN {
         "-".into()

@@ -268,7 +268,8 @@ fn handle_peer(d: &Arc<Daemon>, s: TcpStream) {
                 vm_id,
                 session,
                 channels,
-            } => crate::ch::receive(d, c, vm_id, session, channels),
+                postcopy,
+            } => crate::ch::receive(d, c, vm_id, session, channels, postcopy),
             other => {
                 let mut c = c;
                 Err(crate::peer::refuse(

@@ -262,6 +262,11 @@ fn handle_cli(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
                 .and_then(|()| {
                     if d.ch.has_source(&req.vm_id) {
                         Ok(())
+                    } else if req.postcopy {
+                        Err(format!(
+                            "--postcopy is for Cloud Hypervisor VMs (`ferry ch register`); {} is migrated with pre-copy",
+                            req.vm_id
+                        ))
                     } else {
                         d.registry.can_migrate(&req.vm_id)
                     }

@@ -110,6 +110,13 @@ pub struct Summary {
     /// Whether the destination VMM confirmed that the guest continued from the state it
     /// was paused in: its start line begins with [`GUEST_CONTINUED_MARKER`].
     pub guest_continued: bool,
+    /// Post-copy (`--postcopy`): the VM ran at the destination before its memory was
+    /// there; [`Summary::postcopy_pull_ms`] says how long it depended on both hosts.
+    #[serde(default)]
+    pub postcopy: bool,
+    /// Post-copy: from the destination running the VM to its last page pulled.
+    #[serde(default)]
+    pub postcopy_pull_ms: f64,
     /// Why the migration failed, and what the operator must do (empty when committed).
     pub error: String,
     /// Per round.
@@ -277,6 +284,15 @@ impl Summary {
         line("zero_pages_skipped", self.zero_pages_skipped.to_string());
         line("total_ms", format!("{:.1}", self.total_ms));
         line("downtime_ms", format!("{:.1}", self.downtime_ms));
+        if self.postcopy {
+            line(
+                "post-copy pull",
+                format!(
+                    "{:.1} ms (until it ended the VM depended on both hosts)",
+                    self.postcopy_pull_ms
+                ),
+            );
+        }
         let b = &self.downtime_breakdown;
         line(
             "  downtime parts",

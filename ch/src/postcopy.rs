@@ -1,0 +1,796 @@
+//! Post-copy of a CH VM through Ferry (`ferry migrate --postcopy`): the VM moves at once
+//! and its memory follows after it runs at the destination.
+//!
+//! Source: the source CH sends in local mode (`local=on`, a Unix socket, shared-memory
+//! VMs): `Start`, one `MemoryFd` per RAM slot, `Config`, then it pauses the VM and sends
+//! `State` and `Complete`. The source sidecar keeps the memfds ([`accept_local`], mapped
+//! by [`Ram::adopt`]), carries `Config`, `State` and `Complete` to the destination half
+//! like any CH migration ([`crate::proxy`], the commit decision recorded before
+//! `Complete`), and answers page requests from its data connections out of those memfds
+//! ([`serve_pulls`]) until the destination has every page. The source CH exits once
+//! answered Ok; the memfds live on in the sidecar until the pull ends.
+//!
+//! Destination ([`receive`]): empty memfds from `Config`'s layout go to a destination CH
+//! restoring in post-copy mode (`MemoryFd` before `Config`, then its page-fault
+//! connection), which registers them with userfaultfd and asks, on that connection, for
+//! every page the VM (or the restore itself) touches before Ferry has it. Ferry pulls such
+//! a page from the source into the memfd over a data connection of its own and answers Ok
+//! (CH then maps it in place); once the VM runs, the other data connections pull
+//! everything else in bulk. Every page is pulled once: a per-page state (missing,
+//! pulling, landed) makes the fault path and the bulk path claim pages, and a page is
+//! answered only once it landed, so a page the VM already wrote is never overwritten.
+//!
+//! Until the pull ends the VM depends on both hosts: losing the source sidecar, or the
+//! link, loses the VM (CH ends its process when a page fault cannot be answered).
+//!
+//! A pull request on a data connection: `{u64 gpa, u64 length}` little-endian, answered by
+//! exactly `length` bytes; `gpa = u64::MAX` (length 0) ends the connection: the
+//! destination has every page.
+
+use std::io::{IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context};
+use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
+
+use crate::link::{next_from_source, read_request, respond, FromSource, ToDest};
+use crate::ram::{layout_of, Ram};
+use crate::relay::{Failed, Hold};
+use crate::wire::{Command, GpaRange, Request, Role, CH_PROTOCOL_VERSION, HEADER_LEN};
+
+/// The unit of the pull: CH's fault granule on 4 KiB-page guests (a huge-page guest
+/// faults whole huge pages, which are whole runs of these).
+pub const PAGE: u64 = 4096;
+
+/// Largest range one pull request may ask for.
+pub const MAX_PULL: u64 = 64 << 20;
+
+/// The `gpa` of the request that ends a pull connection.
+const PULL_END: u64 = u64::MAX;
+
+/// Pages one bulk request asks for at most (2 MiB).
+const BULK_PAGES: usize = 512;
+
+/// Most RAM slots a source CH may hand over.
+const MAX_SLOTS: usize = 4096;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// What the source CH handed over in local mode before it paused its VM.
+pub struct LocalSource {
+    /// Each RAM slot's memfd.
+    pub fds: Vec<(u32, OwnedFd)>,
+    /// `Config`'s JSON (its layout says where each slot lies).
+    pub config: Vec<u8>,
+    /// The `Config` request as it came, header and payload, not yet answered: to be
+    /// carried on to the destination (see [`Replayed`]).
+    pub config_request: Vec<u8>,
+}
+
+/// Receives the 4 payload bytes of a `MemoryFd` and the memfd riding on them.
+fn recv_memory_fd(s: &UnixStream) -> anyhow::Result<(u32, OwnedFd)> {
+    let mut buf = [0u8; 4];
+    let mut fd = None;
+    let n = {
+        let mut iov = [IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([RawFd; 4]);
+        let msg = recvmsg::<()>(
+            s.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .context("receiving a memfd from the source CH")?;
+        for c in msg.cmsgs().context("control messages")? {
+            if let ControlMessageOwned::ScmRights(list) = c {
+                for raw in list {
+                    // SAFETY: the kernel just installed this descriptor in our table.
+                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                    if fd.is_none() {
+                        fd = Some(owned);
+                    }
+                }
+            }
+        }
+        msg.bytes
+    };
+    if n == 0 {
+        bail!("the source CH closed its connection in a MemoryFd");
+    }
+    (&*s)
+        .read_exact(&mut buf[n..])
+        .context("reading a MemoryFd's slot")?;
+    let fd = fd.context("a MemoryFd without a descriptor")?;
+    Ok((u32::from_le_bytes(buf), fd))
+}
+
+/// Source side: takes a local-mode source CH's `Start` (answered) and `MemoryFd`s
+/// (answered), and reads its `Config` (not answered).
+///
+/// # Errors
+///
+/// Another version, another command, a `MemoryFd` without its memfd, too many slots.
+pub fn accept_local(s: &mut UnixStream) -> anyhow::Result<LocalSource> {
+    let start = read_request(s)?;
+    if start.command != Command::Start {
+        respond(s, false)?;
+        bail!("the source CH began with {}", start.command.name());
+    }
+    let ok = start.version == CH_PROTOCOL_VERSION;
+    respond(s, ok)?;
+    if !ok {
+        bail!(
+            "the source CH speaks migration protocol version {}; Ferry speaks {CH_PROTOCOL_VERSION}",
+            start.version
+        );
+    }
+    let mut fds = Vec::new();
+    loop {
+        let req = read_request(s)?;
+        match req.command {
+            Command::MemoryFd if req.length == 4 && fds.len() < MAX_SLOTS => {
+                fds.push(recv_memory_fd(s)?);
+                respond(s, true)?;
+            }
+            Command::Config => {
+                if fds.is_empty() {
+                    respond(s, false)?;
+                    bail!("the source CH sent no memfd: post-copy needs local mode");
+                }
+                let mut config =
+                    vec![0u8; usize::try_from(req.length).context("Config too large")?];
+                s.read_exact(&mut config)
+                    .context("reading the source CH's Config")?;
+                let mut config_request = req.encode().to_vec();
+                config_request.extend_from_slice(&config);
+                return Ok(LocalSource {
+                    fds,
+                    config,
+                    config_request,
+                });
+            }
+            other => {
+                respond(s, false)?;
+                bail!(
+                    "the source CH sent {} before its Config in local mode",
+                    other.name()
+                );
+            }
+        }
+    }
+}
+
+/// The source CH's main connection with its `Config` request put back in front, for the
+/// source half ([`crate::proxy::proxy`]) to carry; it notes when the source CH was
+/// answered first (its `Config`: the VM pauses right after, so the downtime starts there).
+pub struct Replayed {
+    head: Vec<u8>,
+    at: usize,
+    s: UnixStream,
+    first_answer: Arc<OnceLock<Instant>>,
+}
+
+impl Replayed {
+    /// `head` first, then `s`.
+    pub fn new(head: Vec<u8>, s: UnixStream) -> Self {
+        Self {
+            head,
+            at: 0,
+            s,
+            first_answer: Arc::default(),
+        }
+    }
+
+    /// When the source CH was first answered (set once it was).
+    pub fn first_answer(&self) -> Arc<OnceLock<Instant>> {
+        Arc::clone(&self.first_answer)
+    }
+}
+
+impl From<Replayed> for OwnedFd {
+    fn from(r: Replayed) -> Self {
+        r.s.into()
+    }
+}
+
+impl Read for Replayed {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        if self.at < self.head.len() {
+            let n = buf.len().min(self.head.len() - self.at);
+            buf[..n].copy_from_slice(&self.head[self.at..self.at + n]);
+            self.at += n;
+            return Ok(n);
+        }
+        self.s.read(buf)
+    }
+}
+
+impl Write for Replayed {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.first_answer.get_or_init(Instant::now);
+        self.s.write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
+}
+
+/// How a pull connection ended at the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PullEnd {
+    /// The destination said it has every page.
+    Done,
+    /// The destination closed it without saying so.
+    Closed,
+}
+
+fn encode_pull(gpa: u64, length: u64) -> [u8; 16] {
+    let mut h = [0u8; 16];
+    h[..8].copy_from_slice(&gpa.to_le_bytes());
+    h[8..].copy_from_slice(&length.to_le_bytes());
+    h
+}
+
+/// Source side: answers the destination's pull requests on one data connection out of
+/// `ram` (the source CH's memfds) until it ends. `pace` is called with each answer's bytes
+/// before they go. Returns how it ended and the bytes sent.
+///
+/// # Errors
+///
+/// A range that is not whole pages inside the VM's RAM, or larger than [`MAX_PULL`]; a
+/// memfd that shrank; a broken connection.
+pub fn serve_pulls(
+    conn: &mut (impl Read + Write),
+    ram: &Ram,
+    pace: &(dyn Fn(u64) + Sync),
+) -> anyhow::Result<(PullEnd, u64)> {
+    let mut sent = 0u64;
+    loop {
+        let mut h = [0u8; 16];
+        match conn.read(&mut h[..1]) {
+            Ok(0) => return Ok((PullEnd::Closed, sent)),
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                return Ok((PullEnd::Closed, sent))
+            }
+            Err(e) => return Err(e).context("reading a pull request"),
+        }
+        conn.read_exact(&mut h[1..])
+            .context("reading a pull request")?;
+        let gpa = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
+        let length = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
+        if gpa == PULL_END {
+            return Ok((PullEnd::Done, sent));
+        }
+        if length == 0
+            || length > MAX_PULL
+            || !gpa.is_multiple_of(PAGE)
+            || !length.is_multiple_of(PAGE)
+        {
+            bail!("the destination asked for {length:#x} bytes at {gpa:#x}: not whole pages up to 64 MiB");
+        }
+        let Some((ptr, len)) = ram.range_ptr(GpaRange { gpa, length }) else {
+            bail!("the destination asked for {gpa:#x}+{length:#x}, outside the VM's RAM");
+        };
+        pace(length);
+        // SAFETY: inside the mapping (`range_ptr`); only read, and the source VM is paused
+        // (local mode pauses it before its State, and the destination asks for nothing
+        // before it restores that State).
+        let bytes = unsafe { std::slice::from_raw_parts(ptr, len) };
+        conn.write_all(bytes).context("sending pulled pages")?;
+        if ram.faulted() {
+            bail!("the source CH's memory shrank under Ferry: what was sent is void");
+        }
+        sent += length;
+    }
+}
+
+const MISSING: u8 = 0;
+const PULLING: u8 = 1;
+const LANDED: u8 = 2;
+
+/// The destination's view of every page: missing, being pulled, or landed.
+struct Pages {
+    /// Per slot: first gpa, pages, index of its first page.
+    slots: Vec<(u64, usize, usize)>,
+    state: Vec<AtomicU8>,
+    /// Pages not landed yet.
+    missing: AtomicUsize,
+    /// The next page the bulk pull looks at.
+    next_bulk: AtomicUsize,
+    /// A pull failed: waiters give up.
+    broken: AtomicBool,
+    wait: Mutex<()>,
+    landed: Condvar,
+}
+
+impl Pages {
+    fn new(ram: &Ram) -> anyhow::Result<Self> {
+        let mut slots = Vec::new();
+        let mut total = 0usize;
+        for m in ram.layout() {
+            let n = usize::try_from(m.size / PAGE).context("RAM too large")?;
+            slots.push((m.gpa, n, total));
+            total += n;
+        }
+        Ok(Self {
+            slots,
+            state: (0..total).map(|_| AtomicU8::new(MISSING)).collect(),
+            missing: AtomicUsize::new(total),
+            next_bulk: AtomicUsize::new(0),
+            broken: AtomicBool::new(false),
+            wait: Mutex::new(()),
+            landed: Condvar::new(),
+        })
+    }
+
+    fn total(&self) -> usize {
+        self.state.len()
+    }
+
+    fn index(&self, gpa: u64) -> Option<usize> {
+        self.slots.iter().find_map(|&(start, n, first)| {
+            let off = gpa.checked_sub(start)?;
+            let page = usize::try_from(off / PAGE).ok()?;
+            (page < n).then_some(first + page)
+        })
+    }
+
+    fn gpa(&self, i: usize) -> u64 {
+        let &(start, _, first) = self
+            .slots
+            .iter()
+            .rev()
+            .find(|&&(_, _, first)| first <= i)
+            .expect("page 0 is in the first slot");
+        start + (i - first) as u64 * PAGE
+    }
+
+    fn claim(&self, i: usize) -> bool {
+        self.state[i]
+            .compare_exchange(MISSING, PULLING, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+    }
+
+    fn land(&self, pages: &[usize]) {
+        for &i in pages {
+            self.state[i].store(LANDED, Ordering::Release);
+        }
+        self.missing.fetch_sub(pages.len(), Ordering::AcqRel);
+        let _g = lock(&self.wait);
+        self.landed.notify_all();
+    }
+
+    fn break_off(&self) {
+        self.broken.store(true, Ordering::Release);
+        let _g = lock(&self.wait);
+        self.landed.notify_all();
+    }
+
+    /// Waits until `done` holds, or the pull broke off.
+    fn wait_until(&self, done: impl Fn() -> bool) -> anyhow::Result<()> {
+        let mut g = lock(&self.wait);
+        loop {
+            if done() {
+                return Ok(());
+            }
+            if self.broken.load(Ordering::Acquire) {
+                bail!("the pull from the source broke off");
+            }
+            g = self
+                .landed
+                .wait_timeout(g, Duration::from_millis(100))
+                .unwrap_or_else(std::sync::PoisonError::into_inner)
+                .0;
+        }
+    }
+
+    /// Pulls the claimed pages `pages` (ascending) over `conn`, a request per run of
+    /// pages contiguous in guest-physical space, and marks them landed.
+    fn pull(
+        &self,
+        conn: &mut (impl Read + Write),
+        ram: &Ram,
+        pages: &[usize],
+    ) -> anyhow::Result<u64> {
+        let mut bytes = 0;
+        let mut at = 0;
+        while at < pages.len() {
+            let first = self.gpa(pages[at]);
+            let mut n = 1;
+            while at + n < pages.len()
+                && pages[at + n] == pages[at] + n
+                && self.gpa(pages[at + n]) == first + n as u64 * PAGE
+            {
+                n += 1;
+            }
+            let length = n as u64 * PAGE;
+            let (ptr, len) = ram
+                .range_ptr(GpaRange { gpa: first, length })
+                .context("a page outside the VM's RAM")?;
+            conn.write_all(&encode_pull(first, length))
+                .context("asking the source for pages")?;
+            // SAFETY: inside the mapping; these pages are claimed (state PULLING): no other
+            // puller writes them, and the destination CH maps a page only once Ferry
+            // answered its fault, which it does only once the page landed.
+            let dst = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
+            conn.read_exact(dst)
+                .context("pulling pages from the source")?;
+            self.land(&pages[at..at + n]);
+            bytes += length;
+            at += n;
+        }
+        Ok(bytes)
+    }
+}
+
+/// Serves the destination CH's page faults: each faulting page is pulled now over `conn`
+/// unless it landed already or is being pulled (then it is waited for); the answer is Ok
+/// without payload (the page is in CH's memfd; CH maps it). Returns (faults, bytes
+/// pulled) when CH closes the connection: it has mapped every page.
+fn serve_faults<D: Read + Write>(
+    ch: &mut UnixStream,
+    pages: &Pages,
+    ram: &Ram,
+    conn: &Mutex<D>,
+) -> anyhow::Result<(u64, u64)> {
+    let (mut faults, mut bytes) = (0u64, 0u64);
+    loop {
+        let mut h = [0u8; HEADER_LEN];
+        match ch.read(&mut h[..1]) {
+            Ok(0) => return Ok((faults, bytes)),
+            Ok(_) => {}
+            Err(e) => return Err(e).context("reading a page fault"),
+        }
+        ch.read_exact(&mut h[1..]).context("reading a page fault")?;
+        let req = Request::decode(&h)?;
+        if req.command != Command::PageFault || req.length != 16 {
+            bail!(
+                "the destination CH sent {} on its page-fault connection",
+                req.command.name()
+            );
+        }
+        let mut r = [0u8; 16];
+        ch.read_exact(&mut r).context("reading a page fault")?;
+        let gpa = u64::from_le_bytes(r[..8].try_into().expect("8 bytes"));
+        let length = u64::from_le_bytes(r[8..].try_into().expect("8 bytes"));
+        let (Some(first), Some(last)) = (
+            pages.index(gpa),
+            gpa.checked_add(length.saturating_sub(1))
+                .and_then(|e| pages.index(e)),
+        ) else {
+            bail!("the destination CH faulted at {gpa:#x}+{length:#x}, outside the VM's RAM");
+        };
+        if length == 0 || !gpa.is_multiple_of(PAGE) || last - first + 1 != (length / PAGE) as usize
+        {
+            bail!("the destination CH faulted at {gpa:#x}+{length:#x}: not whole pages");
+        }
+        let claimed: Vec<usize> = (first..=last).filter(|&i| pages.claim(i)).collect();
+        if !claimed.is_empty() {
+            let pulled = pages.pull(&mut *lock(conn), ram, &claimed);
+            match pulled {
+                Ok(b) => bytes += b,
+                Err(e) => {
+                    pages.break_off();
+                    return Err(e);
+                }
+            }
+        }
+        pages.wait_until(|| {
+            (first..=last).all(|i| pages.state[i].load(Ordering::Acquire) == LANDED)
+        })?;
+        faults += 1;
+        respond(ch, true)?;
+    }
+}
+
+/// Pulls every page nobody claimed yet, in runs of up to [`BULK_PAGES`], over `conn`.
+fn bulk<D: Read + Write>(conn: &Mutex<D>, pages: &Pages, ram: &Ram) -> anyhow::Result<u64> {
+    let mut bytes = 0;
+    loop {
+        let start = pages.next_bulk.fetch_add(BULK_PAGES, Ordering::AcqRel);
+        if start >= pages.total() {
+            return Ok(bytes);
+        }
+        let end = (start + BULK_PAGES).min(pages.total());
+        let claimed: Vec<usize> = (start..end).filter(|&i| pages.claim(i)).collect();
+        if claimed.is_empty() {
+            continue;
+        }
+        match pages.pull(&mut *lock(conn), ram, &claimed) {
+            Ok(b) => bytes += b,
+            Err(e) => {
+                pages.break_off();
+                return Err(e);
+            }
+        }
+    }
+}
+
+/// What a post-copy migration did at the destination.
+#[derive(Clone, Debug, Default)]
+pub struct Report {
+    /// Guest RAM of the VM.
+    pub ram_bytes: u64,
+    /// Page faults the destination CH asked Ferry to serve.
+    pub faults: u64,
+    /// Bytes pulled for faults.
+    pub fault_bytes: u64,
+    /// Bytes pulled in bulk.
+    pub bulk_bytes: u64,
+    /// From the destination CH running the VM to the last page landed.
+    pub pull: Duration,
+    /// Whether the destination CH runs the VM (false: it stays paused, as asked).
+    pub running: bool,
+}
+
+/// The destination half of a post-copy migration: `source` carries the source CH's
+/// requests (`Start`, `Config`, `State`, `Complete`) from the source half, `data` are
+/// Ferry's data connections to the source sidecar's page servers (the first serves page
+/// faults; the others, or the first when alone, pull in bulk), `open_dest` connects to the
+/// destination CH's `receive-migration` socket (it must be in post-copy mode). `running`
+/// is told when the destination CH runs the VM (the pull goes on after); `hold` see
+/// [`Hold`]. Returns when
+/// every page landed and the destination CH has mapped them all.
+///
+/// # Errors
+///
+/// Before `Complete` reached the destination CH: the source was answered Error (its CH
+/// resumes the VM) and the destination CH abandoned. After: [`Failed::unsettled`] holds
+/// the source when its answer was lost; a pull that broke off loses the VM (the
+/// destination CH ends when a fault cannot be served).
+pub fn receive<S: Read + Write, D: Read + Write + Send>(
+    mut source: S,
+    data: Vec<D>,
+    vm_id: &str,
+    open_dest: impl Fn() -> anyhow::Result<UnixStream>,
+    running: impl FnOnce(),
+    hold: Hold<'_>,
+) -> Result<Report, Failed<S>> {
+    let mut report = Report::default();
+    let mut dest: Option<ToDest> = None;
+    let mut complete_sent = false;
+    let mut answered = false;
+    let result = (|| -> anyhow::Result<()> {
+        match next_from_source(&mut source)? {
+            FromSource::Started => {}
+            other => bail!("the source began with {other:?}"),
+        }
+        let config = match next_from_source(&mut source)? {
+            FromSource::Config(c) => c,
+            other => bail!("the source sent {other:?} before its Config"),
+        };
+        let layout = layout_of(&config)?;
+        let ram = Ram::create(vm_id, &layout)?;
+        report.ram_bytes = ram.size();
+        let d = dest.insert(
+            ToDest::open(open_dest()?, &ram, &config)
+                .context("the destination CH refused the VM's configuration")?,
+        );
+        let mut fault =
+            open_dest().context("opening the destination CH's page-fault connection")?;
+        fault
+            .write_all(&Role::PageFaults.encode())
+            .context("opening the destination CH's page-fault connection")?;
+        let fault_end = fault.try_clone()?;
+        respond(&mut source, true)?;
+        let pages = Pages::new(&ram)?;
+        let conns: Vec<Mutex<D>> = data.into_iter().map(Mutex::new).collect();
+        if conns.is_empty() {
+            bail!("post-copy needs at least one data connection");
+        }
+        std::thread::scope(|sc| -> anyhow::Result<()> {
+            let faults = sc.spawn(|| serve_faults(&mut fault, &pages, &ram, &conns[0]));
+            let run = (|| -> anyhow::Result<Duration> {
+                match next_from_source(&mut source)? {
+                    // The destination CH restores it with page faults served meanwhile.
+                    FromSource::State(st) => d
+                        .send(Command::State, &st)
+                        .context("the destination CH could not restore the VM")?,
+                    other => bail!("the source sent {other:?} instead of its State"),
+                }
+                hold("ch-dest-restored");
+                respond(&mut source, true)?;
+                let paused = match next_from_source(&mut source)? {
+                    FromSource::Complete { paused } => paused,
+                    other => bail!("the source sent {other:?} instead of Complete"),
+                };
+                complete_sent = true;
+                d.send(
+                    if paused {
+                        Command::CompletePaused
+                    } else {
+                        Command::Complete
+                    },
+                    &[],
+                )
+                .context("the destination CH did not confirm it started the VM")?;
+                report.running = !paused;
+                let t = Instant::now();
+                hold("ch-dest-running");
+                // The destination runs it: the source may stop (its memory stays with
+                // its sidecar until the pull ends). A lost answer does not stop the pull.
+                answered = respond(&mut source, true).is_ok();
+                running();
+                let bulk_conns = if conns.len() > 1 {
+                    &conns[1..]
+                } else {
+                    &conns[..]
+                };
+                let (pages, ram) = (&pages, &ram);
+                let workers: Vec<_> = bulk_conns
+                    .iter()
+                    .map(|c| sc.spawn(move || bulk(c, pages, ram)))
+                    .collect();
+                for w in workers {
+                    report.bulk_bytes += w.join().expect("bulk pull thread")?;
+                }
+                pages.wait_until(|| pages.missing.load(Ordering::Acquire) == 0)?;
+                let pull = t.elapsed();
+                for c in &conns {
+                    lock(c)
+                        .write_all(&encode_pull(PULL_END, 0))
+                        .context("telling the source the pull ended")?;
+                }
+                Ok(pull)
+            })();
+            if run.is_err() {
+                pages.break_off();
+                // Nothing more is served: CH's page-fault connection ends here.
+                let _ = fault_end.shutdown(std::net::Shutdown::Both);
+            }
+            let served = faults.join().expect("page-fault thread");
+            report.pull = run?;
+            let (n, b) = served?;
+            report.faults = n;
+            report.fault_bytes = b;
+            Ok(())
+        })
+    })();
+    match result {
+        Ok(()) if answered => Ok(report),
+        Ok(()) => Err(Failed {
+            error: anyhow::anyhow!("the VM runs here and every page landed, but the source's answer to Complete was lost"),
+            unsettled: Some(source),
+        }),
+        Err(error) if complete_sent => Err(Failed {
+            error,
+            unsettled: (!answered).then_some(source),
+        }),
+        Err(error) => {
+            let _ = respond(&mut source, false);
+            if let Some(d) = dest {
+                d.abandon();
+            }
+            Err(Failed {
+                error,
+                unsettled: None,
+            })
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::ram::RamMapping;
+
+    fn ram() -> Ram {
+        Ram::create(
+            "pc",
+            &[
+                RamMapping {
+                    slot: 0,
+                    gpa: 0,
+                    size: 64 * PAGE,
+                    file_offset: 0,
+                },
+                RamMapping {
+                    slot: 1,
+                    gpa: 1 << 32,
+                    size: 16 * PAGE,
+                    file_offset: 0,
+                },
+            ],
+        )
+        .expect("memfds")
+    }
+
+    #[test]
+    fn pages_are_indexed_across_slots_and_claimed_once() {
+        let r = ram();
+        let p = Pages::new(&r).expect("pages");
+        assert_eq!(p.total(), 80);
+        assert_eq!(p.index(0), Some(0));
+        assert_eq!(p.index(63 * PAGE), Some(63));
+        assert_eq!(p.index(64 * PAGE), None, "the hole between the slots");
+        assert_eq!(p.index(1 << 32), Some(64));
+        assert_eq!(p.index((1 << 32) + 16 * PAGE), None);
+        for i in [0, 63, 64, 79] {
+            assert_eq!(p.index(p.gpa(i)), Some(i));
+        }
+        assert!(p.claim(5));
+        assert!(!p.claim(5), "a page is claimed once");
+        p.land(&[5]);
+        assert!(!p.claim(5), "a landed page is never pulled again");
+        assert_eq!(p.missing.load(Ordering::Acquire), 79);
+    }
+
+    /// A pull over a socket pair: runs split at the slot boundary, each page lands once
+    /// with the source's bytes, and the end request ends the server cleanly.
+    #[test]
+    fn pulled_runs_land_the_sources_bytes_and_stop_at_slot_boundaries() {
+        let src = ram();
+        for i in 0..80u64 {
+            let gpa = if i < 64 {
+                i * PAGE
+            } else {
+                (1 << 32) + (i - 64) * PAGE
+            };
+            let (p, _) = src
+                .range_ptr(GpaRange { gpa, length: PAGE })
+                .expect("in RAM");
+            // SAFETY: this test is the only user.
+            unsafe { std::ptr::write_bytes(p, i as u8 + 1, PAGE as usize) };
+        }
+        let (mut a, mut b) = UnixStream::pair().expect("pair");
+        let server = std::thread::spawn(move || {
+            let got = serve_pulls(&mut b, &src, &|_| {});
+            (got.map_err(|e| e.to_string()), src)
+        });
+        let dst = ram();
+        let pages = Pages::new(&dst).expect("pages");
+        let claimed: Vec<usize> = (60..70).filter(|&i| pages.claim(i)).collect();
+        let bytes = pages.pull(&mut a, &dst, &claimed).expect("pulled");
+        assert_eq!(bytes, 10 * PAGE);
+        a.write_all(&encode_pull(PULL_END, 0)).expect("end");
+        let (got, _) = server.join().expect("server");
+        assert_eq!(got, Ok((PullEnd::Done, 10 * PAGE)));
+        for i in 60..70u64 {
+            let gpa = if i < 64 {
+                i * PAGE
+            } else {
+                (1 << 32) + (i - 64) * PAGE
+            };
+            let (p, _) = dst
+                .range_ptr(GpaRange { gpa, length: PAGE })
+                .expect("in RAM");
+            // SAFETY: this test is the only user.
+            let page = unsafe { std::slice::from_raw_parts(p, PAGE as usize) };
+            assert!(page.iter().all(|&x| x == i as u8 + 1), "page {i}");
+        }
+        assert_eq!(pages.missing.load(Ordering::Acquire), 70);
+    }
+
+    #[test]
+    fn hostile_pull_requests_are_refused() {
+        let src = ram();
+        for (gpa, len) in [
+            (0, 0),
+            (1, PAGE),
+            (0, PAGE + 1),
+            (64 * PAGE, PAGE),
+            (60 * PAGE, 8 * PAGE),
+            (0, MAX_PULL + PAGE),
+        ] {
+            let (mut a, mut b) = UnixStream::pair().expect("pair");
+            a.write_all(&encode_pull(gpa, len)).expect("request");
+            let got = serve_pulls(&mut b, &src, &|_| {});
+            assert!(got.is_err(), "{gpa:#x}+{len:#x}");
+        }
+        // Closed without the end request: said so, not an error of the server.
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        drop(a);
+        assert_eq!(
+            serve_pulls(&mut b, &src, &|_| {}).expect("ends"),
+            (PullEnd::Closed, 0)
+        );
+    }
+}
