@@ -4,8 +4,14 @@
 //! streams (mutual TLS by default). Reported per run: CH's own figures (total time and
 //! effective downtime, from its log), the wall time from the request to the destination
 //! running, and CPU seconds per side (CH processes, plus the sidecars on Ferry's path).
+//! A third way, Ferry's post-copy (`--postcopy`), runs in the same rounds: its downtime
+//! (CH's own figure, the source's pause to the destination running) and its pull time
+//! (the destination running to its last page landed, from Ferry's summary). Every way runs
+//! the same guest; post-copy's has shared memory (local mode needs it), the others private
+//! memory (CH then sends every page in its first round; with shared memory it skips the
+//! pages never written, which this guest leaves most of).
 //! The last line is `speed ratio ferry/ch-direct <mem> streams=<n>: <x>`: CH-direct's
-//! median total time over Ferry's (>= 1.0: Ferry costs no time).
+//! median total time over Ferry's pre-copy (>= 1.0: Ferry costs no time).
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -39,6 +45,11 @@ struct Run {
     wall_s: f64,
     cpu_src: f64,
     cpu_dst: f64,
+    /// Post-copy: the destination running to its last page landed.
+    pull_s: f64,
+    /// Post-copy: bytes pulled over the network (the rest were holes at the source,
+    /// zero-filled at the destination).
+    pulled: u64,
 }
 
 /// A CH process with its API socket and log.
@@ -48,7 +59,7 @@ struct Ch {
     log: PathBuf,
 }
 
-fn start_ch(dir: &Path, name: &str, vm: Option<(&Path, u64)>) -> anyhow::Result<Ch> {
+fn start_ch(dir: &Path, name: &str, vm: Option<(&Path, u64, bool)>) -> anyhow::Result<Ch> {
     let beside = bin("ferry")?
         .ancestors()
         .nth(4)
@@ -63,11 +74,14 @@ fn start_ch(dir: &Path, name: &str, vm: Option<(&Path, u64)>) -> anyhow::Result<
     c.arg("--api-socket")
         .arg(&api)
         .args(["--seccomp", "log", "-v"]);
-    if let Some((kernel, mem)) = vm {
+    if let Some((kernel, mem, shared)) = vm {
         c.arg("--kernel")
             .arg(kernel)
             .args(["--cpus", "boot=1", "--memory"])
-            .arg(format!("size={mem}M"))
+            .arg(format!(
+                "size={mem}M{}",
+                if shared { ",shared=on" } else { "" }
+            ))
             .arg("--serial")
             .arg(format!("file={}", dir.join("serial.txt").display()))
             .args(["--console", "off"]);
@@ -139,7 +153,7 @@ fn direct(a: &ChArgs, run: u32) -> anyhow::Result<Run> {
     std::fs::create_dir_all(&dir)?;
     let kernel = dir.join("guest.elf");
     std::fs::write(&kernel, ferry_ch_guest::GUEST_ELF)?;
-    let mut src = start_ch(&dir, "src", Some((&kernel, a.mem_mib)))?;
+    let mut src = start_ch(&dir, "src", Some((&kernel, a.mem_mib, false)))?;
     wait_counting(&dir)?;
     let dst = start_ch(&dir, "dst", None)?;
     let port = 31_000 + run as u16;
@@ -198,16 +212,20 @@ fn direct(a: &ChArgs, run: u32) -> anyhow::Result<Run> {
         wall_s,
         cpu_src,
         cpu_dst,
+        pull_s: 0.0,
+        pulled: 0,
     })
 }
 
-fn through_ferry(a: &ChArgs, run: u32) -> anyhow::Result<Run> {
+fn through_ferry(a: &ChArgs, run: u32, postcopy: bool) -> anyhow::Result<Run> {
     let auth = if a.psk { PairAuth::Psk } else { PairAuth::Tls };
-    let pair = LocalPair::start_with(&format!("ch{run}"), 31_100 + (run as u16) * 2, auth)?;
+    let name = format!("ch{}{run}", if postcopy { "pc" } else { "" });
+    let port = 31_100 + (run as u16) * 4 + if postcopy { 2 } else { 0 };
+    let pair = LocalPair::start_with(&name, port, auth)?;
     let dir = pair.dir.clone();
     let kernel = dir.join("guest.elf");
     std::fs::write(&kernel, ferry_ch_guest::GUEST_ELF)?;
-    let mut src = start_ch(&dir, "src", Some((&kernel, a.mem_mib)))?;
+    let mut src = start_ch(&dir, "src", Some((&kernel, a.mem_mib, postcopy)))?;
     wait_counting(&dir)?;
     let dst = start_ch(&dir, "dst", None)?;
     let ferry = bin("ferry")?;
@@ -240,6 +258,7 @@ fn through_ferry(a: &ChArgs, run: u32) -> anyhow::Result<Run> {
             "--to",
         ])
         .arg(format!("127.0.0.1:{}", pair.port_b))
+        .args(postcopy.then_some("--postcopy"))
         .arg("--socket")
         .arg(pair.socket("a"))
         .stdout(Stdio::piped())
@@ -269,6 +288,8 @@ fn through_ferry(a: &ChArgs, run: u32) -> anyhow::Result<Run> {
         wall_s,
         cpu_src,
         cpu_dst,
+        pull_s: s["postcopy_pull_ms"].as_f64().unwrap_or(0.0) / 1e3,
+        pulled: s["bytes_transferred"].as_u64().unwrap_or(0),
     })
 }
 
@@ -293,30 +314,59 @@ pub fn run(a: &ChArgs) -> anyhow::Result<()> {
         "ferry-bench ch: {} MiB PVH guest dirtying memory, Cloud Hypervisor over loopback: its own TCP transport with {} connections vs two Ferry sidecars ({mode}) with {} streams; {} runs each",
         a.mem_mib, a.streams, a.streams, a.runs
     );
-    let (mut d, mut f) = (Vec::new(), Vec::new());
+    let (mut d, mut f, mut p) = (Vec::new(), Vec::new(), Vec::new());
     for r in 0..a.runs {
-        for (way, out) in [("ch-direct", &mut d), ("ferry", &mut f)] {
-            let x = if way == "ferry" {
-                through_ferry(a, r)?
-            } else {
-                direct(a, r)?
+        for (way, out) in [
+            ("ch-direct", &mut d),
+            ("ferry", &mut f),
+            ("ferry-postcopy", &mut p),
+        ] {
+            let x = match way {
+                "ferry" => through_ferry(a, r, false)?,
+                "ferry-postcopy" => through_ferry(a, r, true)?,
+                _ => direct(a, r)?,
             };
             println!(
-                "  run {r} {way:<9}: CH total {:.2} s, downtime {:.0} ms, wall {:.2} s, CPU source {:.2} s, destination {:.2} s",
-                x.ch_total_s, x.downtime_ms, x.wall_s, x.cpu_src, x.cpu_dst
+                "  run {r} {way:<14}: CH total {:.2} s, downtime {:.0} ms, wall {:.2} s, CPU source {:.2} s, destination {:.2} s{}",
+                x.ch_total_s,
+                x.downtime_ms,
+                x.wall_s,
+                x.cpu_src,
+                x.cpu_dst,
+                if way == "ferry-postcopy" {
+                    format!(", pull {:.2} s ({} MiB pulled)", x.pull_s, x.pulled >> 20)
+                } else {
+                    String::new()
+                }
             );
             out.push(x);
         }
     }
-    for (way, v) in [("ch-direct", &d), ("ferry", &f)] {
+    let (pm, pl, ph) = median(p.iter().map(|x| x.pull_s).collect());
+    let (wm, wl, wh) = median(p.iter().map(|x| x.wall_s).collect());
+    let (bm, _, _) = median(p.iter().map(|x| x.pulled as f64).collect());
+    for (way, v) in [("ch-direct", &d), ("ferry", &f), ("ferry-postcopy", &p)] {
+        if way == "ferry-postcopy" {
+            let (dt, dl, dh) = median(v.iter().map(|x| x.downtime_ms).collect());
+            let (cs, _, _) = median(v.iter().map(|x| x.cpu_src).collect());
+            let (cd, _, _) = median(v.iter().map(|x| x.cpu_dst).collect());
+            println!(
+                "  {way:<14}: wall median {wm:.2} s [{wl:.2}-{wh:.2}], downtime median {dt:.0} ms [{dl:.0}-{dh:.0}], CPU source {cs:.2} s, destination {cd:.2} s"
+            );
+            continue;
+        }
         let (t, tl, th) = median(v.iter().map(|x| x.ch_total_s).collect());
         let (dt, dl, dh) = median(v.iter().map(|x| x.downtime_ms).collect());
         let (cs, _, _) = median(v.iter().map(|x| x.cpu_src).collect());
         let (cd, _, _) = median(v.iter().map(|x| x.cpu_dst).collect());
         println!(
-            "  {way:<9}: total median {t:.2} s [{tl:.2}-{th:.2}], downtime median {dt:.0} ms [{dl:.0}-{dh:.0}], CPU source {cs:.2} s, destination {cd:.2} s"
+            "  {way:<14}: total median {t:.2} s [{tl:.2}-{th:.2}], downtime median {dt:.0} ms [{dl:.0}-{dh:.0}], CPU source {cs:.2} s, destination {cd:.2} s"
         );
     }
+    println!(
+        "  ferry-postcopy: pull median {pm:.2} s [{pl:.2}-{ph:.2}], {:.0} MiB pulled, the rest zero-filled (the VM ran at the destination meanwhile, depending on both hosts)",
+        bm / f64::from(1 << 20)
+    );
     let ratios: Vec<f64> = d
         .iter()
         .zip(&f)

@@ -25,7 +25,8 @@
 //!
 //! A pull request on a data connection: `{u64 gpa, u64 length}` little-endian, answered by
 //! exactly `length` bytes; `gpa = u64::MAX` (length 0) ends the connection: the
-//! destination has every page.
+//! destination has every page; `gpa = u64::MAX - 1` asks for the data map (the source's
+//! memfds' holes never cross the network: the destination zero-fills them).
 
 use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -51,6 +52,14 @@ pub const MAX_PULL: u64 = 64 << 20;
 
 /// The `gpa` of the request that ends a pull connection.
 const PULL_END: u64 = u64::MAX;
+
+/// The `gpa` of the request for the source's data map: answered by a u64 count and that
+/// many `{u64 gpa, u64 length}` ranges of guest RAM that hold data (the rest are holes of
+/// the source's memfds, which read as zero: the destination fills them itself).
+const DATA_MAP: u64 = u64::MAX - 1;
+
+/// Most ranges a data map may hold.
+const MAX_DATA_RANGES: u64 = 1 << 24;
 
 /// Pages one bulk request asks for at most (2 MiB).
 const BULK_PAGES: usize = 512;
@@ -269,6 +278,16 @@ pub fn serve_pulls(
         if gpa == PULL_END {
             return Ok((PullEnd::Done, sent));
         }
+        if gpa == DATA_MAP {
+            let map = ram.data_ranges()?;
+            let mut out = Vec::with_capacity(8 + 16 * map.len());
+            out.extend_from_slice(&(map.len() as u64).to_le_bytes());
+            for r in &map {
+                out.extend_from_slice(&encode_pull(r.gpa, r.length));
+            }
+            conn.write_all(&out).context("sending the data map")?;
+            continue;
+        }
         if length == 0
             || length > MAX_PULL
             || !gpa.is_multiple_of(PAGE)
@@ -295,6 +314,9 @@ pub fn serve_pulls(
 const MISSING: u8 = 0;
 const PULLING: u8 = 1;
 const LANDED: u8 = 2;
+/// Missing, and a hole at the source: filled with zeros here, not pulled.
+const HOLE: u8 = 3;
+const FILLING: u8 = 4;
 
 /// The destination's view of every page: missing, being pulled, or landed.
 struct Pages {
@@ -353,10 +375,59 @@ impl Pages {
         start + (i - first) as u64 * PAGE
     }
 
-    fn claim(&self, i: usize) -> bool {
-        self.state[i]
-            .compare_exchange(MISSING, PULLING, Ordering::AcqRel, Ordering::Acquire)
+    /// Claims page `i` for this caller: `Some(hole)` if it was missing.
+    fn claim(&self, i: usize) -> Option<bool> {
+        let s = &self.state[i];
+        if s.compare_exchange(MISSING, PULLING, Ordering::AcqRel, Ordering::Acquire)
             .is_ok()
+        {
+            return Some(false);
+        }
+        s.compare_exchange(HOLE, FILLING, Ordering::AcqRel, Ordering::Acquire)
+            .ok()
+            .map(|_| true)
+    }
+
+    /// Asks the source (over `conn`, before anything is pulled) which parts of RAM hold
+    /// data; every other page becomes a hole, filled here. Returns the holes' bytes.
+    fn learn_holes(&self, conn: &mut (impl Read + Write)) -> anyhow::Result<u64> {
+        conn.write_all(&encode_pull(DATA_MAP, 0))
+            .context("asking the source for its data map")?;
+        let mut n = [0u8; 8];
+        conn.read_exact(&mut n).context("reading the data map")?;
+        let n = u64::from_le_bytes(n);
+        if n > MAX_DATA_RANGES {
+            bail!("the source's data map has {n} ranges");
+        }
+        let mut data = vec![false; self.total()];
+        for _ in 0..n {
+            let mut r = [0u8; 16];
+            conn.read_exact(&mut r).context("reading the data map")?;
+            let gpa = u64::from_le_bytes(r[..8].try_into().expect("8 bytes"));
+            let length = u64::from_le_bytes(r[8..].try_into().expect("8 bytes"));
+            let first = self
+                .index(gpa)
+                .filter(|_| gpa.is_multiple_of(PAGE) && length.is_multiple_of(PAGE))
+                .context("the source's data map names pages outside the VM's RAM")?;
+            let pages = usize::try_from(length / PAGE).context("range too large")?;
+            for i in first..first.saturating_add(pages) {
+                if i >= data.len() || self.gpa(i) != gpa + (i - first) as u64 * PAGE {
+                    bail!("the source's data map runs past a RAM slot");
+                }
+                data[i] = true;
+            }
+        }
+        let mut holes = 0;
+        for (i, d) in data.iter().enumerate() {
+            if !d
+                && self.state[i]
+                    .compare_exchange(MISSING, HOLE, Ordering::AcqRel, Ordering::Acquire)
+                    .is_ok()
+            {
+                holes += 1;
+            }
+        }
+        Ok(holes * PAGE)
     }
 
     fn land(&self, pages: &[usize]) {
@@ -392,22 +463,25 @@ impl Pages {
         }
     }
 
-    /// Pulls the claimed pages `pages` (ascending) over `conn`, a request per run of
-    /// pages contiguous in guest-physical space, and marks them landed.
-    fn pull(
+    /// Brings the claimed pages `pages` (ascending, each with whether it is a hole) in:
+    /// a pull request over `conn` per run of data pages contiguous in guest-physical
+    /// space, zeros written here for holes; marks them landed. Returns (bytes pulled,
+    /// bytes zero-filled).
+    fn pull<D: Read + Write>(
         &self,
-        conn: &mut (impl Read + Write),
+        conn: &Mutex<D>,
         ram: &Ram,
-        pages: &[usize],
-    ) -> anyhow::Result<u64> {
-        let mut bytes = 0;
+        pages: &[(usize, bool)],
+    ) -> anyhow::Result<Moved> {
+        let mut moved = Moved::default();
         let mut at = 0;
         while at < pages.len() {
-            let first = self.gpa(pages[at]);
+            let (i0, hole) = pages[at];
+            let first = self.gpa(i0);
             let mut n = 1;
             while at + n < pages.len()
-                && pages[at + n] == pages[at] + n
-                && self.gpa(pages[at + n]) == first + n as u64 * PAGE
+                && pages[at + n] == (i0 + n, hole)
+                && self.gpa(i0 + n) == first + n as u64 * PAGE
             {
                 n += 1;
             }
@@ -415,33 +489,56 @@ impl Pages {
             let (ptr, len) = ram
                 .range_ptr(GpaRange { gpa: first, length })
                 .context("a page outside the VM's RAM")?;
-            conn.write_all(&encode_pull(first, length))
-                .context("asking the source for pages")?;
-            // SAFETY: inside the mapping; these pages are claimed (state PULLING): no other
-            // puller writes them, and the destination CH maps a page only once Ferry
+            // SAFETY: inside the mapping; these pages are claimed (PULLING or FILLING): no
+            // other puller writes them, and the destination CH maps a page only once Ferry
             // answered its fault, which it does only once the page landed.
             let dst = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
-            conn.read_exact(dst)
-                .context("pulling pages from the source")?;
-            self.land(&pages[at..at + n]);
-            bytes += length;
+            if hole {
+                // Fresh memfd pages read as zero, but CH can map only pages that exist.
+                dst.fill(0);
+                moved.filled += length;
+            } else {
+                let mut c = lock(conn);
+                c.write_all(&encode_pull(first, length))
+                    .context("asking the source for pages")?;
+                c.read_exact(dst).context("pulling pages from the source")?;
+                moved.pulled += length;
+            }
+            let run: Vec<usize> = (i0..i0 + n).collect();
+            self.land(&run);
             at += n;
         }
-        Ok(bytes)
+        Ok(moved)
+    }
+}
+
+/// Bytes brought in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+struct Moved {
+    /// Pulled from the source.
+    pulled: u64,
+    /// Zero-filled here (holes at the source).
+    filled: u64,
+}
+
+impl std::ops::AddAssign for Moved {
+    fn add_assign(&mut self, o: Self) {
+        self.pulled += o.pulled;
+        self.filled += o.filled;
     }
 }
 
 /// Serves the destination CH's page faults: each faulting page is pulled now over `conn`
 /// unless it landed already or is being pulled (then it is waited for); the answer is Ok
-/// without payload (the page is in CH's memfd; CH maps it). Returns (faults, bytes
-/// pulled) when CH closes the connection: it has mapped every page.
+/// without payload (the page is in CH's memfd; CH maps it). Returns the faults and what
+/// they brought in when CH closes the connection: it has mapped every page.
 fn serve_faults<D: Read + Write>(
     ch: &mut UnixStream,
     pages: &Pages,
     ram: &Ram,
     conn: &Mutex<D>,
-) -> anyhow::Result<(u64, u64)> {
-    let (mut faults, mut bytes) = (0u64, 0u64);
+) -> anyhow::Result<(u64, Moved)> {
+    let (mut faults, mut bytes) = (0u64, Moved::default());
     loop {
         let mut h = [0u8; HEADER_LEN];
         match ch.read(&mut h[..1]) {
@@ -472,9 +569,11 @@ fn serve_faults<D: Read + Write>(
         {
             bail!("the destination CH faulted at {gpa:#x}+{length:#x}: not whole pages");
         }
-        let claimed: Vec<usize> = (first..=last).filter(|&i| pages.claim(i)).collect();
+        let claimed: Vec<(usize, bool)> = (first..=last)
+            .filter_map(|i| pages.claim(i).map(|hole| (i, hole)))
+            .collect();
         if !claimed.is_empty() {
-            let pulled = pages.pull(&mut *lock(conn), ram, &claimed);
+            let pulled = pages.pull(conn, ram, &claimed);
             match pulled {
                 Ok(b) => bytes += b,
                 Err(e) => {
@@ -492,19 +591,21 @@ fn serve_faults<D: Read + Write>(
 }
 
 /// Pulls every page nobody claimed yet, in runs of up to [`BULK_PAGES`], over `conn`.
-fn bulk<D: Read + Write>(conn: &Mutex<D>, pages: &Pages, ram: &Ram) -> anyhow::Result<u64> {
-    let mut bytes = 0;
+fn bulk<D: Read + Write>(conn: &Mutex<D>, pages: &Pages, ram: &Ram) -> anyhow::Result<Moved> {
+    let mut bytes = Moved::default();
     loop {
         let start = pages.next_bulk.fetch_add(BULK_PAGES, Ordering::AcqRel);
         if start >= pages.total() {
             return Ok(bytes);
         }
         let end = (start + BULK_PAGES).min(pages.total());
-        let claimed: Vec<usize> = (start..end).filter(|&i| pages.claim(i)).collect();
+        let claimed: Vec<(usize, bool)> = (start..end)
+            .filter_map(|i| pages.claim(i).map(|hole| (i, hole)))
+            .collect();
         if claimed.is_empty() {
             continue;
         }
-        match pages.pull(&mut *lock(conn), ram, &claimed) {
+        match pages.pull(conn, ram, &claimed) {
             Ok(b) => bytes += b,
             Err(e) => {
                 pages.break_off();
@@ -525,6 +626,8 @@ pub struct Report {
     pub fault_bytes: u64,
     /// Bytes pulled in bulk.
     pub bulk_bytes: u64,
+    /// Bytes zero-filled here instead of pulled: holes of the source's memfds.
+    pub zero_bytes: u64,
     /// From the destination CH running the VM to the last page landed.
     pub pull: Duration,
     /// Whether the destination CH runs the VM (false: it stays paused, as asked).
@@ -590,10 +693,14 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
             let faults = sc.spawn(|| serve_faults(&mut fault, &pages, &ram, &conns[0]));
             let run = (|| -> anyhow::Result<Duration> {
                 match next_from_source(&mut source)? {
-                    // The destination CH restores it with page faults served meanwhile.
-                    FromSource::State(st) => d
-                        .send(Command::State, &st)
-                        .context("the destination CH could not restore the VM")?,
+                    FromSource::State(st) => {
+                        // The source VM is paused now: which of its pages hold data is
+                        // settled (the others are zero-filled here, not pulled).
+                        report.zero_bytes = pages.learn_holes(&mut *lock(&conns[0]))?;
+                        // The destination CH restores it with page faults served meanwhile.
+                        d.send(Command::State, &st)
+                            .context("the destination CH could not restore the VM")?;
+                    }
                     other => bail!("the source sent {other:?} instead of its State"),
                 }
                 hold("ch-dest-restored");
@@ -630,7 +737,7 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
                     .map(|c| sc.spawn(move || bulk(c, pages, ram)))
                     .collect();
                 for w in workers {
-                    report.bulk_bytes += w.join().expect("bulk pull thread")?;
+                    report.bulk_bytes += w.join().expect("bulk pull thread")?.pulled;
                 }
                 pages.wait_until(|| pages.missing.load(Ordering::Acquire) == 0)?;
                 let pull = t.elapsed();
@@ -650,7 +757,7 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
             report.pull = run?;
             let (n, b) = served?;
             report.faults = n;
-            report.fault_bytes = b;
+            report.fault_bytes = b.pulled;
             Ok(())
         })
     })();
@@ -716,55 +823,77 @@ mod tests {
         for i in [0, 63, 64, 79] {
             assert_eq!(p.index(p.gpa(i)), Some(i));
         }
-        assert!(p.claim(5));
-        assert!(!p.claim(5), "a page is claimed once");
+        assert_eq!(p.claim(5), Some(false));
+        assert_eq!(p.claim(5), None, "a page is claimed once");
         p.land(&[5]);
-        assert!(!p.claim(5), "a landed page is never pulled again");
+        assert_eq!(p.claim(5), None, "a landed page is never pulled again");
         assert_eq!(p.missing.load(Ordering::Acquire), 79);
     }
 
-    /// A pull over a socket pair: runs split at the slot boundary, each page lands once
-    /// with the source's bytes, and the end request ends the server cleanly.
+    fn gpa_of(i: u64) -> u64 {
+        if i < 64 {
+            i * PAGE
+        } else {
+            (1 << 32) + (i - 64) * PAGE
+        }
+    }
+
+    /// A pull over a socket pair: the destination learns the source's holes (pages 62
+    /// and 66 never written there) and fills them itself; the data pages come over in runs
+    /// split at the slot boundary and at the holes, each lands once with the source's
+    /// bytes, and the end request ends the server cleanly.
     #[test]
-    fn pulled_runs_land_the_sources_bytes_and_stop_at_slot_boundaries() {
+    fn pulled_runs_land_the_sources_bytes_and_holes_are_filled_here() {
         let src = ram();
-        for i in 0..80u64 {
-            let gpa = if i < 64 {
-                i * PAGE
-            } else {
-                (1 << 32) + (i - 64) * PAGE
-            };
+        for i in (0..80u64).filter(|i| ![62, 66].contains(i)) {
             let (p, _) = src
-                .range_ptr(GpaRange { gpa, length: PAGE })
+                .range_ptr(GpaRange {
+                    gpa: gpa_of(i),
+                    length: PAGE,
+                })
                 .expect("in RAM");
             // SAFETY: this test is the only user.
             unsafe { std::ptr::write_bytes(p, i as u8 + 1, PAGE as usize) };
         }
-        let (mut a, mut b) = UnixStream::pair().expect("pair");
+        let (a, mut b) = UnixStream::pair().expect("pair");
         let server = std::thread::spawn(move || {
             let got = serve_pulls(&mut b, &src, &|_| {});
             (got.map_err(|e| e.to_string()), src)
         });
+        let a = Mutex::new(a);
         let dst = ram();
         let pages = Pages::new(&dst).expect("pages");
-        let claimed: Vec<usize> = (60..70).filter(|&i| pages.claim(i)).collect();
-        let bytes = pages.pull(&mut a, &dst, &claimed).expect("pulled");
-        assert_eq!(bytes, 10 * PAGE);
-        a.write_all(&encode_pull(PULL_END, 0)).expect("end");
+        assert_eq!(pages.learn_holes(&mut *lock(&a)).expect("map"), 2 * PAGE);
+        let claimed: Vec<(usize, bool)> = (60..70)
+            .filter_map(|i| pages.claim(i).map(|h| (i, h)))
+            .collect();
+        assert_eq!(claimed.iter().filter(|c| c.1).count(), 2);
+        let moved = pages.pull(&a, &dst, &claimed).expect("pulled");
+        assert_eq!(
+            moved,
+            Moved {
+                pulled: 8 * PAGE,
+                filled: 2 * PAGE
+            }
+        );
+        lock(&a).write_all(&encode_pull(PULL_END, 0)).expect("end");
         let (got, _) = server.join().expect("server");
-        assert_eq!(got, Ok((PullEnd::Done, 10 * PAGE)));
+        assert_eq!(got, Ok((PullEnd::Done, 8 * PAGE)));
         for i in 60..70u64 {
-            let gpa = if i < 64 {
-                i * PAGE
-            } else {
-                (1 << 32) + (i - 64) * PAGE
-            };
             let (p, _) = dst
-                .range_ptr(GpaRange { gpa, length: PAGE })
+                .range_ptr(GpaRange {
+                    gpa: gpa_of(i),
+                    length: PAGE,
+                })
                 .expect("in RAM");
             // SAFETY: this test is the only user.
             let page = unsafe { std::slice::from_raw_parts(p, PAGE as usize) };
-            assert!(page.iter().all(|&x| x == i as u8 + 1), "page {i}");
+            let want = if [62, 66].contains(&i) {
+                0
+            } else {
+                i as u8 + 1
+            };
+            assert!(page.iter().all(|&x| x == want), "page {i}");
         }
         assert_eq!(pages.missing.load(Ordering::Acquire), 70);
     }

@@ -148,6 +148,52 @@ impl Ram {
         self.slots.iter().any(|(_, r, _)| r.faulted())
     }
 
+    /// The parts of guest RAM that hold data: everything but the holes of the memfds
+    /// (pages never written read as zero; `lseek` `SEEK_DATA`/`SEEK_HOLE`), by guest-physical
+    /// address. A page written since may be data too: call it with the VM paused.
+    ///
+    /// # Errors
+    ///
+    /// `lseek` failing for another reason than the end of the data.
+    pub fn data_ranges(&self) -> anyhow::Result<Vec<GpaRange>> {
+        use std::os::fd::AsRawFd;
+        const PAGE: u64 = ferry_proto::mem::PAGE as u64;
+        let mut out = Vec::new();
+        for (m, _, fd) in &self.slots {
+            let (start, end) = (m.file_offset, m.file_offset + m.size);
+            let mut at = start;
+            while at < end {
+                let off = |v: u64| libc::off_t::try_from(v).context("offset too large");
+                // SAFETY: lseek on an open descriptor only moves its file offset.
+                let data = unsafe { libc::lseek(fd.as_raw_fd(), off(at)?, libc::SEEK_DATA) };
+                if data < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() == Some(libc::ENXIO) {
+                        break;
+                    }
+                    return Err(e).context("finding the data of guest RAM");
+                }
+                let data = (data as u64 / PAGE * PAGE).min(end);
+                if data >= end {
+                    break;
+                }
+                // SAFETY: as above.
+                let hole = unsafe { libc::lseek(fd.as_raw_fd(), off(data)?, libc::SEEK_HOLE) };
+                if hole < 0 {
+                    return Err(std::io::Error::last_os_error())
+                        .context("finding the holes of guest RAM");
+                }
+                let hole = (hole as u64).div_ceil(PAGE).saturating_mul(PAGE).min(end);
+                out.push(GpaRange {
+                    gpa: m.gpa + (data - start),
+                    length: hole - data,
+                });
+                at = hole;
+            }
+        }
+        Ok(out)
+    }
+
     /// The slots, by guest-physical address.
     pub fn layout(&self) -> impl Iterator<Item = &RamMapping> {
         self.slots.iter().map(|(m, _, _)| m)

@@ -246,6 +246,24 @@ pub enum PeerMsg {
         /// carry page requests and their bytes instead of CH's memory connections.
         postcopy: bool,
     },
+    /// Source, first request of a control connection, `ferry recover` of a CH VM whose
+    /// decision is recorded: what became of `vm_id` at the destination in `session`?
+    /// Answered `ChState`.
+    ChQuery {
+        /// The VM.
+        vm_id: String,
+        /// The migration.
+        session: SessionId,
+    },
+    /// Destination: the answer to `ChQuery`, from the destination CH itself.
+    ChState {
+        /// [`CH_UNKNOWN`] (no record of that session), [`CH_RUNNING`], [`CH_PAUSED`]
+        /// (restored, not running), [`CH_ABSENT`] (the destination CH has no VM, or is
+        /// gone).
+        state: u8,
+        /// What the destination saw, for the operator.
+        detail: String,
+    },
     /// Destination, instead of `Accept`: it runs as many incoming migrations as it allows
     /// (`max_incoming`); the source keeps the migration queued and offers it again later.
     Busy {
@@ -255,6 +273,15 @@ pub enum PeerMsg {
         limit: u32,
     },
 }
+
+/// `ChState`: the destination has no record of that session.
+pub const CH_UNKNOWN: u8 = 0;
+/// `ChState`: the destination CH runs the VM.
+pub const CH_RUNNING: u8 = 1;
+/// `ChState`: the destination CH holds the VM restored but not running.
+pub const CH_PAUSED: u8 = 2;
+/// `ChState`: the destination CH has no VM (it abandoned it, or is gone).
+pub const CH_ABSENT: u8 = 3;
 
 impl Message for PeerMsg {
     const PROTOCOL: &'static str = "peer";
@@ -292,6 +319,8 @@ impl Message for PeerMsg {
             PeerMsg::RdmaFailed { .. } => 28,
             PeerMsg::Busy { .. } => 29,
             PeerMsg::ChOffer { .. } => 30,
+            PeerMsg::ChQuery { .. } => 31,
+            PeerMsg::ChState { .. } => 32,
         }
     }
 
@@ -327,6 +356,8 @@ impl Message for PeerMsg {
             PeerMsg::RdmaFailed { .. } => "RdmaFailed",
             PeerMsg::Busy { .. } => "Busy",
             PeerMsg::ChOffer { .. } => "ChOffer",
+            PeerMsg::ChQuery { .. } => "ChQuery",
+            PeerMsg::ChState { .. } => "ChState",
         }
     }
 
@@ -431,6 +462,12 @@ impl Message for PeerMsg {
                 postcopy,
             } => {
                 w.str(vm_id).session(session).u16(*channels).bool(*postcopy);
+            }
+            PeerMsg::ChQuery { vm_id, session } => {
+                w.str(vm_id).session(session);
+            }
+            PeerMsg::ChState { state, detail } => {
+                w.u8(*state).str(detail);
             }
             PeerMsg::DataOk | PeerMsg::Commit | PeerMsg::Discarded => {}
         }
@@ -544,6 +581,22 @@ impl Message for PeerMsg {
                 session: r.session()?,
                 channels: r.u16()?,
                 postcopy: r.bool("postcopy")?,
+            },
+            31 => PeerMsg::ChQuery {
+                vm_id: get_vm_id(r)?,
+                session: r.session()?,
+            },
+            32 => PeerMsg::ChState {
+                state: match r.u8()? {
+                    s @ CH_UNKNOWN..=CH_ABSENT => s,
+                    v => {
+                        return Err(ProtoError::BadValue {
+                            what: "CH VM state",
+                            value: u64::from(v),
+                        })
+                    }
+                },
+                detail: r.str(MAX_STR)?,
             },
             tag => {
                 return Err(ProtoError::UnknownTag {
@@ -664,12 +717,20 @@ pub(crate) mod tests {
                 channels: 4,
                 postcopy: true,
             },
+            PeerMsg::ChQuery {
+                vm_id: "vm1".into(),
+                session: SessionId([4; 16]),
+            },
+            PeerMsg::ChState {
+                state: CH_PAUSED,
+                detail: "Paused".into(),
+            },
         ]
     }
 
     #[test]
     fn every_message_round_trips_and_rejects_cut_or_extended_payloads() {
-        crate::common::assert_round_trips(samples(), 30);
+        crate::common::assert_round_trips(samples(), 32);
     }
 
     #[test]

@@ -101,6 +101,92 @@ pub fn incoming_path(dir: &Path, vm_id: &str) -> PathBuf {
     path_of(dir, vm_id, "incoming")
 }
 
+/// A Cloud Hypervisor migration's record.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ChKind {
+    /// The source's commit decision (`<vm>.ch-decision`), from the decision until the
+    /// source CH was answered; `at` is the destination.
+    Decision,
+    /// The destination's incoming session (`<vm>.ch-incoming`); `at` is the destination
+    /// CH's API socket, asked what became of the VM.
+    Incoming,
+}
+
+impl ChKind {
+    fn name(self) -> &'static str {
+        match self {
+            ChKind::Decision => "ch-decision",
+            ChKind::Incoming => "ch-incoming",
+        }
+    }
+}
+
+/// A Cloud Hypervisor migration's record ([`ChKind`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ChRecord {
+    /// The migration.
+    pub session: SessionId,
+    /// The destination (a decision) or the destination CH's API socket (incoming).
+    pub at: String,
+}
+
+/// Where a CH record of a VM is kept.
+pub fn ch_path(dir: &Path, vm_id: &str, kind: ChKind) -> PathBuf {
+    path_of(dir, vm_id, kind.name())
+}
+
+/// Records a CH migration's decision or incoming session.
+///
+/// # Errors
+///
+/// [`RecordError::Write`]; the caller must not act on a decision that is not recorded.
+pub fn write_ch(dir: &Path, vm_id: &str, kind: ChKind, r: &ChRecord) -> Result<(), RecordError> {
+    debug_assert!(check_vm_id(vm_id).is_ok());
+    let text = format!(
+        "{HEADER}\nkind={}\nsession={}\nat={}\n",
+        kind.name(),
+        r.session,
+        one_line(&r.at)
+    );
+    write(&ch_path(dir, vm_id, kind), "the CH migration", &text)
+}
+
+/// Reads a CH record; `None` when there is none.
+///
+/// # Errors
+///
+/// [`RecordError::Read`], [`RecordError::Invalid`].
+pub fn read_ch(dir: &Path, vm_id: &str, kind: ChKind) -> Result<Option<ChRecord>, RecordError> {
+    let path = ch_path(dir, vm_id, kind);
+    let Some(text) = read_small(&path)? else {
+        return Ok(None);
+    };
+    parse_ch(&text, kind)
+        .map(Some)
+        .map_err(|why| RecordError::Invalid {
+            path: path.display().to_string(),
+            why,
+        })
+}
+
+/// Removes a CH record (settled).
+pub fn remove_ch(dir: &Path, vm_id: &str, kind: ChKind) {
+    let _ = std::fs::remove_file(ch_path(dir, vm_id, kind));
+}
+
+/// Parses a CH record.
+///
+/// # Errors
+///
+/// What is wrong, for the operator.
+pub fn parse_ch(text: &str, kind: ChKind) -> Result<ChRecord, String> {
+    let f = fields(text, kind.name())?;
+    Ok(ChRecord {
+        session: session_of(&f)?,
+        at: get(&f, "at")?.to_owned(),
+    })
+}
+
 /// Where a pending release is kept.
 pub fn release_path(dir: &Path, session: SessionId) -> PathBuf {
     dir.join(format!("{session}.release"))
@@ -397,6 +483,32 @@ pub fn parse_incoming(text: &str) -> Result<Incoming, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ch_records_round_trip_and_are_not_taken_for_each_other() {
+        let dir = std::env::temp_dir().join(format!("ferry-ch-rec-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).expect("dir");
+        let r = ChRecord {
+            session: SessionId([7; 16]),
+            at: "10.0.0.2:7780".into(),
+        };
+        write_ch(&dir, "vm1", ChKind::Decision, &r).expect("written");
+        assert_eq!(
+            read_ch(&dir, "vm1", ChKind::Decision).expect("read"),
+            Some(r.clone())
+        );
+        assert_eq!(read_ch(&dir, "vm1", ChKind::Incoming).expect("read"), None);
+        assert_eq!(
+            read_decision(&dir, "vm1").expect("read"),
+            None,
+            "not a Ferry decision"
+        );
+        let text = std::fs::read_to_string(ch_path(&dir, "vm1", ChKind::Decision)).expect("text");
+        assert!(parse_ch(&text, ChKind::Incoming).is_err());
+        remove_ch(&dir, "vm1", ChKind::Decision);
+        assert_eq!(read_ch(&dir, "vm1", ChKind::Decision).expect("read"), None);
+        let _ = std::fs::remove_dir_all(dir);
+    }
 
     fn dir(tag: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("ferry-records-{tag}-{}", std::process::id()));

@@ -26,6 +26,7 @@ use ferry_proto::common::MAX_FRAME;
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::net::Timeouts;
 use ferry_proto::peer::PeerMsg;
+use ferry_proto::records::{self, ChKind, ChRecord};
 
 use crate::ch_vms::{lock, ChVm};
 use crate::context::Daemon;
@@ -176,28 +177,133 @@ impl Drop for KeeperGuard<'_> {
     }
 }
 
-/// `ferry recover` of a CH VM whose source sidecar died in the commit window: the keeper
-/// still holds the source CH's connection. Deliver: the source CH is told Ok (it stops
-/// its VM for good; check first that the destination runs it). Abort: it is told Error
-/// (it resumes its VM; check first that the destination does not run it).
+/// `ferry recover` of a CH VM whose migration's outcome was not settled: its source CH
+/// waits, paused, held by the keeper (its sidecar died in the commit window, or the
+/// destination's answer to `Complete` was lost). The recorded decision names the
+/// destination, which is asked what became of the VM there (`ChQuery`): running, the
+/// source CH is told Ok (it stops its VM for good); absent, it is told Error (it resumes).
+/// `--abort` rolls back only when the destination does not run it; `--abort --force`
+/// without asking.
 ///
-/// Returns `None` when no keeper holds anything for `vm_id`.
+/// Returns `None` when nothing is held for `vm_id`.
 ///
 /// # Errors
 ///
-/// The keeper did not answer.
-pub fn settle_kept(d: &Daemon, vm_id: &str, commit: bool) -> anyhow::Result<Option<String>> {
+/// The destination unreachable, or in a state that needs the operator (the error says
+/// what to do); the keeper not answering.
+pub fn recover(
+    d: &Daemon,
+    vm_id: &str,
+    mode: ferry_proto::cli::RecoverMode,
+) -> anyhow::Result<Option<String>> {
+    use ferry_proto::cli::RecoverMode;
+    use ferry_proto::peer::{CH_ABSENT, CH_PAUSED, CH_RUNNING};
     let socket = keeper_path(d, vm_id);
     if !socket.exists() {
         return Ok(None);
     }
+    let rec = records::read_ch(&d.cfg.state_dir, vm_id, ChKind::Decision)?;
+    let commit = match (mode, &rec) {
+        (RecoverMode::ForceAbort, _) => false,
+        // No record (a keeper left by an older build): as the operator says.
+        (_, None) => mode == RecoverMode::Deliver,
+        (_, Some(rec)) => {
+            let (state, detail) = ask_destination(d, vm_id, rec).map_err(|e| {
+                anyhow::anyhow!(
+                    "cannot ask the destination {} what became of {vm_id}: {e:#}. Its source CH stays paused: if the VM runs there, stop the source CH; if not, `ferry recover {vm_id} --abort --force` resumes it here",
+                    rec.at
+                )
+            })?;
+            match (state, mode) {
+                (CH_RUNNING, RecoverMode::Deliver) => true,
+                (CH_RUNNING, _) => bail!(
+                    "the destination {} runs {vm_id} ({detail}): rolling back would run it twice; `ferry recover {vm_id}` stops the source instead",
+                    rec.at
+                ),
+                (CH_ABSENT, _) => false,
+                (CH_PAUSED, _) => bail!(
+                    "the destination {} holds {vm_id} restored but paused ({detail}): resume it there and run `ferry recover {vm_id}`, or delete it there and run `ferry recover {vm_id} --abort`",
+                    rec.at
+                ),
+                _ => bail!(
+                    "the destination {} has no record of this migration of {vm_id} ({detail}): check it; `ferry recover {vm_id} --abort --force` resumes the source CH",
+                    rec.at
+                ),
+            }
+        }
+    };
     ferry_ch::keeper::answer(&socket, commit)?;
     lock(&d.ch.unsettled).remove(vm_id);
+    records::remove_ch(&d.cfg.state_dir, vm_id, ChKind::Decision);
     Ok(Some(if commit {
-        format!("the source CH of {vm_id} was told the migration completed: it stops its VM")
+        format!("the destination runs {vm_id}: its source CH was told the migration completed and stops its VM")
     } else {
-        format!("the source CH of {vm_id} was told the migration failed: it resumes its VM")
+        format!("{vm_id} does not run at the destination: its source CH was told the migration failed and resumes its VM")
     }))
+}
+
+/// Asks the destination of `rec` what became of `vm_id` (`ChQuery`).
+fn ask_destination(d: &Daemon, vm_id: &str, rec: &ChRecord) -> anyhow::Result<(u8, String)> {
+    let mut ctl = connect_control(&d.auth, &rec.at)?;
+    ctl.stream
+        .tcp()
+        .set_timeouts(Some(Duration::from_secs(15)))?;
+    write_msg(
+        &mut ctl.stream,
+        &PeerMsg::ChQuery {
+            vm_id: vm_id.to_owned(),
+            session: rec.session,
+        },
+    )?;
+    match read_msg(&mut ctl.stream, MAX_FRAME)? {
+        PeerMsg::ChState { state, detail } => Ok((state, detail)),
+        other => Err(ferry_proto::peer::unexpected("ChState", other).into()),
+    }
+}
+
+/// The destination's answer to `ChQuery`: what its CH says of the VM it received in
+/// `session`.
+///
+/// # Errors
+///
+/// The connection failed.
+pub fn answer_query(
+    d: &Daemon,
+    mut ctl: Control,
+    vm_id: &str,
+    session: SessionId,
+) -> anyhow::Result<()> {
+    use ferry_proto::peer::{CH_ABSENT, CH_PAUSED, CH_RUNNING, CH_UNKNOWN};
+    let rec = records::read_ch(&d.cfg.state_dir, vm_id, ChKind::Incoming)
+        .ok()
+        .flatten()
+        .filter(|r| r.session == session);
+    let (state, detail) = match rec {
+        None => (CH_UNKNOWN, format!("no record here of migration {session}")),
+        Some(r) => {
+            let api = Path::new(&r.at);
+            match UnixStream::connect(api) {
+                Err(e) => (
+                    CH_ABSENT,
+                    format!("the destination CH at {} is gone ({e})", r.at),
+                ),
+                Ok(_) => match ferry_ch::api::vm_state(api) {
+                    Ok(Some(s)) if s == "Running" => (CH_RUNNING, format!("{} runs it", r.at)),
+                    Ok(Some(s)) if s == "Paused" => {
+                        (CH_PAUSED, format!("{} holds it paused", r.at))
+                    }
+                    Ok(Some(s)) => (
+                        CH_ABSENT,
+                        format!("{} has only its configuration ({s})", r.at),
+                    ),
+                    Ok(None) => (CH_ABSENT, format!("{} has no VM", r.at)),
+                    Err(e) => (CH_UNKNOWN, format!("{} does not answer: {e:#}", r.at)),
+                },
+            }
+        }
+    };
+    write_msg(&mut ctl.stream, &PeerMsg::ChState { state, detail })?;
+    Ok(())
 }
 
 /// Migrates a CH source VM (from the queue: `outgoing::run_queued`).
@@ -327,6 +433,15 @@ fn run_source(
     // From the decision on, a dying sidecar must not let the source CH resume: the keeper
     // holds (a duplicate of) its connection until the outcome is settled.
     let decide = |ch: std::os::fd::BorrowedFd<'_>| -> anyhow::Result<()> {
+        records::write_ch(
+            &d.cfg.state_dir,
+            &req.vm_id,
+            ChKind::Decision,
+            &ChRecord {
+                session,
+                at: req.to.clone(),
+            },
+        )?;
         *lock(&kept) = Some(ferry_ch::keeper::Kept::hand_over(&keeper_socket, ch)?);
         tracing::info!(vm = %req.vm_id, %session, "Cloud Hypervisor VM: the destination holds it restored; committing");
         #[cfg(feature = "fault-injection")]
@@ -365,12 +480,14 @@ fn run_source(
     d.metrics.add_bytes(false, moved.load(Ordering::Relaxed));
     let kept = lock(&kept).take();
     keeper.handed = kept.is_some();
+    let settled = || records::remove_ch(&d.cfg.state_dir, &req.vm_id, ChKind::Decision);
     match carried {
         Ok(bytes) => {
             // The source CH got its answer from this sidecar: the keeper lets go.
             if let Some(k) = kept {
                 k.release();
             }
+            settled();
             summary.bytes_transferred = bytes;
             Ok(())
         }
@@ -387,10 +504,12 @@ fn run_source(
                     "the destination's answer to Complete was lost: the source CH stays paused (check the destination, then stop or resume the source CH)",
                 ));
             }
-            // Nothing was decided: the source CH was answered Error and resumes.
+            // The source CH was answered (Error: it resumes; after a post-copy pull
+            // that broke off, Ok: the VM was the destination's).
             if let Some(k) = kept {
                 k.release();
             }
+            settled();
             Err(error)
         }
     }
@@ -646,6 +765,21 @@ pub fn receive(
     };
     let sock = d.cfg.state_dir.join(format!("ch-{vm_id}.sock"));
     let _ = std::fs::remove_file(&sock);
+    // What the destination CH makes of this migration is asked for by `ferry recover` at
+    // the source (`answer_query`), across restarts of this sidecar.
+    let recorded = records::write_ch(
+        &d.cfg.state_dir,
+        &vm_id,
+        ChKind::Incoming,
+        &ChRecord {
+            session,
+            at: ch.api.to_string_lossy().into_owned(),
+        },
+    );
+    if let Err(e) = recorded {
+        lock(&d.ch.waiting).insert(vm_id.clone(), ch);
+        return Err(refuse(&mut ctl.stream, format!("{e:#}")));
+    }
     let t0 = Instant::now();
     let peer = crate::dest::peer_ip(&ctl);
     let res = receive_into(d, &mut ctl, &vm_id, session, channels, postcopy, &ch, &sock);
@@ -725,7 +859,7 @@ fn receive_into(
             tracing::info!(vm = %vm_id, "Cloud Hypervisor VM runs here; pulling its memory (post-copy)");
         }, &hold)
         .map(|r| {
-            tracing::info!(vm = %vm_id, faults = r.faults, fault_bytes = r.fault_bytes, bulk_bytes = r.bulk_bytes, pull_ms = r.pull.as_millis() as u64, "post-copy pull ended: every page is here");
+            tracing::info!(vm = %vm_id, faults = r.faults, fault_bytes = r.fault_bytes, bulk_bytes = r.bulk_bytes, zero_bytes = r.zero_bytes, pull_ms = r.pull.as_millis() as u64, "post-copy pull ended: every page is here");
         })
         .map_err(|f| f.error)
     } else {

@@ -270,12 +270,15 @@ fn handle_peer(d: &Arc<Daemon>, s: TcpStream) {
                 channels,
                 postcopy,
             } => crate::ch::receive(d, c, vm_id, session, channels, postcopy),
+            ferry_proto::peer::PeerMsg::ChQuery { vm_id, session } => {
+                crate::ch::answer_query(d, c, &vm_id, session)
+            }
             other => {
                 let mut c = c;
                 Err(crate::peer::refuse(
                     &mut c.stream,
                     format!(
-                        "expected Offer, ChOffer or Decision, got {}",
+                        "expected Offer, ChOffer, ChQuery or Decision, got {}",
                         ferry_proto::common::Message::name(&other)
                     ),
                 ))

@@ -379,7 +379,7 @@ fn handle_cli(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
 ///
 /// Nothing to recover, or the destination unreachable or refusing.
 fn recover(d: &Arc<Daemon>, vm_id: &str, mode: RecoverMode) -> anyhow::Result<String> {
-    if let Some(line) = crate::ch::settle_kept(d, vm_id, mode == RecoverMode::Deliver)? {
+    if let Some(line) = crate::ch::recover(d, vm_id, mode)? {
         return Ok(line);
     }
     let Some(dec) = records::read_decision(&d.cfg.state_dir, vm_id)? else {
