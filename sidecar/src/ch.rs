@@ -724,12 +724,15 @@ fn source_postcopy(
         summary.postcopy_pull_ms = t.elapsed().as_secs_f64() * 1e3;
         match (carried, pull_error) {
             (Ok(_), None) => Ok(pulled),
-            (Ok(_), Some(e)) => Err(Unsettled {
-                error: e.context(
+            (Ok(_), Some(e)) => {
+                // Committed all the same: the source CH was told Ok and is gone.
+                let e = e.context(
                     "post-copy: the VM runs at the destination but its pull broke off: the VM there may be lost",
-                ),
-                kept_open: None,
-            }),
+                );
+                tracing::error!(vm = %req.vm_id, "{e:#}");
+                summary.error = format!("{e:#}");
+                Ok(pulled)
+            }
             (Err(f), _) => Err(f.into()),
         }
     })

@@ -1179,3 +1179,89 @@ fn a_postcopy_source_sidecar_killed_after_the_decision_is_rolled_back_by_recover
     assert_eq!(p.src.guest().bad, 0);
     Ok(())
 }
+
+/// Waits until the destination sidecar says the post-copy VM runs there and its pull is
+/// under way.
+fn wait_pulling(p: &ChPair) -> anyhow::Result<()> {
+    wait_for("the post-copy pull", Duration::from_secs(30), || {
+        p.sidecars[1]
+            .log_text()
+            .contains("runs here; pulling its memory")
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.logs()))
+}
+
+/// Post-copy's stated risk, with the source sidecar killed during the pull (slowed by a
+/// bandwidth cap): the VM runs at the destination, part of its memory only at the source,
+/// and the source is gone. The destination CH cannot have its next missing page and ends
+/// (the VM is lost: what the README and the summary warn of), and the destination
+/// sidecar records the migration as failed with the reason.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_postcopy_pull_losing_its_source_loses_the_vm_and_says_so() -> anyhow::Result<()> {
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let mut p = ChPair::start_with(ClusterOpts::default(), true)?;
+    let child = p.migrate_with(&["--postcopy", "--max-bandwidth", "2"])?;
+    wait_pulling(&p)?;
+    p.sidecars[0].kill9();
+    drop(child);
+    wait_for("the destination CH ending", Duration::from_secs(60), || {
+        !p.dst.proc.alive()
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.logs()))?;
+    wait_for(
+        "the destination recording the failure",
+        Duration::from_secs(30),
+        || {
+            p.ok(1, &["status", "--json"]).is_ok_and(|t| {
+                serde_json::from_str::<serde_json::Value>(&t).is_ok_and(|st| {
+                    st["migrations"].as_array().is_some_and(|m| {
+                        m.iter().any(|m| {
+                            m["direction"] == "incoming"
+                                && m["state"] == "discarded"
+                                && m["error"].as_str().is_some_and(|e| e.contains("pull"))
+                        })
+                    })
+                })
+            })
+        },
+    )
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.logs()))?;
+    // The source CH was answered Ok before the pull began, and left.
+    assert!(!p.src.proc.alive());
+    assert!(!p.source_resumed());
+    Ok(())
+}
+
+/// The same risk from the other side: the destination sidecar killed during the pull.
+/// The destination CH loses the one who serves its page faults and ends; the source
+/// sidecar's summary says the VM ran at the destination and its pull broke off.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_postcopy_pull_losing_its_destination_sidecar_is_reported_by_the_source() -> anyhow::Result<()>
+{
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let mut p = ChPair::start_with(ClusterOpts::default(), true)?;
+    let child = p.migrate_with(&["--postcopy", "--max-bandwidth", "2"])?;
+    wait_pulling(&p)?;
+    p.sidecars[1].kill9();
+    let s = p.summary(child)?;
+    assert_eq!(s["result"], "committed", "{s:#}");
+    assert_eq!(s["postcopy"], true, "{s:#}");
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("pull broke off")),
+        "{s:#}"
+    );
+    wait_for("the destination CH ending", Duration::from_secs(60), || {
+        !p.dst.proc.alive()
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.logs()))?;
+    assert!(!p.source_resumed());
+    Ok(())
+}
