@@ -24,7 +24,7 @@ T_ALL=$(now)
 T_BUILD=$(now)
 JSON=$(mktemp)
 trap 'rm -f "$JSON"' EXIT
-cargo test --release --locked -p ferry-verbs --no-run --message-format=json-render-diagnostics > "$JSON"
+cargo test --release --locked -p ferry-verbs -p ferry-ch --no-run --message-format=json-render-diagnostics > "$JSON"
 # The end-to-end RDMA migration test starts the real binaries: build them too.
 cargo build --release --locked -p ferry-sidecar -p ferry-workload-vmm --features ferry-sidecar/fault-injection
 cargo test --release --locked -p ferry-tests --test rdma_migration --no-run \

@@ -31,7 +31,7 @@
 use std::io::{IoSliceMut, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -60,6 +60,19 @@ const DATA_MAP: u64 = u64::MAX - 1;
 
 /// Most ranges a data map may hold.
 const MAX_DATA_RANGES: u64 = 1 << 24;
+
+/// The `gpa` of the request that opens RDMA READ for the pull: answered by the source's
+/// RDMA offer (u32 length and bytes; length 0: none), then the destination's answer the
+/// same way (length 0: declined), then one byte (1: the source's queue pairs are
+/// connected). The `PULL_END` of that connection carries the bytes pulled over RDMA.
+const RDMA_OFFER: u64 = u64::MAX - 2;
+
+/// Largest RDMA offer or answer accepted.
+const MAX_RDMA_BLOB: u32 = 1 << 20;
+
+/// How long an RDMA READ may go without completing before the pull gives RDMA up and
+/// goes on over TCP.
+const RDMA_STALL: Duration = Duration::from_secs(5);
 
 /// Pages one bulk request asks for at most (2 MiB).
 const BULK_PAGES: usize = 512;
@@ -247,9 +260,47 @@ fn encode_pull(gpa: u64, length: u64) -> [u8; 16] {
     h
 }
 
+/// How a pull connection served at the source.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// How it ended.
+    pub end: PullEnd,
+    /// Bytes sent on it.
+    pub tcp_bytes: u64,
+    /// Bytes the destination pulled with RDMA READ through the export this connection
+    /// opened (as the destination counted them at the end).
+    pub rdma_bytes: u64,
+    /// Whether it opened RDMA READ for the destination.
+    pub rdma: bool,
+}
+
+fn read_blob(conn: &mut impl Read, what: &str) -> anyhow::Result<Vec<u8>> {
+    let mut n = [0u8; 4];
+    conn.read_exact(&mut n)
+        .with_context(|| format!("reading the RDMA {what}"))?;
+    let n = u32::from_le_bytes(n);
+    if n > MAX_RDMA_BLOB {
+        bail!("an RDMA {what} of {n} bytes");
+    }
+    let mut b = vec![0u8; n as usize];
+    conn.read_exact(&mut b)
+        .with_context(|| format!("reading the RDMA {what}"))?;
+    Ok(b)
+}
+
+fn write_blob(conn: &mut impl Write, b: &[u8]) -> anyhow::Result<()> {
+    let n = u32::try_from(b.len()).context("RDMA blob too large")?;
+    let mut out = n.to_le_bytes().to_vec();
+    out.extend_from_slice(b);
+    conn.write_all(&out).context("sending an RDMA blob")
+}
+
 /// Source side: answers the destination's pull requests on one data connection out of
 /// `ram` (the source CH's memfds) until it ends. `pace` is called with each answer's bytes
-/// before they go. Returns how it ended and the bytes sent.
+/// before they go. With `rdma_channels`, a destination that asks (`RDMA_OFFER`) gets the
+/// memfds exported for RDMA READ (registered REMOTE_READ only, that many queue pairs),
+/// kept until this connection ends; RDMA READs bypass `pace` (the source's CPU never
+/// sees them). Without, or when no device works, it is told no.
 ///
 /// # Errors
 ///
@@ -259,16 +310,22 @@ pub fn serve_pulls(
     conn: &mut (impl Read + Write),
     ram: &Ram,
     pace: &(dyn Fn(u64) + Sync),
-) -> anyhow::Result<(PullEnd, u64)> {
-    let mut sent = 0u64;
+    rdma_channels: Option<usize>,
+) -> anyhow::Result<Served> {
+    let mut served = Served {
+        end: PullEnd::Closed,
+        tcp_bytes: 0,
+        rdma_bytes: 0,
+        rdma: false,
+    };
+    // Deregistered (the rkeys die) when this connection ends.
+    let mut _export: Option<ferry_verbs::RdmaExport> = None;
     loop {
         let mut h = [0u8; 16];
         match conn.read(&mut h[..1]) {
-            Ok(0) => return Ok((PullEnd::Closed, sent)),
+            Ok(0) => return Ok(served),
             Ok(_) => {}
-            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
-                return Ok((PullEnd::Closed, sent))
-            }
+            Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(served),
             Err(e) => return Err(e).context("reading a pull request"),
         }
         conn.read_exact(&mut h[1..])
@@ -276,7 +333,11 @@ pub fn serve_pulls(
         let gpa = u64::from_le_bytes(h[..8].try_into().expect("8 bytes"));
         let length = u64::from_le_bytes(h[8..].try_into().expect("8 bytes"));
         if gpa == PULL_END {
-            return Ok((PullEnd::Done, sent));
+            served.end = PullEnd::Done;
+            if served.rdma {
+                served.rdma_bytes = length;
+            }
+            return Ok(served);
         }
         if gpa == DATA_MAP {
             let map = ram.data_ranges()?;
@@ -286,6 +347,29 @@ pub fn serve_pulls(
                 out.extend_from_slice(&encode_pull(r.gpa, r.length));
             }
             conn.write_all(&out).context("sending the data map")?;
+            continue;
+        }
+        if gpa == RDMA_OFFER {
+            let export = match rdma_channels.filter(|_| _export.is_none()) {
+                Some(n) => ferry_verbs::RdmaExport::new(ram.regions(), n).ok(),
+                None => None,
+            };
+            let Some(mut export) = export else {
+                write_blob(conn, &[])?;
+                continue;
+            };
+            write_blob(conn, &export.offer())?;
+            let answer = read_blob(conn, "answer")?;
+            if answer.is_empty() {
+                // The destination could not use it.
+                continue;
+            }
+            let ok = export.connect(&answer).is_ok();
+            conn.write_all(&[u8::from(ok)]).context("confirming RDMA")?;
+            if ok {
+                served.rdma = true;
+                _export = Some(export);
+            }
             continue;
         }
         if length == 0
@@ -307,7 +391,45 @@ pub fn serve_pulls(
         if ram.faulted() {
             bail!("the source CH's memory shrank under Ferry: what was sent is void");
         }
-        sent += length;
+        served.tcp_bytes += length;
+    }
+}
+
+/// Destination side: asks the source (over `conn`) for RDMA READ of its RAM. Returns the
+/// puller, or `None` with the reason when the source offers none or this host cannot use
+/// it (the pull then goes over TCP).
+///
+/// # Errors
+///
+/// The connection failed, or the source's offer is not Ferry's.
+fn open_rdma(
+    conn: &mut (impl Read + Write),
+    ram: &Ram,
+) -> anyhow::Result<Result<ferry_verbs::RdmaPuller, String>> {
+    conn.write_all(&encode_pull(RDMA_OFFER, 0))
+        .context("asking the source for RDMA")?;
+    let offer = read_blob(conn, "offer")?;
+    if offer.is_empty() {
+        return Ok(Err(
+            "the source offers no RDMA (no device there, or --transport tcp)".into(),
+        ));
+    }
+    match ferry_verbs::RdmaPuller::new(ram.regions(), &offer) {
+        Ok((puller, answer)) => {
+            write_blob(conn, &answer)?;
+            let mut ok = [0u8; 1];
+            conn.read_exact(&mut ok)
+                .context("reading the RDMA confirmation")?;
+            Ok(if ok[0] == 1 {
+                Ok(puller)
+            } else {
+                Err("the source could not connect its queue pairs".into())
+            })
+        }
+        Err(e) => {
+            write_blob(conn, &[])?;
+            Ok(Err(format!("no RDMA here: {e}")))
+        }
     }
 }
 
@@ -469,7 +591,7 @@ impl Pages {
     /// bytes zero-filled).
     fn pull<D: Read + Write>(
         &self,
-        conn: &Mutex<D>,
+        via: &Via<'_, D>,
         ram: &Ram,
         pages: &[(usize, bool)],
     ) -> anyhow::Result<Moved> {
@@ -497,8 +619,10 @@ impl Pages {
                 // Fresh memfd pages read as zero, but CH can map only pages that exist.
                 dst.fill(0);
                 moved.filled += length;
+            } else if via.rdma_pull(ram, first, length)? {
+                moved.rdma += length;
             } else {
-                let mut c = lock(conn);
+                let mut c = lock(via.conn);
                 c.write_all(&encode_pull(first, length))
                     .context("asking the source for pages")?;
                 c.read_exact(dst).context("pulling pages from the source")?;
@@ -515,8 +639,10 @@ impl Pages {
 /// Bytes brought in.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 struct Moved {
-    /// Pulled from the source.
+    /// Pulled from the source over TCP.
     pulled: u64,
+    /// Pulled from the source with RDMA READ.
+    rdma: u64,
     /// Zero-filled here (holes at the source).
     filled: u64,
 }
@@ -524,7 +650,51 @@ struct Moved {
 impl std::ops::AddAssign for Moved {
     fn add_assign(&mut self, o: Self) {
         self.pulled += o.pulled;
+        self.rdma += o.rdma;
         self.filled += o.filled;
+    }
+}
+
+/// How pages come from the source: over `conn` (TCP), or with RDMA READ while `rdma`
+/// holds a working puller (shared by every puller; a failure drops it, and the pages it
+/// did not confirm come over TCP).
+struct Via<'a, D> {
+    conn: &'a Mutex<D>,
+    rdma: &'a Mutex<Option<ferry_verbs::RdmaPuller>>,
+    /// Why RDMA was given up, if it was.
+    rdma_lost: &'a Mutex<Option<String>>,
+    /// Bytes RDMA moved (all pullers).
+    rdma_moved: &'a AtomicU64,
+}
+
+impl<D> Via<'_, D> {
+    /// Pulls `first`..+`length` with RDMA READ if a puller works; `false`: use TCP.
+    fn rdma_pull(&self, ram: &Ram, first: u64, length: u64) -> anyhow::Result<bool> {
+        let mut g = lock(self.rdma);
+        let Some(p) = g.as_mut() else {
+            return Ok(false);
+        };
+        let (region, page) = ram
+            .region_page(GpaRange { gpa: first, length })
+            .context("a page outside the VM's RAM")?;
+        let range = ferry_engine::plan::PageRange {
+            region,
+            first: page,
+            count: length / PAGE,
+        };
+        match p.pull(&[range], &|_| {}, RDMA_STALL) {
+            Ok(_) => {
+                self.rdma_moved.fetch_add(length, Ordering::AcqRel);
+                Ok(true)
+            }
+            Err(e) => {
+                // The puller destroyed its queue pairs: nothing more lands from it, so
+                // these pages may come over TCP now.
+                *g = None;
+                *lock(self.rdma_lost) = Some(e.to_string());
+                Ok(false)
+            }
+        }
     }
 }
 
@@ -536,7 +706,7 @@ fn serve_faults<D: Read + Write>(
     ch: &mut UnixStream,
     pages: &Pages,
     ram: &Ram,
-    conn: &Mutex<D>,
+    via: &Via<'_, D>,
 ) -> anyhow::Result<(u64, Moved)> {
     let (mut faults, mut bytes) = (0u64, Moved::default());
     loop {
@@ -573,7 +743,7 @@ fn serve_faults<D: Read + Write>(
             .filter_map(|i| pages.claim(i).map(|hole| (i, hole)))
             .collect();
         if !claimed.is_empty() {
-            let pulled = pages.pull(conn, ram, &claimed);
+            let pulled = pages.pull(via, ram, &claimed);
             match pulled {
                 Ok(b) => bytes += b,
                 Err(e) => {
@@ -591,7 +761,7 @@ fn serve_faults<D: Read + Write>(
 }
 
 /// Pulls every page nobody claimed yet, in runs of up to [`BULK_PAGES`], over `conn`.
-fn bulk<D: Read + Write>(conn: &Mutex<D>, pages: &Pages, ram: &Ram) -> anyhow::Result<Moved> {
+fn bulk<D: Read + Write>(via: &Via<'_, D>, pages: &Pages, ram: &Ram) -> anyhow::Result<Moved> {
     let mut bytes = Moved::default();
     loop {
         let start = pages.next_bulk.fetch_add(BULK_PAGES, Ordering::AcqRel);
@@ -605,7 +775,7 @@ fn bulk<D: Read + Write>(conn: &Mutex<D>, pages: &Pages, ram: &Ram) -> anyhow::R
         if claimed.is_empty() {
             continue;
         }
-        match pages.pull(conn, ram, &claimed) {
+        match pages.pull(via, ram, &claimed) {
             Ok(b) => bytes += b,
             Err(e) => {
                 pages.break_off();
@@ -628,6 +798,10 @@ pub struct Report {
     pub bulk_bytes: u64,
     /// Bytes zero-filled here instead of pulled: holes of the source's memfds.
     pub zero_bytes: u64,
+    /// Bytes pulled with RDMA READ (faults and bulk).
+    pub rdma_bytes: u64,
+    /// How the pull went: RDMA READ, or why over TCP.
+    pub transport: String,
     /// From the destination CH running the VM to the last page landed.
     pub pull: Duration,
     /// Whether the destination CH runs the VM (false: it stays paused, as asked).
@@ -689,8 +863,19 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
         if conns.is_empty() {
             bail!("post-copy needs at least one data connection");
         }
+        let rdma = Mutex::new(None);
+        let rdma_lost = Mutex::new(None);
+        let rdma_moved = AtomicU64::new(0);
+        let via = |i: usize| Via {
+            conn: &conns[i],
+            rdma: &rdma,
+            rdma_lost: &rdma_lost,
+            rdma_moved: &rdma_moved,
+        };
         std::thread::scope(|sc| -> anyhow::Result<()> {
-            let faults = sc.spawn(|| serve_faults(&mut fault, &pages, &ram, &conns[0]));
+            let fault_via = via(0);
+            let (pages_r, ram_r) = (&pages, &ram);
+            let faults = sc.spawn(move || serve_faults(&mut fault, pages_r, ram_r, &fault_via));
             let run = (|| -> anyhow::Result<Duration> {
                 match next_from_source(&mut source)? {
                     FromSource::State(st) => {
@@ -726,24 +911,47 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
                 // its sidecar until the pull ends). A lost answer does not stop the pull.
                 answered = respond(&mut source, true).is_ok();
                 running();
-                let bulk_conns = if conns.len() > 1 {
-                    &conns[1..]
-                } else {
-                    &conns[..]
+                // RDMA READ, if both ends can, opened on the last connection (faults go
+                // on over the first meanwhile): registering all of RAM takes a while, so
+                // it happens now, with the VM running, not in the downtime.
+                let last = conns.len() - 1;
+                report.transport = match open_rdma(&mut *lock(&conns[last]), &ram)? {
+                    Ok(p) => {
+                        let d = format!("RDMA READ ({})", p.describe());
+                        *lock(&rdma) = Some(p);
+                        d
+                    }
+                    Err(why) => format!("TCP: {why}"),
                 };
-                let (pages, ram) = (&pages, &ram);
+                let bulk_conns = if conns.len() > 1 {
+                    1..conns.len()
+                } else {
+                    0..1
+                };
+                let (pages, ram, via) = (&pages, &ram, &via);
                 let workers: Vec<_> = bulk_conns
-                    .iter()
-                    .map(|c| sc.spawn(move || bulk(c, pages, ram)))
+                    .map(|i| sc.spawn(move || bulk(&via(i), pages, ram)))
                     .collect();
                 for w in workers {
-                    report.bulk_bytes += w.join().expect("bulk pull thread")?.pulled;
+                    let m = w.join().expect("bulk pull thread")?;
+                    report.bulk_bytes += m.pulled + m.rdma;
+                    report.rdma_bytes += m.rdma;
                 }
                 pages.wait_until(|| pages.missing.load(Ordering::Acquire) == 0)?;
                 let pull = t.elapsed();
-                for c in &conns {
+                // The RDMA puller goes first (its queue pairs, then its registrations):
+                // the source may deregister once told the pull ended.
+                drop(lock(&rdma).take());
+                if let Some(why) = lock(&rdma_lost).take() {
+                    report.transport =
+                        format!("{}, then TCP: RDMA failed: {why}", report.transport);
+                }
+                // Each connection's end (the source may let its memory go); the one that
+                // opened RDMA carries what RDMA moved.
+                let moved = rdma_moved.load(Ordering::Acquire);
+                for (i, c) in conns.iter().enumerate() {
                     lock(c)
-                        .write_all(&encode_pull(PULL_END, 0))
+                        .write_all(&encode_pull(PULL_END, if i == last { moved } else { 0 }))
                         .context("telling the source the pull ended")?;
                 }
                 Ok(pull)
@@ -757,7 +965,8 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
             report.pull = run?;
             let (n, b) = served?;
             report.faults = n;
-            report.fault_bytes = b.pulled;
+            report.fault_bytes = b.pulled + b.rdma;
+            report.rdma_bytes += b.rdma;
             Ok(())
         })
     })();
@@ -857,28 +1066,49 @@ mod tests {
         }
         let (a, mut b) = UnixStream::pair().expect("pair");
         let server = std::thread::spawn(move || {
-            let got = serve_pulls(&mut b, &src, &|_| {});
+            let got = serve_pulls(&mut b, &src, &|_| {}, None);
             (got.map_err(|e| e.to_string()), src)
         });
         let a = Mutex::new(a);
         let dst = ram();
         let pages = Pages::new(&dst).expect("pages");
         assert_eq!(pages.learn_holes(&mut *lock(&a)).expect("map"), 2 * PAGE);
+        // A source without RDMA says so; the pull goes over TCP.
+        let why = open_rdma(&mut *lock(&a), &dst)
+            .expect("asked")
+            .expect_err("no RDMA");
+        assert!(why.contains("offers no RDMA"), "{why}");
+        let (rdma, lost, moved) = (Mutex::new(None), Mutex::new(None), AtomicU64::new(0));
+        let via = Via {
+            conn: &a,
+            rdma: &rdma,
+            rdma_lost: &lost,
+            rdma_moved: &moved,
+        };
         let claimed: Vec<(usize, bool)> = (60..70)
             .filter_map(|i| pages.claim(i).map(|h| (i, h)))
             .collect();
         assert_eq!(claimed.iter().filter(|c| c.1).count(), 2);
-        let moved = pages.pull(&a, &dst, &claimed).expect("pulled");
+        let moved = pages.pull(&via, &dst, &claimed).expect("pulled");
         assert_eq!(
             moved,
             Moved {
                 pulled: 8 * PAGE,
+                rdma: 0,
                 filled: 2 * PAGE
             }
         );
         lock(&a).write_all(&encode_pull(PULL_END, 0)).expect("end");
         let (got, _) = server.join().expect("server");
-        assert_eq!(got, Ok((PullEnd::Done, 8 * PAGE)));
+        assert_eq!(
+            got,
+            Ok(Served {
+                end: PullEnd::Done,
+                tcp_bytes: 8 * PAGE,
+                rdma_bytes: 0,
+                rdma: false
+            })
+        );
         for i in 60..70u64 {
             let (p, _) = dst
                 .range_ptr(GpaRange {
@@ -898,6 +1128,98 @@ mod tests {
         assert_eq!(pages.missing.load(Ordering::Acquire), 70);
     }
 
+    /// Post-copy's pull over RDMA READ against a real device (the SoftRoCE guest of
+    /// `scripts/rdma-tests.sh`): the source exports its memfds (REMOTE_READ) on the
+    /// destination's asking, the first half of RAM comes with RDMA READ; then both queue
+    /// pairs fail, the puller is dropped, and the second half comes over TCP. Every page
+    /// lands once with the source's bytes, holes zero-filled, and the source is told what
+    /// RDMA moved.
+    #[test]
+    #[ignore = "needs an RDMA device: scripts/rdma-tests.sh runs it in the SoftRoCE guest"]
+    fn pages_come_with_rdma_read_and_over_tcp_once_rdma_fails() {
+        if let Err(e) = ferry_verbs::Context::open_first() {
+            panic!("this test needs an RDMA device: {e}");
+        }
+        let src = ram();
+        for i in (0..80u64).filter(|i| ![62, 66].contains(i)) {
+            let (p, _) = src
+                .range_ptr(GpaRange {
+                    gpa: gpa_of(i),
+                    length: PAGE,
+                })
+                .expect("in RAM");
+            // SAFETY: this test is the only user.
+            unsafe { std::ptr::write_bytes(p, i as u8 + 1, PAGE as usize) };
+        }
+        let (a, mut b) = UnixStream::pair().expect("pair");
+        let server = std::thread::spawn(move || {
+            let got = serve_pulls(&mut b, &src, &|_| {}, Some(2));
+            (got.map_err(|e| e.to_string()), src)
+        });
+        let a = Mutex::new(a);
+        let dst = ram();
+        let pages = Pages::new(&dst).expect("pages");
+        pages.learn_holes(&mut *lock(&a)).expect("map");
+        let puller = open_rdma(&mut *lock(&a), &dst)
+            .expect("asked")
+            .unwrap_or_else(|why| panic!("no RDMA: {why}"));
+        let (rdma, lost, moved) = (
+            Mutex::new(Some(puller)),
+            Mutex::new(None),
+            AtomicU64::new(0),
+        );
+        let via = Via {
+            conn: &a,
+            rdma: &rdma,
+            rdma_lost: &lost,
+            rdma_moved: &moved,
+        };
+        let claim = |r: std::ops::Range<usize>| -> Vec<(usize, bool)> {
+            r.filter_map(|i| pages.claim(i).map(|h| (i, h))).collect()
+        };
+        let first = pages.pull(&via, &dst, &claim(0..40)).expect("pulled");
+        assert_eq!(first.rdma, 40 * PAGE, "{first:?}");
+        assert_eq!(first.pulled, 0);
+        for qp in 0..2 {
+            lock(&rdma)
+                .as_mut()
+                .expect("puller")
+                .inject_qp_failure(qp, 0);
+        }
+        let second = pages.pull(&via, &dst, &claim(40..80)).expect("pulled");
+        assert!(lock(&rdma).is_none(), "a failed puller is dropped");
+        assert!(lock(&lost).is_some());
+        assert_eq!(second.filled, 2 * PAGE);
+        assert_eq!(second.rdma + second.pulled, 38 * PAGE, "{second:?}");
+        assert!(second.pulled > 0, "{second:?}");
+        let by_rdma = moved.load(Ordering::Acquire);
+        lock(&a)
+            .write_all(&encode_pull(PULL_END, by_rdma))
+            .expect("end");
+        let (got, _) = server.join().expect("server");
+        let got = got.expect("served");
+        assert!(got.rdma && got.end == PullEnd::Done, "{got:?}");
+        assert_eq!(got.rdma_bytes, by_rdma);
+        assert_eq!(got.tcp_bytes, second.pulled);
+        for i in 0..80u64 {
+            let (p, _) = dst
+                .range_ptr(GpaRange {
+                    gpa: gpa_of(i),
+                    length: PAGE,
+                })
+                .expect("in RAM");
+            // SAFETY: this test is the only user.
+            let page = unsafe { std::slice::from_raw_parts(p, PAGE as usize) };
+            let want = if [62, 66].contains(&i) {
+                0
+            } else {
+                i as u8 + 1
+            };
+            assert!(page.iter().all(|&x| x == want), "page {i}");
+        }
+        assert_eq!(pages.missing.load(Ordering::Acquire), 0);
+    }
+
     #[test]
     fn hostile_pull_requests_are_refused() {
         let src = ram();
@@ -911,15 +1233,15 @@ mod tests {
         ] {
             let (mut a, mut b) = UnixStream::pair().expect("pair");
             a.write_all(&encode_pull(gpa, len)).expect("request");
-            let got = serve_pulls(&mut b, &src, &|_| {});
+            let got = serve_pulls(&mut b, &src, &|_| {}, None);
             assert!(got.is_err(), "{gpa:#x}+{len:#x}");
         }
         // Closed without the end request: said so, not an error of the server.
         let (a, mut b) = UnixStream::pair().expect("pair");
         drop(a);
         assert_eq!(
-            serve_pulls(&mut b, &src, &|_| {}).expect("ends"),
-            (PullEnd::Closed, 0)
+            serve_pulls(&mut b, &src, &|_| {}, None).expect("ends").end,
+            PullEnd::Closed
         );
     }
 }

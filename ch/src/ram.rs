@@ -91,7 +91,9 @@ pub fn layout_of(config: &[u8]) -> anyhow::Result<Vec<RamMapping>> {
 
 /// The destination's copy of a CH VM's RAM.
 pub struct Ram {
-    slots: Vec<(RamMapping, GuestRegion, OwnedFd)>,
+    slots: Vec<(RamMapping, OwnedFd)>,
+    /// Each slot's mapping (the whole file, from offset 0), in the order of `slots`.
+    regions: Vec<GuestRegion>,
 }
 
 // SAFETY: the mappings stay valid for the life of `Ram`; writes go through `range_mut`
@@ -109,6 +111,7 @@ impl Ram {
     /// Out of memory, `memfd_create`/`mmap` failures.
     pub fn create(vm_id: &str, layout: &[RamMapping]) -> anyhow::Result<Self> {
         let mut slots = Vec::with_capacity(layout.len());
+        let mut regions = Vec::with_capacity(layout.len());
         for m in layout {
             // The file holds the slot at its offset, as the source's did.
             let (region, fd) = GuestRegion::create(
@@ -116,9 +119,10 @@ impl Ram {
                 m.file_offset + m.size,
             )
             .with_context(|| format!("creating RAM slot {} ({} MiB)", m.slot, m.size >> 20))?;
-            slots.push((m.clone(), region, fd));
+            slots.push((m.clone(), fd));
+            regions.push(region);
         }
-        Ok(Self { slots })
+        Ok(Self { slots, regions })
     }
 
     /// The source's RAM in post-copy: the memfds the source CH handed over in local mode
@@ -130,6 +134,7 @@ impl Ram {
     /// A slot without its memfd, a memfd shorter than its slot, `mmap` failures.
     pub fn adopt(layout: &[RamMapping], mut fds: Vec<(u32, OwnedFd)>) -> anyhow::Result<Self> {
         let mut slots = Vec::with_capacity(layout.len());
+        let mut regions = Vec::with_capacity(layout.len());
         for m in layout {
             let at = fds
                 .iter()
@@ -138,14 +143,15 @@ impl Ram {
             let (_, fd) = fds.swap_remove(at);
             let region = GuestRegion::map_guarded(fd.as_fd(), 0, m.file_offset + m.size)
                 .with_context(|| format!("mapping RAM slot {} of the source CH", m.slot))?;
-            slots.push((m.clone(), region, fd));
+            slots.push((m.clone(), fd));
+            regions.push(region);
         }
-        Ok(Self { slots })
+        Ok(Self { slots, regions })
     }
 
     /// Whether a guarded memfd ([`Ram::adopt`]) shrank: what was read from it since is void.
     pub fn faulted(&self) -> bool {
-        self.slots.iter().any(|(_, r, _)| r.faulted())
+        self.regions.iter().any(GuestRegion::faulted)
     }
 
     /// The parts of guest RAM that hold data: everything but the holes of the memfds
@@ -159,7 +165,7 @@ impl Ram {
         use std::os::fd::AsRawFd;
         const PAGE: u64 = ferry_proto::mem::PAGE as u64;
         let mut out = Vec::new();
-        for (m, _, fd) in &self.slots {
+        for (m, fd) in &self.slots {
             let (start, end) = (m.file_offset, m.file_offset + m.size);
             let mut at = start;
             while at < end {
@@ -196,12 +202,12 @@ impl Ram {
 
     /// The slots, by guest-physical address.
     pub fn layout(&self) -> impl Iterator<Item = &RamMapping> {
-        self.slots.iter().map(|(m, _, _)| m)
+        self.slots.iter().map(|(m, _)| m)
     }
 
     /// Each slot and its memfd, for `MemoryFd`.
     pub fn fds(&self) -> impl Iterator<Item = (u32, std::os::fd::BorrowedFd<'_>)> {
-        self.slots.iter().map(|(m, _, fd)| (m.slot, fd.as_fd()))
+        self.slots.iter().map(|(m, fd)| (m.slot, fd.as_fd()))
     }
 
     /// The bytes of `r` in this RAM, as one mutable slice, if it lies inside one slot.
@@ -221,20 +227,43 @@ impl Ram {
     /// Where the bytes of `r` are, if `r` lies inside one slot: for writers on several
     /// threads, each with its own disjoint ranges.
     pub fn range_ptr(&self, r: GpaRange) -> Option<(*mut u8, usize)> {
-        let end = r.end()?;
-        let (m, region, _) = self
-            .slots
-            .iter()
-            .find(|(m, _, _)| m.gpa <= r.gpa && end <= m.gpa + m.size)?;
+        let i = self.slot_of(r)?;
+        let (m, region) = (&self.slots[i].0, &self.regions[i]);
         let at = usize::try_from(m.file_offset + (r.gpa - m.gpa)).ok()?;
         let len = usize::try_from(r.length).ok()?;
         // SAFETY: [at, at + len) lies inside the mapping: the slot is inside the file.
         Some((unsafe { region.as_ptr().add(at) }, len))
     }
 
+    /// The index of the slot `r` lies in, if it lies inside one.
+    fn slot_of(&self, r: GpaRange) -> Option<usize> {
+        let end = r.end()?;
+        self.slots
+            .iter()
+            .position(|(m, _)| m.gpa <= r.gpa && end <= m.gpa + m.size)
+    }
+
+    /// The slots' mappings, in the order of [`Ram::layout`] (each maps its memfd from
+    /// offset 0: a slot's pages start at its `file_offset`), for registering with RDMA.
+    pub fn regions(&self) -> &[GuestRegion] {
+        &self.regions
+    }
+
+    /// Where `r` lies: the index of its slot in [`Ram::regions`] and its first page in that
+    /// mapping, if `r` lies inside one slot.
+    pub fn region_page(&self, r: GpaRange) -> Option<(u32, u64)> {
+        let i = self.slot_of(r)?;
+        let m = &self.slots[i].0;
+        let page = ferry_proto::mem::PAGE as u64;
+        Some((
+            u32::try_from(i).ok()?,
+            (m.file_offset + (r.gpa - m.gpa)) / page,
+        ))
+    }
+
     /// Bytes of guest RAM.
     pub fn size(&self) -> u64 {
-        self.slots.iter().map(|(m, _, _)| m.size).sum()
+        self.slots.iter().map(|(m, _)| m.size).sum()
     }
 }
 

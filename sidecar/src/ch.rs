@@ -671,9 +671,12 @@ fn source_postcopy(
         .collect();
     std::thread::scope(|sc| {
         let ram = &ram;
+        // RDMA READ is offered unless the operator asked for TCP (or no device works).
+        let rdma = (req.transport != ferry_proto::cli::TransportChoice::Tcp)
+            .then_some(usize::from(req.channels));
         let servers: Vec<_> = data
             .into_iter()
-            .map(|mut s| sc.spawn(move || ferry_ch::postcopy::serve_pulls(&mut s, ram, pace)))
+            .map(|mut s| sc.spawn(move || ferry_ch::postcopy::serve_pulls(&mut s, ram, pace, rdma)))
             .collect();
         let paused_at = ch.first_answer();
         let carried = ferry_ch::proxy::proxy(
@@ -703,13 +706,17 @@ fn source_postcopy(
         if let Some(at) = paused_at.get() {
             summary.downtime_ms = (t - *at).as_secs_f64() * 1e3;
         }
-        let mut pulled = 0;
+        let (mut pulled, mut by_rdma, mut rdma_opened) = (0, 0, false);
         let mut pull_error = None;
         for s in servers {
             match s.join().expect("page server thread") {
-                Ok((ferry_ch::postcopy::PullEnd::Done, b)) => pulled += b,
-                Ok((ferry_ch::postcopy::PullEnd::Closed, b)) => {
-                    pulled += b;
+                Ok(served) if served.end == ferry_ch::postcopy::PullEnd::Done => {
+                    pulled += served.tcp_bytes + served.rdma_bytes;
+                    by_rdma += served.rdma_bytes;
+                    rdma_opened |= served.rdma;
+                }
+                Ok(served) => {
+                    pulled += served.tcp_bytes;
                     pull_error.get_or_insert_with(|| {
                         anyhow::anyhow!(
                             "the destination closed a pull connection before it had every page"
@@ -722,6 +729,14 @@ fn source_postcopy(
             }
         }
         summary.postcopy_pull_ms = t.elapsed().as_secs_f64() * 1e3;
+        if rdma_opened {
+            summary.transport = "rdma".into();
+            summary.transport_reason = format!(
+                "post-copy: pages pulled with RDMA READ ({} MiB; {} MiB over Ferry's TCP streams), faulting pages first",
+                by_rdma >> 20,
+                (pulled - by_rdma) >> 20
+            );
+        }
         match (carried, pull_error) {
             (Ok(_), None) => Ok(pulled),
             (Ok(_), Some(e)) => {
@@ -862,7 +877,7 @@ fn receive_into(
             tracing::info!(vm = %vm_id, "Cloud Hypervisor VM runs here; pulling its memory (post-copy)");
         }, &hold)
         .map(|r| {
-            tracing::info!(vm = %vm_id, faults = r.faults, fault_bytes = r.fault_bytes, bulk_bytes = r.bulk_bytes, zero_bytes = r.zero_bytes, pull_ms = r.pull.as_millis() as u64, "post-copy pull ended: every page is here");
+            tracing::info!(vm = %vm_id, faults = r.faults, fault_bytes = r.fault_bytes, bulk_bytes = r.bulk_bytes, zero_bytes = r.zero_bytes, rdma_bytes = r.rdma_bytes, transport = %r.transport, pull_ms = r.pull.as_millis() as u64, "post-copy pull ended: every page is here");
         })
         .map_err(|f| f.error)
     } else {
