@@ -309,7 +309,7 @@ fn write_blob(conn: &mut impl Write, b: &[u8]) -> anyhow::Result<()> {
 pub fn serve_pulls(
     conn: &mut (impl Read + Write),
     ram: &Ram,
-    pace: &(dyn Fn(u64) + Sync),
+    pace: &crate::proxy::Pace<'_>,
     rdma_channels: Option<usize>,
 ) -> anyhow::Result<Served> {
     let mut served = Served {
@@ -382,7 +382,7 @@ pub fn serve_pulls(
         let Some((ptr, len)) = ram.range_ptr(GpaRange { gpa, length }) else {
             bail!("the destination asked for {gpa:#x}+{length:#x}, outside the VM's RAM");
         };
-        pace(length);
+        pace(length)?;
         // SAFETY: inside the mapping (`range_ptr`); only read, and the source VM is paused
         // (local mode pauses it before its State, and the destination asks for nothing
         // before it restores that State).
@@ -1066,7 +1066,7 @@ mod tests {
         }
         let (a, mut b) = UnixStream::pair().expect("pair");
         let server = std::thread::spawn(move || {
-            let got = serve_pulls(&mut b, &src, &|_| {}, None);
+            let got = serve_pulls(&mut b, &src, &|_| Ok(()), None);
             (got.map_err(|e| e.to_string()), src)
         });
         let a = Mutex::new(a);
@@ -1153,7 +1153,7 @@ mod tests {
         }
         let (a, mut b) = UnixStream::pair().expect("pair");
         let server = std::thread::spawn(move || {
-            let got = serve_pulls(&mut b, &src, &|_| {}, Some(2));
+            let got = serve_pulls(&mut b, &src, &|_| Ok(()), Some(2));
             (got.map_err(|e| e.to_string()), src)
         });
         let a = Mutex::new(a);
@@ -1233,14 +1233,16 @@ mod tests {
         ] {
             let (mut a, mut b) = UnixStream::pair().expect("pair");
             a.write_all(&encode_pull(gpa, len)).expect("request");
-            let got = serve_pulls(&mut b, &src, &|_| {}, None);
+            let got = serve_pulls(&mut b, &src, &|_| Ok(()), None);
             assert!(got.is_err(), "{gpa:#x}+{len:#x}");
         }
         // Closed without the end request: said so, not an error of the server.
         let (a, mut b) = UnixStream::pair().expect("pair");
         drop(a);
         assert_eq!(
-            serve_pulls(&mut b, &src, &|_| {}, None).expect("ends").end,
+            serve_pulls(&mut b, &src, &|_| Ok(()), None)
+                .expect("ends")
+                .end,
             PullEnd::Closed
         );
     }

@@ -23,6 +23,11 @@ use anyhow::{bail, Context};
 use crate::link::{read_request, respond};
 use crate::wire::{decode_ranges, Command, Request, Response, HEADER_LEN};
 
+/// Called with each piece of memory before it is carried; an error stops the migration
+/// there (the operator cancelled it): the source CH's memory connection ends, and CH gives
+/// the migration up with its VM still running.
+pub type Pace<'a> = dyn Fn(u64) -> anyhow::Result<()> + Sync + 'a;
+
 /// What the source half carried.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Carried {
@@ -59,14 +64,14 @@ fn carry(
     from: &mut impl Read,
     to: &mut impl Write,
     mut n: u64,
-    pace: &(dyn Fn(u64) + Sync),
+    pace: &Pace<'_>,
 ) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     while n > 0 {
         let k = usize::try_from(n.min(buf.len() as u64)).expect("at most 1 MiB");
         from.read_exact(&mut buf[..k])
             .context("reading from the source CH")?;
-        pace(k as u64);
+        pace(k as u64)?;
         to.write_all(&buf[..k])
             .context("writing to the destination half")?;
         n -= k as u64;
@@ -80,7 +85,7 @@ fn carry_request(
     ch: &mut (impl Read + Write),
     peer: &mut (impl Read + Write),
     req: &Request,
-    pace: &(dyn Fn(u64) + Sync),
+    pace: &Pace<'_>,
 ) -> anyhow::Result<u64> {
     let mut req = *req;
     req.version = if req.command == Command::Start {
@@ -101,7 +106,7 @@ fn carry_request(
         memory = ranges.iter().map(|r| r.length).sum();
         carry(ch, peer, memory, pace)?;
     } else {
-        carry(ch, peer, req.length, &|_| {})?;
+        carry(ch, peer, req.length, &|_| Ok(()))?;
     }
     answer_back(peer, ch)?;
     Ok(memory)
@@ -128,7 +133,7 @@ fn answer_back(peer: &mut impl Read, ch: &mut impl Write) -> anyhow::Result<()> 
 fn carry_memory_connection(
     ch: &mut (impl Read + Write),
     peer: &mut (impl Read + Write),
-    pace: &(dyn Fn(u64) + Sync),
+    pace: &Pace<'_>,
 ) -> anyhow::Result<(u64, u64)> {
     let mut role = [0u8; 2];
     ch.read_exact(&mut role)
@@ -171,7 +176,7 @@ pub fn proxy<C, P, D>(
     listener: Option<&TcpListener>,
     mut peer: P,
     data: Vec<D>,
-    pace: &(dyn Fn(u64) + Sync),
+    pace: &Pace<'_>,
     decide: impl FnOnce() -> anyhow::Result<()>,
     carried_complete: impl FnOnce(),
 ) -> Result<Carried, Failed<C>>

@@ -14,7 +14,7 @@ use std::io::Write;
 use std::net::TcpListener;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -340,7 +340,9 @@ pub fn migrate(
         Err(e) => {
             summary.error = format!("{e:#}");
             if summary.result != "committed-unconfirmed" {
-                summary.result = "aborted".into();
+                if summary.result != "cancelled" {
+                    summary.result = "aborted".into();
+                }
                 // The source CH resumed its VM (it does on any failure before Complete).
                 lock(&d.ch.sources).insert(req.vm_id.clone(), vm);
             }
@@ -395,16 +397,28 @@ fn run_source(
     let moved = AtomicU64::new(0);
     let last = Mutex::new(Instant::now());
     let phase = Mutex::new("precopy");
-    let pace = |b: u64| {
+    let cancelled = AtomicBool::new(false);
+    let pace = |b: u64| -> anyhow::Result<()> {
         let total = moved.fetch_add(b, Ordering::Relaxed) + b;
         let phase = *lock(&phase);
-        if let Some(j) = job {
-            if j.cancel_requested() {
+        if let Some(j) = job.filter(|j| j.cancel_requested()) {
+            if phase == "postcopy" {
                 j.answer_cancel(Err(format!(
-                    "a running Cloud Hypervisor migration cannot be cancelled yet (CH has no way to be told): {} goes on",
+                    "{} runs at the destination already (post-copy pull): nothing to cancel",
                     req.vm_id
                 )));
+            } else {
+                // The memory connection this piece came on ends; the source CH gives the
+                // migration up with its VM running.
+                cancelled.store(true, Ordering::Release);
+                j.answer_cancel(Ok(format!(
+                    "the migration of {} was cancelled: its VM runs on here",
+                    req.vm_id
+                )));
+                bail!("cancelled by the operator");
             }
+        }
+        if let Some(j) = job {
             j.flow.take(b);
             j.update(|l| {
                 l.phase = phase;
@@ -429,6 +443,7 @@ fn run_source(
                 expected_downtime_ms: UNKNOWN,
             });
         }
+        Ok(())
     };
     // From the decision on, a dying sidecar must not let the source CH resume: the keeper
     // holds (a duplicate of) its connection until the outcome is settled.
@@ -504,12 +519,15 @@ fn run_source(
                     "the destination's answer to Complete was lost: the source CH stays paused (check the destination, then stop or resume the source CH)",
                 ));
             }
-            // The source CH was answered (Error: it resumes; after a post-copy pull
-            // that broke off, Ok: the VM was the destination's).
+            // The source CH was answered Error (it resumes its VM, or never paused it).
             if let Some(k) = kept {
                 k.release();
             }
             settled();
+            if cancelled.load(Ordering::Acquire) {
+                summary.result = "cancelled".into();
+                return Err(error.context("cancelled by the operator"));
+            }
             Err(error)
         }
     }
@@ -539,7 +557,7 @@ fn source_precopy(
     vm: &ChVm,
     peer: PeerStream,
     data: Vec<PeerStream>,
-    pace: &(dyn Fn(u64) + Sync),
+    pace: &ferry_ch::proxy::Pace<'_>,
     decide: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()>,
     carried_complete: impl FnOnce(),
     summary: &mut Summary,
@@ -606,7 +624,7 @@ fn source_postcopy(
     vm: &ChVm,
     mut peer: PeerStream,
     data: Vec<PeerStream>,
-    pace: &(dyn Fn(u64) + Sync),
+    pace: &ferry_ch::proxy::Pace<'_>,
     phase: &Mutex<&'static str>,
     decide: impl FnOnce(std::os::fd::BorrowedFd<'_>) -> anyhow::Result<()>,
     carried_complete: impl FnOnce(),
@@ -684,7 +702,7 @@ fn source_postcopy(
             None,
             peer,
             Vec::<PeerStream>::new(),
-            &|_| {},
+            &|_| Ok(()),
             || decide(std::os::fd::AsFd::as_fd(&for_keeper)),
             carried_complete,
         );

@@ -409,7 +409,7 @@ fn a_ch_migration_split_in_a_source_and_a_destination_half() -> anyhow::Result<(
                 Some(&l),
                 ctl_src,
                 data_src,
-                &|_| {},
+                &|_| Ok(()),
                 || {
                     decided.store(true, std::sync::atomic::Ordering::SeqCst);
                     Ok(())
@@ -1263,5 +1263,51 @@ fn a_postcopy_pull_losing_its_destination_sidecar_is_reported_by_the_source() ->
     })
     .map_err(|e| anyhow::anyhow!("{e}\n{}", p.logs()))?;
     assert!(!p.source_resumed());
+    Ok(())
+}
+
+/// `ferry cancel` of a running CH migration (pre-copy, slowed by a bandwidth cap): the
+/// memory connection it is moving on ends, the source CH gives the migration up with its
+/// VM still running, the destination CH abandons what it had and waits again, and the
+/// summary says `cancelled`. The VM is registered here again and migrates afterwards.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_running_ch_migration_is_cancelled_and_the_vm_runs_on_at_the_source() -> anyhow::Result<()> {
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let p = ChPair::start(Vec::new())?;
+    let child = p.migrate_with(&["--max-bandwidth", "16"])?;
+    wait_for("memory moving", Duration::from_secs(20), || {
+        p.ok(0, &["status", "--json"]).is_ok_and(|t| {
+            serde_json::from_str::<serde_json::Value>(&t)
+                .is_ok_and(|st| st["migrations"][0]["bytes"].as_u64() > Some(16 << 20))
+        })
+    })?;
+    let line = p.ok(0, &["cancel", "vm1"])?;
+    assert!(line.contains("cancelled"), "{line}");
+    let s = p.summary(child)?;
+    assert_eq!(s["result"], "cancelled", "{s:#}");
+    p.wait_source_gave_up()?;
+    p.guest_counts_on(16, "the guest counting on at the source")?;
+    wait_for(
+        "the destination CH without a VM",
+        Duration::from_secs(30),
+        || matches!(p.dst.vm_state(), Ok(None)),
+    )?;
+    wait_for(
+        "the destination waiting again",
+        Duration::from_secs(30),
+        || {
+            p.ok(1, &["status", "--json"]).is_ok_and(|t| {
+                serde_json::from_str::<serde_json::Value>(&t)
+                    .is_ok_and(|st| st["waiting_incoming"].to_string().contains("vm1"))
+            })
+        },
+    )?;
+    let s = p.summary(p.migrate()?)?;
+    assert_eq!(s["result"], "committed", "{s:#}");
+    p.guest_counts_on(16, "the guest counting at the destination")?;
+    assert_eq!(p.src.guest().bad, 0, "{:?}", p.src.guest().bad_lines);
     Ok(())
 }
