@@ -18,6 +18,7 @@ use crate::ram::Ram;
 use crate::wire::{
     decode_ranges, Command, Request, Response, Status, CH_PROTOCOL_VERSION, HEADER_LEN,
 };
+use ferry_engine::digest::page_hash;
 
 /// Reads one request header.
 ///
@@ -76,21 +77,34 @@ pub struct Landed {
     pub bytes: u64,
 }
 
+/// The unit of the per-page checks between Ferry's two halves: each 4 KiB of a range
+/// (its last piece may be shorter) has an XXH3-64.
+pub const CHECK_UNIT: usize = 4096;
+
 /// Reads a `Memory` request's table and bytes (after its header) straight into `ram`.
+/// `checked`: the source is Ferry's source half, which follows the bytes with a hash per
+/// 4 KiB of every range (see [`CHECK_UNIT`]); what landed is compared with them.
 ///
 /// # Errors
 ///
-/// The connection failed, or a range lies outside the VM's RAM (its bytes are not
-/// read: the connection is then out of step and must be dropped).
+/// The connection failed, a range lies outside the VM's RAM (its bytes are not read: the
+/// connection is then out of step and must be dropped), or a page landed differently from
+/// what the source half read from the source CH.
 ///
 /// # Safety
 ///
 /// Nothing else may touch the table's ranges meanwhile: the destination CH is not
 /// running the VM, and other writers (CH's other memory connections) hold disjoint ranges.
-pub unsafe fn land_memory(s: &mut impl Read, req: &Request, ram: &Ram) -> anyhow::Result<Landed> {
+pub unsafe fn land_memory(
+    s: &mut impl Read,
+    req: &Request,
+    ram: &Ram,
+    checked: bool,
+) -> anyhow::Result<Landed> {
     let table = read_payload(s, req.length)?;
     let ranges = decode_ranges(&table)?;
     let mut got = Landed::default();
+    let mut hashes = Vec::new();
     for r in ranges {
         let Some((ptr, len)) = ram.range_ptr(r) else {
             bail!(
@@ -104,8 +118,23 @@ pub unsafe fn land_memory(s: &mut impl Read, req: &Request, ram: &Ram) -> anyhow
         // only when every chunk was acknowledged).
         let dst = unsafe { std::slice::from_raw_parts_mut(ptr, len) };
         s.read_exact(dst).context("reading guest memory from CH")?;
+        if checked {
+            hashes.extend(dst.chunks(CHECK_UNIT).map(|c| (r.gpa, page_hash(c))));
+        }
         got.ranges += 1;
         got.bytes += r.length;
+    }
+    if checked {
+        let mut trailer = vec![0u8; hashes.len() * 8];
+        s.read_exact(&mut trailer)
+            .context("reading the source half's page checks")?;
+        for (i, ((gpa, landed), sent)) in hashes.iter().zip(trailer.chunks_exact(8)).enumerate() {
+            if landed.to_le_bytes() != sent {
+                bail!(
+                    "page check failed: piece {i} of the memory at {gpa:#x} landed differently from what the source sent"
+                );
+            }
+        }
     }
     Ok(got)
 }
@@ -180,6 +209,7 @@ pub fn next_from_source(s: &mut (impl Read + Write)) -> anyhow::Result<FromSourc
 pub unsafe fn serve_memory_connection(
     s: &mut (impl Read + Write),
     ram: &Ram,
+    checked: bool,
 ) -> anyhow::Result<Landed> {
     let mut role = [0u8; 2];
     s.read_exact(&mut role)
@@ -209,7 +239,7 @@ pub unsafe fn serve_memory_connection(
             bail!("{} on a memory connection", req.command.name());
         }
         // SAFETY: the caller's promise, passed on.
-        let got = match unsafe { land_memory(s, &req, ram) } {
+        let got = match unsafe { land_memory(s, &req, ram, checked) } {
             Ok(g) => g,
             Err(e) => {
                 // CH gives the whole migration up on an Error, and resumes its VM.

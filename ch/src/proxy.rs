@@ -20,8 +20,9 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use crate::link::{read_request, respond};
+use crate::link::{read_request, respond, CHECK_UNIT};
 use crate::wire::{decode_ranges, Command, Request, Response, HEADER_LEN};
+use ferry_engine::digest::page_hash;
 
 /// Called with each piece of memory before it is carried; an error stops the migration
 /// there (the operator cancelled it): the source CH's memory connection ends, and CH gives
@@ -60,17 +61,22 @@ impl<C> std::fmt::Display for Failed<C> {
 }
 
 /// Copies exactly `n` bytes from `from` to `to`, calling `pace` per piece before it goes.
+/// With `hashes`, each 4 KiB of it (the last piece may be shorter) is hashed into it.
 fn carry(
     from: &mut impl Read,
     to: &mut impl Write,
     mut n: u64,
     pace: &Pace<'_>,
+    mut hashes: Option<&mut Vec<u64>>,
 ) -> anyhow::Result<()> {
     let mut buf = vec![0u8; 1 << 20];
     while n > 0 {
         let k = usize::try_from(n.min(buf.len() as u64)).expect("at most 1 MiB");
         from.read_exact(&mut buf[..k])
             .context("reading from the source CH")?;
+        if let Some(h) = hashes.as_deref_mut() {
+            h.extend(buf[..k].chunks(CHECK_UNIT).map(page_hash));
+        }
         pace(k as u64)?;
         to.write_all(&buf[..k])
             .context("writing to the destination half")?;
@@ -104,9 +110,17 @@ fn carry_request(
         peer.write_all(&table)
             .context("writing to the destination half")?;
         memory = ranges.iter().map(|r| r.length).sum();
-        carry(ch, peer, memory, pace)?;
+        // Per-page checks: each range's bytes, then a hash per 4 KiB of every range
+        // (`crate::link::land_memory` compares them with what landed).
+        let mut hashes = Vec::new();
+        for r in &ranges {
+            carry(ch, peer, r.length, pace, Some(&mut hashes))?;
+        }
+        let trailer: Vec<u8> = hashes.iter().flat_map(|h| h.to_le_bytes()).collect();
+        peer.write_all(&trailer)
+            .context("writing to the destination half")?;
     } else {
-        carry(ch, peer, req.length, &|_| Ok(()))?;
+        carry(ch, peer, req.length, &|_| Ok(()), None)?;
     }
     answer_back(peer, ch)?;
     Ok(memory)
@@ -125,6 +139,9 @@ fn answer_back(peer: &mut impl Read, ch: &mut impl Write) -> anyhow::Result<()> 
         );
     }
     ch.write_all(&h).context("answering the source CH")?;
+    if r.status != crate::wire::Status::Ok {
+        bail!("the destination half answered Error (its log says why: a page check, or a step its CH refused)");
+    }
     Ok(())
 }
 
@@ -266,6 +283,9 @@ where
             // The source CH resumes on Error; its memory connections then close, and the
             // pumps end. The destination half abandons when Ferry's connections end.
             let _ = respond(&mut ch, false);
+            // A memory connection's failure is the cause (CH closed its main connection
+            // because of it): say that one.
+            join_pumps(&mut carried)?;
         }
         stop.store(true, Ordering::Release);
         r

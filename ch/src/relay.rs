@@ -81,7 +81,8 @@ pub enum MemoryConnections<'a, D> {
     /// CH opens its `connections=N` memory connections to this listener.
     Listener(&'a TcpListener),
     /// Already open (the source half's data connections, each carrying one of CH's memory
-    /// connections byte for byte); one CH did not use ends at once.
+    /// connections, every `Memory` followed by the source half's page checks); one CH did
+    /// not use ends at once.
     Given(Vec<D>),
 }
 
@@ -105,6 +106,8 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
     let mut report = Report::default();
     let mut complete_sent = false;
     let mut dest: Option<ToDest> = None;
+    // Given connections come from Ferry's source half, which checks every page it carries.
+    let checked = matches!(extra, MemoryConnections::Given(_));
     let result = (|| -> anyhow::Result<()> {
         // Up to Config: the layout, the memfds, the destination CH opened on them.
         let (config, ram) = loop {
@@ -142,7 +145,7 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
                                     s.set_nonblocking(false)?;
                                     workers.push(sc.spawn(move || {
                                         // SAFETY: see above.
-                                        unsafe { serve_memory_connection(&mut s, ram) }
+                                        unsafe { serve_memory_connection(&mut s, ram, false) }
                                     }));
                                 }
                                 Err(e) if e.kind() == ErrorKind::WouldBlock => {
@@ -162,7 +165,7 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
                         .map(|mut s| {
                             sc.spawn(move || {
                                 // SAFETY: see above.
-                                unsafe { serve_memory_connection(&mut s, ram) }
+                                unsafe { serve_memory_connection(&mut s, ram, true) }
                             })
                         })
                         .collect();
@@ -191,7 +194,7 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
                     FromSource::Memory(req) => {
                         // SAFETY: as for the memory connections: CH sends on the main
                         // connection only once its memory connections are idle or closed.
-                        let got = unsafe { land_memory(&mut source, &req, ram)? };
+                        let got = unsafe { land_memory(&mut source, &req, ram, checked)? };
                         report.memory_requests += 1;
                         report.bytes_landed += got.bytes;
                         respond(&mut source, true)?;
@@ -225,6 +228,11 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
             // Whatever ended the loop, the acceptor stops; memory connections end when CH
             // closes them (it does on its way to State, and when it gives up).
             stop.store(true, Ordering::Release);
+            if r.is_err() {
+                // A memory connection's failure is the cause (the source gave up because
+                // of it): say that one.
+                join_extra()?;
+            }
             r
         })
     })();

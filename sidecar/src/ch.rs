@@ -586,6 +586,7 @@ fn source_precopy(
         error,
         kept_open: None,
     })?;
+    let data: Vec<_> = data.into_iter().enumerate().map(Tamper::new).collect();
     let carried = ferry_ch::proxy::proxy(
         main,
         Some(&listener),
@@ -596,6 +597,65 @@ fn source_precopy(
         carried_complete,
     )?;
     Ok(carried.memory_bytes)
+}
+
+/// A data connection of a CH pre-copy. With the `fault-injection` feature a test may have
+/// one byte it writes flipped (`FERRY_TEST_CORRUPT_CH_BYTE=<n>`: the n-th byte written on
+/// data connection 0), to see the destination's page checks catch it.
+struct Tamper<S> {
+    s: S,
+    flip_at: Option<u64>,
+    written: u64,
+}
+
+impl<S> Tamper<S> {
+    fn new((i, s): (usize, S)) -> Self {
+        #[cfg(feature = "fault-injection")]
+        let flip_at = std::env::var("FERRY_TEST_CORRUPT_CH_BYTE")
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .filter(|_| i == 0);
+        #[cfg(not(feature = "fault-injection"))]
+        let flip_at = {
+            let _ = i;
+            None
+        };
+        Self {
+            s,
+            flip_at,
+            written: 0,
+        }
+    }
+}
+
+impl<S: std::io::Read> std::io::Read for Tamper<S> {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        self.s.read(buf)
+    }
+}
+
+impl<S: Write> Write for Tamper<S> {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let n = match self.flip_at {
+            Some(at) if at >= self.written && at < self.written + buf.len() as u64 => {
+                let mut copy = buf.to_vec();
+                let i = usize::try_from(at - self.written).expect("inside buf");
+                copy[i] ^= 0x5a;
+                let n = self.s.write(&copy)?;
+                if (i as u64) < n as u64 {
+                    self.flip_at = None;
+                }
+                n
+            }
+            _ => self.s.write(buf)?,
+        };
+        self.written += n as u64;
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.s.flush()
+    }
 }
 
 /// Asks the source CH to send (`vm.send-migration`).
