@@ -16,13 +16,13 @@
 //! `held`; then on that same link `release`. Later links: `answer ok` / `answer error`,
 //! answered `answered`. Lines of text, one per message.
 
-use std::io::{BufRead, BufReader, IoSlice, IoSliceMut, Write};
-use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{BufRead, BufReader, IoSlice, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::Path;
 
 use anyhow::{bail, Context};
-use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
+use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
 
 use crate::wire::Response;
 
@@ -42,28 +42,7 @@ fn send_fd(s: &UnixStream, line: &str, fd: RawFd) -> anyhow::Result<()> {
 /// Receives a line (up to 64 bytes, one read) and the descriptor that came with it.
 fn recv_fd(s: &UnixStream) -> anyhow::Result<(String, Option<OwnedFd>)> {
     let mut buf = [0u8; 64];
-    let mut iov = [IoSliceMut::new(&mut buf)];
-    let mut space = nix::cmsg_space!([RawFd; 1]);
-    let msg = recvmsg::<()>(
-        s.as_raw_fd(),
-        &mut iov,
-        Some(&mut space),
-        MsgFlags::MSG_CMSG_CLOEXEC,
-    )
-    .context("reading from the sidecar")?;
-    let mut fd = None;
-    for c in msg.cmsgs().context("control messages")? {
-        if let ControlMessageOwned::ScmRights(list) = c {
-            for raw in list {
-                // SAFETY: the kernel just installed this descriptor in our table for us.
-                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                if fd.is_none() {
-                    fd = Some(owned);
-                }
-            }
-        }
-    }
-    let n = msg.bytes;
+    let (n, fd) = crate::link::recv_with_fd(s, &mut buf).context("reading from the sidecar")?;
     Ok((String::from_utf8_lossy(&buf[..n]).trim().to_owned(), fd))
 }
 

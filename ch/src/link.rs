@@ -7,12 +7,12 @@
 //! Reads are exact and unbuffered: a `MemoryFd`'s descriptor rides on its 4 payload bytes,
 //! and a buffered reader would swallow them.
 
-use std::io::{IoSlice, Read, Write};
-use std::os::fd::{AsRawFd, BorrowedFd};
+use std::io::{IoSlice, IoSliceMut, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::UnixStream;
 
 use anyhow::{bail, Context};
-use nix::sys::socket::{sendmsg, ControlMessage, MsgFlags};
+use nix::sys::socket::{recvmsg, sendmsg, ControlMessage, ControlMessageOwned, MsgFlags};
 
 use crate::ram::Ram;
 use crate::wire::{
@@ -251,6 +251,37 @@ pub unsafe fn serve_memory_connection(
         total.bytes += got.bytes;
         respond(s, true)?;
     }
+}
+
+/// Receives up to `buf.len()` bytes in one `recvmsg` and the first descriptor that came
+/// with them (any others are closed). Returns the bytes read and the descriptor.
+///
+/// # Errors
+///
+/// `recvmsg` failed.
+pub fn recv_with_fd(s: &UnixStream, buf: &mut [u8]) -> anyhow::Result<(usize, Option<OwnedFd>)> {
+    let mut iov = [IoSliceMut::new(buf)];
+    let mut space = nix::cmsg_space!([RawFd; 4]);
+    let msg = recvmsg::<()>(
+        s.as_raw_fd(),
+        &mut iov,
+        Some(&mut space),
+        MsgFlags::MSG_CMSG_CLOEXEC,
+    )
+    .context("receiving a descriptor")?;
+    let mut fd = None;
+    for c in msg.cmsgs().context("control messages")? {
+        if let ControlMessageOwned::ScmRights(list) = c {
+            for raw in list {
+                // SAFETY: the kernel just installed this descriptor in our table for us.
+                let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+                if fd.is_none() {
+                    fd = Some(owned);
+                }
+            }
+        }
+    }
+    Ok((msg.bytes, fd))
 }
 
 /// Ferry as the source towards a destination CH (`vm.receive-migration` on a Unix socket).

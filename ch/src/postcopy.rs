@@ -28,15 +28,14 @@
 //! destination has every page; `gpa = u64::MAX - 1` asks for the data map (the source's
 //! memfds' holes never cross the network: the destination zero-fills them).
 
-use std::io::{IoSliceMut, Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::io::{Read, Write};
+use std::os::fd::OwnedFd;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context};
-use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags};
 
 use crate::link::{next_from_source, read_request, respond, FromSource, ToDest};
 use crate::ram::{layout_of, Ram};
@@ -98,30 +97,8 @@ pub struct LocalSource {
 /// Receives the 4 payload bytes of a `MemoryFd` and the memfd riding on them.
 fn recv_memory_fd(s: &UnixStream) -> anyhow::Result<(u32, OwnedFd)> {
     let mut buf = [0u8; 4];
-    let mut fd = None;
-    let n = {
-        let mut iov = [IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!([RawFd; 4]);
-        let msg = recvmsg::<()>(
-            s.as_raw_fd(),
-            &mut iov,
-            Some(&mut space),
-            MsgFlags::MSG_CMSG_CLOEXEC,
-        )
-        .context("receiving a memfd from the source CH")?;
-        for c in msg.cmsgs().context("control messages")? {
-            if let ControlMessageOwned::ScmRights(list) = c {
-                for raw in list {
-                    // SAFETY: the kernel just installed this descriptor in our table.
-                    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
-                    if fd.is_none() {
-                        fd = Some(owned);
-                    }
-                }
-            }
-        }
-        msg.bytes
-    };
+    let (n, fd) =
+        crate::link::recv_with_fd(s, &mut buf).context("receiving a memfd from the source CH")?;
     if n == 0 {
         bail!("the source CH closed its connection in a MemoryFd");
     }
@@ -980,16 +957,7 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
             error,
             unsettled: (!answered).then_some(source),
         }),
-        Err(error) => {
-            let _ = respond(&mut source, false);
-            if let Some(d) = dest {
-                d.abandon();
-            }
-            Err(Failed {
-                error,
-                unsettled: None,
-            })
-        }
+        Err(error) => Err(crate::relay::give_up(source, dest, error)),
     }
 }
 
@@ -1039,6 +1007,43 @@ mod tests {
         assert_eq!(p.missing.load(Ordering::Acquire), 79);
     }
 
+    /// The source's RAM of these tests: page `i` filled with `i + 1`, except pages 62 and
+    /// 66, never written (holes of the memfd).
+    fn source_ram() -> Ram {
+        let src = ram();
+        for i in (0..80u64).filter(|i| ![62, 66].contains(i)) {
+            let (p, _) = src
+                .range_ptr(GpaRange {
+                    gpa: gpa_of(i),
+                    length: PAGE,
+                })
+                .expect("in RAM");
+            // SAFETY: this test is the only user.
+            unsafe { std::ptr::write_bytes(p, i as u8 + 1, PAGE as usize) };
+        }
+        src
+    }
+
+    /// Checks that pages `pages` of `dst` hold what [`source_ram`] wrote.
+    fn assert_landed(dst: &Ram, pages: std::ops::Range<u64>) {
+        for i in pages {
+            let (p, _) = dst
+                .range_ptr(GpaRange {
+                    gpa: gpa_of(i),
+                    length: PAGE,
+                })
+                .expect("in RAM");
+            // SAFETY: this test is the only user.
+            let page = unsafe { std::slice::from_raw_parts(p, PAGE as usize) };
+            let want = if [62, 66].contains(&i) {
+                0
+            } else {
+                i as u8 + 1
+            };
+            assert!(page.iter().all(|&x| x == want), "page {i}");
+        }
+    }
+
     fn gpa_of(i: u64) -> u64 {
         if i < 64 {
             i * PAGE
@@ -1053,17 +1058,7 @@ mod tests {
     /// bytes, and the end request ends the server cleanly.
     #[test]
     fn pulled_runs_land_the_sources_bytes_and_holes_are_filled_here() {
-        let src = ram();
-        for i in (0..80u64).filter(|i| ![62, 66].contains(i)) {
-            let (p, _) = src
-                .range_ptr(GpaRange {
-                    gpa: gpa_of(i),
-                    length: PAGE,
-                })
-                .expect("in RAM");
-            // SAFETY: this test is the only user.
-            unsafe { std::ptr::write_bytes(p, i as u8 + 1, PAGE as usize) };
-        }
+        let src = source_ram();
         let (a, mut b) = UnixStream::pair().expect("pair");
         let server = std::thread::spawn(move || {
             let got = serve_pulls(&mut b, &src, &|_| Ok(()), None);
@@ -1109,22 +1104,7 @@ mod tests {
                 rdma: false
             })
         );
-        for i in 60..70u64 {
-            let (p, _) = dst
-                .range_ptr(GpaRange {
-                    gpa: gpa_of(i),
-                    length: PAGE,
-                })
-                .expect("in RAM");
-            // SAFETY: this test is the only user.
-            let page = unsafe { std::slice::from_raw_parts(p, PAGE as usize) };
-            let want = if [62, 66].contains(&i) {
-                0
-            } else {
-                i as u8 + 1
-            };
-            assert!(page.iter().all(|&x| x == want), "page {i}");
-        }
+        assert_landed(&dst, 60..70);
         assert_eq!(pages.missing.load(Ordering::Acquire), 70);
     }
 
@@ -1140,17 +1120,7 @@ mod tests {
         if let Err(e) = ferry_verbs::Context::open_first() {
             panic!("this test needs an RDMA device: {e}");
         }
-        let src = ram();
-        for i in (0..80u64).filter(|i| ![62, 66].contains(i)) {
-            let (p, _) = src
-                .range_ptr(GpaRange {
-                    gpa: gpa_of(i),
-                    length: PAGE,
-                })
-                .expect("in RAM");
-            // SAFETY: this test is the only user.
-            unsafe { std::ptr::write_bytes(p, i as u8 + 1, PAGE as usize) };
-        }
+        let src = source_ram();
         let (a, mut b) = UnixStream::pair().expect("pair");
         let server = std::thread::spawn(move || {
             let got = serve_pulls(&mut b, &src, &|_| Ok(()), Some(2));
@@ -1201,22 +1171,7 @@ mod tests {
         assert!(got.rdma && got.end == PullEnd::Done, "{got:?}");
         assert_eq!(got.rdma_bytes, by_rdma);
         assert_eq!(got.tcp_bytes, second.pulled);
-        for i in 0..80u64 {
-            let (p, _) = dst
-                .range_ptr(GpaRange {
-                    gpa: gpa_of(i),
-                    length: PAGE,
-                })
-                .expect("in RAM");
-            // SAFETY: this test is the only user.
-            let page = unsafe { std::slice::from_raw_parts(p, PAGE as usize) };
-            let want = if [62, 66].contains(&i) {
-                0
-            } else {
-                i as u8 + 1
-            };
-            assert!(page.iter().all(|&x| x == want), "page {i}");
-        }
+        assert_landed(&dst, 0..80);
         assert_eq!(pages.missing.load(Ordering::Acquire), 0);
     }
 

@@ -242,16 +242,24 @@ pub fn relay<S: Read + Write, D: Read + Write + Send>(
             error,
             unsettled: Some(source),
         }),
-        Err(error) => {
-            // The source CH resumes on Error (or on the connection closing).
-            let _ = respond(&mut source, false);
-            if let Some(d) = dest {
-                d.abandon();
-            }
-            Err(Failed {
-                error,
-                unsettled: None,
-            })
-        }
+        Err(error) => Err(give_up(source, dest, error)),
+    }
+}
+
+/// A migration that failed before `Complete` reached the destination CH: the source is
+/// answered Error (a source CH resumes its VM on it, or on the connection closing) and the
+/// destination CH, if it was opened, is told to abandon.
+pub(crate) fn give_up<S: Write>(
+    mut source: S,
+    dest: Option<ToDest>,
+    error: anyhow::Error,
+) -> Failed<S> {
+    let _ = respond(&mut source, false);
+    if let Some(d) = dest {
+        d.abandon();
+    }
+    Failed {
+        error,
+        unsettled: None,
     }
 }
