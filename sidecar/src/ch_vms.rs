@@ -4,6 +4,11 @@
 use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::Mutex;
+use std::time::Duration;
+
+/// How long a silent peer is waited for on a CH migration's connections (a 64 MiB chunk
+/// under a low bandwidth cap takes a while).
+pub(crate) const PEER_IDLE: Duration = Duration::from_secs(300);
 
 /// A CH attached to this sidecar.
 #[derive(Clone, Debug)]
