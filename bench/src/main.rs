@@ -8,12 +8,15 @@
 //! - `ferry-bench ch`: an unmodified Cloud Hypervisor VM migrated by CH's own transport
 //!   and through Ferry, same guest, same connections.
 //! - `ferry-bench cap`: how closely `--max-bandwidth` holds (achieved/cap, vs uncapped).
+//! - `ferry-bench control-path`: the source's per-round bitmap scan, coalescing and planning,
+//!   GB of guest memory per second per core at 1/10/50 % dirty.
 //! - `ferry-bench downtime`: downtime p50/p90 and total time of a running KVM guest
 //!   (1 and 4 GiB, dirtying 0/64/256 MiB/s) over loopback, with dirty-log cost per read.
 
 mod cap;
 mod ch;
 mod coldfirst;
+mod control;
 mod downtime;
 mod local;
 mod rdma;
@@ -44,6 +47,9 @@ enum Cmd {
     Cap(cap::CapArgs),
     /// An unmodified Cloud Hypervisor VM: CH's own transport vs through Ferry.
     Ch(ch::ChArgs),
+    /// The source's per-round control work (bitmap scan, coalescing, windows, plan): GB
+    /// of guest memory per second per core.
+    ControlPath(control::ControlArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -54,5 +60,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Rdma(a) => rdma::run(&a),
         Cmd::Cap(a) => cap::run(&a),
         Cmd::Ch(a) => ch::run(&a),
+        Cmd::ControlPath(a) => control::run(&a),
     }
 }

@@ -23,7 +23,7 @@ mod source;
 pub use dest::{DestCommand, DestEvent, DestPhase, DestRecord, DestSession};
 pub use source::{
     CancelRefused, Downtime, Estimate, RoundReport, SourceCommand, SourceConfig, SourceEvent,
-    SourceOutcome, SourcePhase, SourceReport, SourceSession,
+    SourceOutcome, SourcePhase, SourceReport, SourceSession, DEFAULT_WINDOW_PAGES,
 };
 
 use std::fmt;
