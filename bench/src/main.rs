@@ -8,6 +8,8 @@
 //! - `ferry-bench ch`: an unmodified Cloud Hypervisor VM migrated by CH's own transport
 //!   and through Ferry, same guest, same connections.
 //! - `ferry-bench cap`: how closely `--max-bandwidth` holds (achieved/cap, vs uncapped).
+//! - `ferry-bench total`: the whole migration (destination preparation included) against
+//!   the wire time of the same bytes at iperf3's rate.
 //! - `ferry-bench control-path`: the source's per-round bitmap scan, coalescing and planning,
 //!   GB of guest memory per second per core at 1/10/50 % dirty.
 //! - `ferry-bench downtime`: downtime p50/p90 and total time of a running KVM guest
@@ -21,6 +23,7 @@ mod downtime;
 mod local;
 mod rdma;
 mod tcp;
+mod total;
 
 use clap::{Parser, Subcommand};
 
@@ -50,6 +53,9 @@ enum Cmd {
     /// The source's per-round control work (bitmap scan, coalescing, windows, plan): GB
     /// of guest memory per second per core.
     ControlPath(control::ControlArgs),
+    /// The whole migration of a random-filled idle guest against the wire time of the same
+    /// bytes (iperf3, same streams, same run).
+    Total(total::TotalArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -61,5 +67,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Cap(a) => cap::run(&a),
         Cmd::Ch(a) => ch::run(&a),
         Cmd::ControlPath(a) => control::run(&a),
+        Cmd::Total(a) => total::run(&a),
     }
 }

@@ -28,25 +28,25 @@ pub struct TcpArgs {
 }
 
 /// One measurement.
-struct Sample {
-    gbps: f64,
+pub(crate) struct Sample {
+    pub(crate) gbps: f64,
     cpu_src_per_gib: f64,
     cpu_dst_per_gib: f64,
 }
 
-fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> {
-    let mut pair = LocalPair::start_with(
-        &format!("tcp{streams}-{run}"),
-        27_000 + streams * 10 + run as u16 * 100,
-        if args.tls {
-            PairAuth::Tls
-        } else {
-            PairAuth::Psk
-        },
-    )?;
+/// Two sidecars on loopback (`tag`, ports from `port`) with a random-filled idle guest of
+/// `mem_mib` MiB registered at A and an incoming VMM waiting at B, ready to migrate.
+pub(crate) fn idle_pair(
+    tag: &str,
+    port: u16,
+    mem_mib: u64,
+    tls: bool,
+) -> anyhow::Result<LocalPair> {
+    let mut pair =
+        LocalPair::start_with(tag, port, if tls { PairAuth::Tls } else { PairAuth::Psk })?;
     let a = pair.socket("a").display().to_string();
     let b = pair.socket("b").display().to_string();
-    let mem = args.mem_mib.to_string();
+    let mem = mem_mib.to_string();
     pair.spawn_vmm(
         "ferry-workload-vmm",
         "vmm-a",
@@ -82,6 +82,16 @@ fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> 
         .map(String::from),
     )?;
     pair.wait_ready(Duration::from_secs(120))?;
+    Ok(pair)
+}
+
+fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> {
+    let pair = idle_pair(
+        &format!("tcp{streams}-{run}"),
+        27_000 + streams * 10 + run as u16 * 100,
+        args.mem_mib,
+        args.tls,
+    )?;
     let (src0, dst0) = (
         cpu_seconds(pair.sidecar_pid(0))?,
         cpu_seconds(pair.sidecar_pid(1))?,
@@ -116,7 +126,7 @@ fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> 
     })
 }
 
-fn iperf_once(bytes: u64, streams: u16, port: u16) -> anyhow::Result<Sample> {
+pub(crate) fn iperf_once(bytes: u64, streams: u16, port: u16) -> anyhow::Result<Sample> {
     let server = Kid(Command::new("iperf3")
         .args(["-s", "-1", "-p", &port.to_string()])
         .stdout(Stdio::null())
@@ -154,7 +164,7 @@ fn iperf_once(bytes: u64, streams: u16, port: u16) -> anyhow::Result<Sample> {
 }
 
 /// Median, lowest and highest of `v` (non-empty).
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+pub(crate) fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
     v.sort_by(f64::total_cmp);
     (v[v.len() / 2], v[0], v[v.len() - 1])
 }
