@@ -121,7 +121,7 @@ pub fn run(a: &TotalArgs) -> anyhow::Result<()> {
     }
     let (m, lo, hi) = spread(ratios);
     println!("  total/wire median {m:.2} [{lo:.2}-{hi:.2}]");
-    let mem = if a.mem_mib % 1024 == 0 {
+    let mem = if a.mem_mib.is_multiple_of(1024) {
         format!("{}GiB", a.mem_mib / 1024)
     } else {
         format!("{}MiB", a.mem_mib)
