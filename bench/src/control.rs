@@ -79,6 +79,7 @@ pub fn run(a: &ControlArgs) -> anyhow::Result<()> {
         a.gib, pages, DEFAULT_WINDOW_PAGES, a.channels, a.runs
     );
     let mut at10 = 0.0;
+    let (mut rows, mut records) = (Vec::new(), Vec::new());
     for pct in [1, 10, 50] {
         let b = scattered(pages, pct);
         let dirty = b.count();
@@ -100,7 +101,33 @@ pub fn run(a: &ControlArgs) -> anyhow::Result<()> {
         if pct == 10 {
             at10 = m;
         }
+        rows.push((format!("dirty {pct} %"), vec![m]));
+        records.push(serde_json::json!({
+            "dirty_pct": pct, "dirty_pages": dirty, "ranges": runs,
+            "planned_gbps_median": m, "planned_gbps_min": lo, "planned_gbps_max": hi,
+            "guest_scanned_gbps_median": g,
+        }));
     }
+    let dir = crate::report::results_dir("control-path")?;
+    crate::report::write_json(
+        &dir,
+        "control-path",
+        &serde_json::json!({"gib": a.gib, "channels": a.channels, "runs": a.runs, "by_dirty": records}),
+    )?;
+    crate::report::write_svg(
+        &dir,
+        "planned",
+        &crate::report::stacked_bars(
+            &format!(
+                "Control path, {} GiB guest: dirty memory planned per core",
+                a.gib
+            ),
+            "GB/s",
+            &["planned"],
+            &rows,
+        ),
+    )?;
+    println!("  results: {}", dir.display());
     println!("control path GB/s per core dirty=10%: {at10:.1}");
     Ok(())
 }

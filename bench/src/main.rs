@@ -22,6 +22,7 @@ mod control;
 mod downtime;
 mod local;
 mod rdma;
+mod report;
 mod tcp;
 mod total;
 

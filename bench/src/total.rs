@@ -102,9 +102,29 @@ pub fn run(a: &TotalArgs) -> anyhow::Result<()> {
         "other s"
     );
     let mut ratios = Vec::new();
+    let (mut rows, mut records) = (Vec::new(), Vec::new());
     for r in 0..a.runs {
         let x = once(a, r)?;
         let other = x.total_s - x.prepare_s - x.round1_s - x.final_s - x.verify_s;
+        rows.push((
+            format!("run {r}"),
+            vec![
+                x.prepare_s,
+                x.round1_s,
+                x.final_s,
+                x.verify_s,
+                other.max(0.0),
+            ],
+        ));
+        rows.push((
+            format!("run {r} wire"),
+            vec![0.0, 0.0, 0.0, 0.0, 0.0, x.wire_s],
+        ));
+        records.push(serde_json::json!({
+            "run": r, "total_s": x.total_s, "wire_s": x.wire_s, "ratio": x.total_s / x.wire_s,
+            "prepare_s": x.prepare_s, "round1_s": x.round1_s, "final_s": x.final_s,
+            "verify_s": x.verify_s, "other_s": other,
+        }));
         println!(
             "{:>4} {:>9.2} {:>9.2} {:>7.2} {:>10.2} {:>10.2} {:>9.2} {:>9.2} {:>8.2}",
             r,
@@ -121,6 +141,29 @@ pub fn run(a: &TotalArgs) -> anyhow::Result<()> {
     }
     let (m, lo, hi) = spread(ratios);
     println!("  total/wire median {m:.2} [{lo:.2}-{hi:.2}]");
+    let dir = crate::report::results_dir("total")?;
+    crate::report::write_json(
+        &dir,
+        "total",
+        &serde_json::json!({
+            "mem_mib": a.mem_mib, "streams": a.streams, "tls": a.tls,
+            "runs": records, "ratio_median": m, "ratio_min": lo, "ratio_max": hi,
+        }),
+    )?;
+    crate::report::write_svg(
+        &dir,
+        "phases",
+        &crate::report::stacked_bars(
+            &format!(
+                "Whole migration of {} MiB, {} streams: phases vs wire time (iperf3)",
+                a.mem_mib, a.streams
+            ),
+            "s",
+            &["prepare", "round 1", "final", "verify", "other", "wire"],
+            &rows,
+        ),
+    )?;
+    println!("  results: {}", dir.display());
     let mem = if a.mem_mib.is_multiple_of(1024) {
         format!("{}GiB", a.mem_mib / 1024)
     } else {
