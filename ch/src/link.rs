@@ -160,6 +160,23 @@ pub enum FromSource {
     Abandoned,
 }
 
+/// Answers a source CH's `Start`: Ok for CH's protocol version, else Error.
+///
+/// # Errors
+///
+/// Another version (answered Error), or the connection failed.
+pub fn answer_start(s: &mut impl Write, start: &Request) -> anyhow::Result<()> {
+    let ok = start.version == CH_PROTOCOL_VERSION;
+    respond(s, ok)?;
+    if !ok {
+        bail!(
+            "the source CH speaks migration protocol version {}; Ferry speaks {CH_PROTOCOL_VERSION}",
+            start.version
+        );
+    }
+    Ok(())
+}
+
 /// Reads the next step of a source CH.
 ///
 /// # Errors
@@ -169,14 +186,7 @@ pub fn next_from_source(s: &mut (impl Read + Write)) -> anyhow::Result<FromSourc
     let req = read_request(s)?;
     Ok(match req.command {
         Command::Start => {
-            let ok = req.version == CH_PROTOCOL_VERSION;
-            respond(s, ok)?;
-            if !ok {
-                bail!(
-                    "the source CH speaks migration protocol version {}; Ferry speaks {CH_PROTOCOL_VERSION}",
-                    req.version
-                );
-            }
+            answer_start(s, &req)?;
             FromSource::Started
         }
         Command::Config => FromSource::Config(read_payload(s, req.length)?),

@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context};
 
-use super::pull::{encode_pull, lock, DATA_MAP, MAX_DATA_RANGES, PAGE};
+use super::pull::{encode_pull, lock, DATA_MAP, MAX_DATA_RANGES, MAX_PULL, PAGE};
 use crate::ram::Ram;
 use crate::wire::GpaRange;
 
@@ -190,7 +190,10 @@ impl Pages {
             let (i0, hole) = pages[at];
             let first = self.gpa(i0);
             let mut n = 1;
+            // A run is one pull request: at most what the source answers (a fault on a
+            // 1 GiB huge page is several requests).
             while at + n < pages.len()
+                && (n as u64) < MAX_PULL / PAGE
                 && pages[at + n] == (i0 + n, hole)
                 && self.gpa(i0 + n) == first + n as u64 * PAGE
             {

@@ -13,9 +13,9 @@ use anyhow::{bail, Context};
 use super::pull::{
     encode_pull, read_blob, write_blob, DATA_MAP, MAX_PULL, PAGE, PULL_END, RDMA_OFFER,
 };
-use crate::link::{read_request, respond};
+use crate::link::{answer_start, read_request, respond};
 use crate::ram::Ram;
-use crate::wire::{Command, GpaRange, CH_PROTOCOL_VERSION};
+use crate::wire::{Command, GpaRange};
 
 /// Most RAM slots a source CH may hand over.
 const MAX_SLOTS: usize = 4096;
@@ -58,14 +58,7 @@ pub fn accept_local(s: &mut UnixStream) -> anyhow::Result<LocalSource> {
         respond(s, false)?;
         bail!("the source CH began with {}", start.command.name());
     }
-    let ok = start.version == CH_PROTOCOL_VERSION;
-    respond(s, ok)?;
-    if !ok {
-        bail!(
-            "the source CH speaks migration protocol version {}; Ferry speaks {CH_PROTOCOL_VERSION}",
-            start.version
-        );
-    }
+    answer_start(s, &start)?;
     let mut fds = Vec::new();
     loop {
         let req = read_request(s)?;

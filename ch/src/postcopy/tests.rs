@@ -214,6 +214,47 @@ fn pages_come_with_rdma_read_and_over_tcp_once_rdma_fails() {
     assert_eq!(pages.missing.load(Ordering::Acquire), 0);
 }
 
+/// A run longer than one pull request may ask for (a fault on a 1 GiB huge page) goes
+/// as several requests, each within what the source answers.
+#[test]
+fn runs_longer_than_a_pull_request_are_split() {
+    let big = |name| {
+        Ram::create(
+            name,
+            &[RamMapping {
+                slot: 0,
+                gpa: 0,
+                size: MAX_PULL + 4 * PAGE,
+                file_offset: 0,
+            }],
+        )
+        .expect("memfds")
+    };
+    let src = big("split-src");
+    let (a, mut b) = UnixStream::pair().expect("pair");
+    let server = std::thread::spawn(move || {
+        serve_pulls(&mut b, &src, &|_| Ok(()), None).map_err(|e| e.to_string())
+    });
+    let a = Mutex::new(a);
+    let dst = big("split-dst");
+    let pages = Pages::new(&dst).expect("pages");
+    let claimed: Vec<(usize, bool)> = (0..pages.total())
+        .filter_map(|i| pages.claim(i).map(|h| (i, h)))
+        .collect();
+    let (rdma, lost, moved) = (Mutex::new(None), Mutex::new(None), AtomicU64::new(0));
+    let via = Via {
+        conn: &a,
+        rdma: &rdma,
+        rdma_lost: &lost,
+        rdma_moved: &moved,
+    };
+    let got = pages.pull(&via, &dst, &claimed).expect("pulled");
+    assert_eq!(got.pulled, MAX_PULL + 4 * PAGE);
+    lock(&a).write_all(&encode_pull(PULL_END, 0)).expect("end");
+    let served = server.join().expect("server").expect("served");
+    assert_eq!(served.tcp_bytes, MAX_PULL + 4 * PAGE);
+}
+
 #[test]
 fn hostile_pull_requests_are_refused() {
     let src = ram();
