@@ -146,6 +146,22 @@ fn wait_exit(kid: &mut Kid, limit: Duration) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The source CH exits on success: its CPU seconds read just before, by polling from
+/// `t` on (`start`: its CPU when the migration began).
+fn cpu_until_exit(kid: &mut Kid, start: f64, t: Instant) -> anyhow::Result<f64> {
+    let mut last = start;
+    while kid.0.try_wait()?.is_none() {
+        if let Ok(c) = cpu_seconds(kid.0.id()) {
+            last = c;
+        }
+        if t.elapsed() > Duration::from_secs(600) {
+            bail!("the source CH did not finish");
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(last)
+}
+
 fn direct(a: &ChArgs, run: u32) -> anyhow::Result<Run> {
     let dir =
         std::env::temp_dir().join(format!("ferry-bench-ch-{}-direct{run}", std::process::id()));
@@ -183,20 +199,7 @@ fn direct(a: &ChArgs, run: u32) -> anyhow::Result<Run> {
         Duration::from_secs(30),
     )?;
     anyhow::ensure!(r.ok(), "send-migration: {} {}", r.status, r.body);
-    let cpu_src = {
-        // The source CH exits on success: read its CPU just before, by polling.
-        let mut last = cpu0.0;
-        while src.kid.0.try_wait()?.is_none() {
-            if let Ok(c) = cpu_seconds(src.kid.0.id()) {
-                last = c;
-            }
-            if t.elapsed() > Duration::from_secs(600) {
-                bail!("the source CH did not finish");
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
-        last - cpu0.0
-    };
+    let cpu_src = cpu_until_exit(&mut src.kid, cpu0.0, t)? - cpu0.0;
     let got = recv
         .join()
         .map_err(|_| anyhow::anyhow!("receive thread"))??;
@@ -264,16 +267,7 @@ fn through_ferry(a: &ChArgs, run: u32, postcopy: bool) -> anyhow::Result<Run> {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    let mut src_ch_cpu = cpu0.0 - cpu_seconds(pids.0)?;
-    while src.kid.0.try_wait()?.is_none() {
-        if let Ok(c) = cpu_seconds(src.kid.0.id()) {
-            src_ch_cpu = c;
-        }
-        if t.elapsed() > Duration::from_secs(600) {
-            bail!("the source CH did not finish");
-        }
-        std::thread::sleep(Duration::from_millis(5));
-    }
+    let src_ch_cpu = cpu_until_exit(&mut src.kid, cpu0.0 - cpu_seconds(pids.0)?, t)?;
     let out = child.wait_with_output()?;
     let wall_s = t.elapsed().as_secs_f64();
     let s: serde_json::Value = serde_json::from_slice(&out.stdout)

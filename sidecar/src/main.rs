@@ -92,29 +92,23 @@ enum ChCmd {
         socket: PathBuf,
     },
     /// Register a running CH VM with the local sidecar; then `ferry migrate` it.
-    Register {
-        /// CH's --api-socket.
-        #[arg(long)]
-        api_socket: PathBuf,
-        /// The VM's id here.
-        #[arg(long)]
-        vm_id: String,
-        /// The local daemon's socket.
-        #[arg(long, default_value = config::DEFAULT_SOCKET)]
-        socket: PathBuf,
-    },
+    Register(ChAttachArgs),
     /// Attach a CH started without a VM (only --api-socket) to receive the VM `--vm-id`.
-    Await {
-        /// CH's --api-socket.
-        #[arg(long)]
-        api_socket: PathBuf,
-        /// The VM's id.
-        #[arg(long)]
-        vm_id: String,
-        /// The local daemon's socket.
-        #[arg(long, default_value = config::DEFAULT_SOCKET)]
-        socket: PathBuf,
-    },
+    Await(ChAttachArgs),
+}
+
+/// What `ferry ch register` and `ferry ch await` take.
+#[derive(clap::Args)]
+struct ChAttachArgs {
+    /// CH's --api-socket.
+    #[arg(long)]
+    api_socket: PathBuf,
+    /// The VM's id (here, and at the other host).
+    #[arg(long)]
+    vm_id: String,
+    /// The local daemon's socket.
+    #[arg(long, default_value = config::DEFAULT_SOCKET)]
+    socket: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -469,18 +463,17 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Cmd::Ch(c) => {
-            let (vm, api, socket, incoming) = match c {
+            let (
+                ChAttachArgs {
+                    api_socket: api,
+                    vm_id: vm,
+                    socket,
+                },
+                incoming,
+            ) = match c {
                 ChCmd::Keep { .. } => unreachable!("handled above"),
-                ChCmd::Register {
-                    api_socket,
-                    vm_id,
-                    socket,
-                } => (vm_id, api_socket, socket, false),
-                ChCmd::Await {
-                    api_socket,
-                    vm_id,
-                    socket,
-                } => (vm_id, api_socket, socket, true),
+                ChCmd::Register(a) => (a, false),
+                ChCmd::Await(a) => (a, true),
             };
             check_vm(&vm)?;
             let api = std::path::absolute(&api)
