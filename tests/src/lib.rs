@@ -75,6 +75,25 @@ pub struct TwoHosts {
 }
 
 impl TwoHosts {
+    /// `ferry <args> --socket <host i's sidecar socket>` in host i's namespace, as a child
+    /// with piped output (the sidecars of [`Cluster::spawn_sidecar`] listen there).
+    ///
+    /// # Errors
+    ///
+    /// When it cannot be spawned.
+    pub fn spawn_ferry(&self, i: usize, args: &[&str]) -> anyhow::Result<Child> {
+        let side = ["a", "b"][i];
+        Ok(self
+            .cmd(i, &bin("ferry"))
+            .args(args)
+            .arg("--socket")
+            .arg(self.path(&format!("{side}.sock")))
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()?)
+    }
+
     /// Creates the namespaces, the veth pair, addresses, and a scratch directory.
     ///
     /// # Errors
@@ -830,17 +849,7 @@ impl Cluster {
     ///
     /// When it cannot be spawned.
     pub fn spawn_ferry(&self, i: usize, args: &[&str]) -> anyhow::Result<Child> {
-        let side = ["a", "b"][i];
-        Ok(self
-            .hosts
-            .cmd(i, &bin("ferry"))
-            .args(args)
-            .arg("--socket")
-            .arg(self.hosts.path(&format!("{side}.sock")))
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()?)
+        self.hosts.spawn_ferry(i, args)
     }
 
     /// As [`Cluster::spawn_ferry`], waiting for it: exit code, stdout, stderr.

@@ -89,6 +89,97 @@ fn ch_migrates_the_test_guest_by_itself() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// A source CH running the test guest in host A and a destination CH in host B receiving
+/// on a Unix socket (`ch-remote receive-migration`): the tests that drive Ferry's halves
+/// themselves, between them.
+struct Direct {
+    hosts: std::sync::Arc<TwoHosts>,
+    src: Ch,
+    dst: Ch,
+    dst_sock: std::path::PathBuf,
+    recv: Option<std::process::Child>,
+}
+
+impl Direct {
+    /// Both CHs, the guest counting at the source (`mem_mib` of RAM), the destination
+    /// listening.
+    fn start(mem_mib: u64) -> anyhow::Result<Self> {
+        let hosts = std::sync::Arc::new(TwoHosts::new()?);
+        let kernel = guest_kernel(&hosts.dir)?;
+        let src = Ch::start(&hosts, 0, "src", Some(&kernel), mem_mib, false)?;
+        wait_for(
+            "the guest counting at the source",
+            Duration::from_secs(20),
+            || src.guest().pass >= 16,
+        )?;
+        let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
+        let dst_sock = hosts.path("dst-migration.sock");
+        let recv = dst.remote(
+            &hosts,
+            1,
+            &[
+                "receive-migration",
+                &format!("receiver_url=unix:{}", dst_sock.display()),
+            ],
+        )?;
+        wait_for(
+            "the destination CH listening",
+            Duration::from_secs(10),
+            || dst_sock.exists(),
+        )?;
+        Ok(Self {
+            hosts,
+            src,
+            dst,
+            dst_sock,
+            recv: Some(recv),
+        })
+    }
+
+    /// `ch-remote send-migration destination_url=<url>` at the source; it must be taken.
+    fn send(&self, url: &str) -> anyhow::Result<()> {
+        let sent = self
+            .src
+            .remote(
+                &self.hosts,
+                0,
+                &["send-migration", &format!("destination_url={url}")],
+            )?
+            .wait_with_output()?;
+        assert!(
+            sent.status.success(),
+            "{}",
+            String::from_utf8_lossy(&sent.stderr)
+        );
+        Ok(())
+    }
+
+    /// After a migration: the destination's `receive-migration` succeeded, the guest
+    /// counts on there from `before` with no page check failing, the destination CH runs
+    /// it and the source CH exited.
+    fn finish(&mut self, before: u64) -> anyhow::Result<()> {
+        let received = self.recv.take().expect("receiving").wait_with_output()?;
+        assert!(
+            received.status.success(),
+            "receive-migration: {}\n{}",
+            String::from_utf8_lossy(&received.stderr),
+            self.dst.proc.log_text()
+        );
+        wait_for(
+            "the guest counting on at the destination",
+            Duration::from_secs(20),
+            || self.src.guest().pass >= before + 16,
+        )?;
+        let g = self.src.guest();
+        assert_eq!(g.bad, 0, "{:?}", g.bad_lines);
+        assert_eq!(self.dst.vm_state()?.as_deref(), Some("Running"));
+        let src = &mut self.src;
+        wait_for("the source CH exiting", Duration::from_secs(10), || {
+            !src.proc.alive()
+        })
+    }
+}
+
 /// A CH migration through Ferry's memory: the source CH sends to Ferry, Ferry lands every
 /// page in memfds it created from the VM's layout, hands them to the destination CH before
 /// its `Config`, and answers the source's `Complete` only once the destination runs. The
@@ -100,32 +191,11 @@ fn a_ch_migration_lands_in_ferrys_memfds_and_the_destination_runs_from_them() ->
     require_ch();
     require_kvm();
     let _g = serial();
-    let hosts = TwoHosts::new()?;
-    let kernel = guest_kernel(&hosts.dir)?;
-    let mut src = Ch::start(&hosts, 0, "src", Some(&kernel), 256, false)?;
-    wait_for(
-        "the guest counting at the source",
-        Duration::from_secs(20),
-        || src.guest().pass >= 16,
-    )?;
-    let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
-    let dst_sock = hosts.path("dst-migration.sock");
-    let recv = dst.remote(
-        &hosts,
-        1,
-        &[
-            "receive-migration",
-            &format!("receiver_url=unix:{}", dst_sock.display()),
-        ],
-    )?;
-    wait_for(
-        "the destination CH listening",
-        Duration::from_secs(10),
-        || dst_sock.exists(),
-    )?;
-    let relay_sock = hosts.path("relay.sock");
+    let mut d = Direct::start(256)?;
+    let relay_sock = d.hosts.path("relay.sock");
     let listener = std::os::unix::net::UnixListener::bind(&relay_sock)?;
-    let before = src.guest().pass;
+    let before = d.src.guest().pass;
+    let dst_sock = d.dst_sock.clone();
     let relay = std::thread::spawn(move || {
         let (s, _) = listener.accept()?;
         ferry_ch::relay::relay(
@@ -137,51 +207,20 @@ fn a_ch_migration_lands_in_ferrys_memfds_and_the_destination_runs_from_them() ->
         )
         .map_err(|f| anyhow::anyhow!("{f}"))
     });
-    let sent = src
-        .remote(
-            &hosts,
-            0,
-            &[
-                "send-migration",
-                &format!("destination_url=unix:{}", relay_sock.display()),
-            ],
-        )?
-        .wait_with_output()?;
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    d.send(&format!("unix:{}", relay_sock.display()))?;
     let report = relay.join().expect("relay thread")?;
-    let received = recv.wait_with_output()?;
-    assert!(
-        received.status.success(),
-        "receive-migration: {}\n{}",
-        String::from_utf8_lossy(&received.stderr),
-        dst.proc.log_text()
-    );
     assert!(report.running, "{report:?}");
     assert_eq!(report.ram_bytes, 256 << 20, "{report:?}");
     // Round 0 is all of RAM (zero pages included), then what the guest dirtied.
     assert!(report.bytes_landed >= 256 << 20, "{report:?}");
     assert!(report.memory_requests >= 2, "{report:?}");
-    wait_for(
-        "the guest counting on at the destination",
-        Duration::from_secs(20),
-        || src.guest().pass >= before + 16,
-    )?;
-    let g = src.guest();
-    assert_eq!(g.bad, 0, "{:?}", g.bad_lines);
-    assert_eq!(dst.vm_state()?.as_deref(), Some("Running"));
+    d.finish(before)?;
     // The source CH shut its VM down and exited, as after any successful migration.
-    wait_for("the source CH exiting", Duration::from_secs(10), || {
-        !src.proc.alive()
-    })?;
     assert_eq!(
-        src.proc.child.wait()?.code(),
+        d.src.proc.child.wait()?.code(),
         Some(0),
         "{}",
-        src.proc.log_text()
+        d.src.proc.log_text()
     );
     Ok(())
 }
@@ -259,33 +298,12 @@ fn a_ch_migration_over_four_connections_lands_in_parallel() -> anyhow::Result<()
     require_ch();
     require_kvm();
     let _g = serial();
-    let hosts = std::sync::Arc::new(TwoHosts::new()?);
-    let kernel = guest_kernel(&hosts.dir)?;
-    let mut src = Ch::start(&hosts, 0, "src", Some(&kernel), 512, false)?;
-    wait_for(
-        "the guest counting at the source",
-        Duration::from_secs(20),
-        || src.guest().pass >= 16,
-    )?;
-    let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
-    let dst_sock = hosts.path("dst-migration.sock");
-    let recv = dst.remote(
-        &hosts,
-        1,
-        &[
-            "receive-migration",
-            &format!("receiver_url=unix:{}", dst_sock.display()),
-        ],
-    )?;
-    wait_for(
-        "the destination CH listening",
-        Duration::from_secs(10),
-        || dst_sock.exists(),
-    )?;
+    let mut d = Direct::start(512)?;
     // The relay listens in host A, where the source CH connects.
     let (tx, rx) = std::sync::mpsc::channel();
     let relay = {
-        let hosts = std::sync::Arc::clone(&hosts);
+        let hosts = std::sync::Arc::clone(&d.hosts);
+        let dst_sock = d.dst_sock.clone();
         std::thread::spawn(move || -> anyhow::Result<ferry_ch::relay::Report> {
             hosts.enter(0)?;
             let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -302,43 +320,13 @@ fn a_ch_migration_over_four_connections_lands_in_parallel() -> anyhow::Result<()
         })
     };
     let port = rx.recv_timeout(Duration::from_secs(10))?;
-    let before = src.guest().pass;
-    let sent = src
-        .remote(
-            &hosts,
-            0,
-            &[
-                "send-migration",
-                &format!("destination_url=tcp:127.0.0.1:{port},connections=4"),
-            ],
-        )?
-        .wait_with_output()?;
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    let before = d.src.guest().pass;
+    d.send(&format!("tcp:127.0.0.1:{port},connections=4"))?;
     let report = relay.join().expect("relay thread")?;
-    let received = recv.wait_with_output()?;
-    assert!(
-        received.status.success(),
-        "{}",
-        String::from_utf8_lossy(&received.stderr)
-    );
     assert_eq!(report.memory_connections, 4, "{report:?}");
     assert_eq!(report.ram_bytes, 512 << 20, "{report:?}");
     assert!(report.bytes_landed >= 512 << 20, "{report:?}");
-    wait_for(
-        "the guest counting on at the destination",
-        Duration::from_secs(20),
-        || src.guest().pass >= before + 16,
-    )?;
-    assert_eq!(src.guest().bad, 0, "{:?}", src.guest().bad_lines);
-    assert_eq!(dst.vm_state()?.as_deref(), Some("Running"));
-    wait_for("the source CH exiting", Duration::from_secs(10), || {
-        !src.proc.alive()
-    })?;
-    Ok(())
+    d.finish(before)
 }
 
 /// The migration split in two halves as two sidecars run it: the source half carries the
@@ -352,29 +340,7 @@ fn a_ch_migration_split_in_a_source_and_a_destination_half() -> anyhow::Result<(
     require_ch();
     require_kvm();
     let _g = serial();
-    let hosts = std::sync::Arc::new(TwoHosts::new()?);
-    let kernel = guest_kernel(&hosts.dir)?;
-    let mut src = Ch::start(&hosts, 0, "src", Some(&kernel), 256, false)?;
-    wait_for(
-        "the guest counting at the source",
-        Duration::from_secs(20),
-        || src.guest().pass >= 16,
-    )?;
-    let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
-    let dst_sock = hosts.path("dst-migration.sock");
-    let recv = dst.remote(
-        &hosts,
-        1,
-        &[
-            "receive-migration",
-            &format!("receiver_url=unix:{}", dst_sock.display()),
-        ],
-    )?;
-    wait_for(
-        "the destination CH listening",
-        Duration::from_secs(10),
-        || dst_sock.exists(),
-    )?;
+    let mut d = Direct::start(256)?;
     // Ferry's control connection and 4 data connections between the halves.
     let (ctl_src, ctl_dst) = UnixStream::pair()?;
     let (data_src, data_dst): (Vec<_>, Vec<_>) = (0..4)
@@ -382,6 +348,7 @@ fn a_ch_migration_split_in_a_source_and_a_destination_half() -> anyhow::Result<(
         .collect::<std::io::Result<Vec<_>>>()?
         .into_iter()
         .unzip();
+    let dst_sock = d.dst_sock.clone();
     let dest_half = std::thread::spawn(move || {
         ferry_ch::relay::relay(
             ctl_dst,
@@ -396,7 +363,7 @@ fn a_ch_migration_split_in_a_source_and_a_destination_half() -> anyhow::Result<(
     let (tx, rx) = std::sync::mpsc::channel();
     let source_half = {
         let (hosts, decided) = (
-            std::sync::Arc::clone(&hosts),
+            std::sync::Arc::clone(&d.hosts),
             std::sync::Arc::clone(&decided),
         );
         std::thread::spawn(move || -> anyhow::Result<ferry_ch::proxy::Carried> {
@@ -420,30 +387,10 @@ fn a_ch_migration_split_in_a_source_and_a_destination_half() -> anyhow::Result<(
         })
     };
     let port = rx.recv_timeout(Duration::from_secs(10))?;
-    let before = src.guest().pass;
-    let sent = src
-        .remote(
-            &hosts,
-            0,
-            &[
-                "send-migration",
-                &format!("destination_url=tcp:127.0.0.1:{port},connections=4"),
-            ],
-        )?
-        .wait_with_output()?;
-    assert!(
-        sent.status.success(),
-        "{}",
-        String::from_utf8_lossy(&sent.stderr)
-    );
+    let before = d.src.guest().pass;
+    d.send(&format!("tcp:127.0.0.1:{port},connections=4"))?;
     let carried = source_half.join().expect("source half")?;
     let landed = dest_half.join().expect("destination half")?;
-    let received = recv.wait_with_output()?;
-    assert!(
-        received.status.success(),
-        "{}",
-        String::from_utf8_lossy(&received.stderr)
-    );
     assert!(decided.load(std::sync::atomic::Ordering::SeqCst));
     assert_eq!(carried.memory_connections, 4, "{carried:?}");
     assert_eq!(landed.memory_connections, 4, "{landed:?}");
@@ -452,17 +399,7 @@ fn a_ch_migration_split_in_a_source_and_a_destination_half() -> anyhow::Result<(
         "{carried:?} {landed:?}"
     );
     assert!(landed.bytes_landed >= 256 << 20, "{landed:?}");
-    wait_for(
-        "the guest counting on at the destination",
-        Duration::from_secs(20),
-        || src.guest().pass >= before + 16,
-    )?;
-    assert_eq!(src.guest().bad, 0, "{:?}", src.guest().bad_lines);
-    assert_eq!(dst.vm_state()?.as_deref(), Some("Running"));
-    wait_for("the source CH exiting", Duration::from_secs(10), || {
-        !src.proc.alive()
-    })?;
-    Ok(())
+    d.finish(before)
 }
 
 /// The whole path with real sidecars: a running CH VM registered with the source sidecar
@@ -476,110 +413,57 @@ fn ferry_migrates_an_unmodified_ch_vm_between_two_sidecars() -> anyhow::Result<(
     require_ch();
     require_kvm();
     let _g = serial();
-    let hosts = TwoHosts::new()?;
-    make_certs(&hosts.dir, "ca", &[("a", ADDR_A), ("b", ADDR_B)])?;
-    let opts = ClusterOpts::default();
-    let mut sidecars = Vec::new();
-    for i in 0..2 {
-        sidecars.push(Cluster::spawn_sidecar(&hosts, &opts, i)?);
-    }
-    for side in ["a", "b"] {
-        let s = hosts.path(&format!("{side}.sock"));
-        wait_for("a sidecar", Duration::from_secs(10), || s.exists())?;
-    }
-    let kernel = guest_kernel(&hosts.dir)?;
-    let mut src = Ch::start(&hosts, 0, "src", Some(&kernel), 256, false)?;
-    wait_for(
-        "the guest counting at the source",
-        Duration::from_secs(20),
-        || src.guest().pass >= 16,
-    )?;
-    let dst = Ch::start(&hosts, 1, "dst", None, 0, false)?;
-    let ferry = |i: usize, args: &[&str]| -> anyhow::Result<std::process::Output> {
-        let side = ["a", "b"][i];
-        Ok(hosts
-            .cmd(i, &bin("ferry"))
-            .args(args)
-            .arg("--socket")
-            .arg(hosts.path(&format!("{side}.sock")))
-            .output()?)
-    };
-    let text = |o: &std::process::Output| {
-        format!(
-            "{}{}",
-            String::from_utf8_lossy(&o.stdout),
-            String::from_utf8_lossy(&o.stderr)
-        )
-    };
-    let api_a = src.api.to_string_lossy().into_owned();
-    let api_b = dst.api.to_string_lossy().into_owned();
-    let o = ferry(
-        0,
-        &["ch", "register", "--api-socket", &api_a, "--vm-id", "vm1"],
-    )?;
-    assert!(
-        o.status.success() && text(&o).contains("256 MiB"),
+    let (mut p, registered) = ChPair::start_sized(ClusterOpts::default(), false, 256)?;
+    assert!(registered.contains("256 MiB"), "{registered}");
+    // A CH without a VM cannot be registered as a source.
+    let api_b = p.dst.api.to_string_lossy().into_owned();
+    let o = p
+        .ferry(
+            1,
+            &["ch", "register", "--api-socket", &api_b, "--vm-id", "vm2"],
+        )?
+        .wait_with_output()?;
+    assert_eq!(
+        o.status.code(),
+        Some(1),
         "{}",
-        text(&o)
+        String::from_utf8_lossy(&o.stderr)
     );
-    let o = ferry(
-        1,
-        &["ch", "await", "--api-socket", &api_b, "--vm-id", "vm1"],
-    )?;
-    assert!(o.status.success(), "{}", text(&o));
-    // A CH with a VM cannot wait for one; one without cannot be registered as a source.
-    let o = ferry(
-        1,
-        &["ch", "register", "--api-socket", &api_b, "--vm-id", "vm2"],
-    )?;
-    assert_eq!(o.status.code(), Some(1), "{}", text(&o));
-    let o = ferry(0, &["status", "--json"])?;
-    let st: serde_json::Value = serde_json::from_slice(&o.stdout)?;
+    let st = p.status(0).expect("status");
     assert_eq!(st["registered"][0]["vmm"], "cloud-hypervisor", "{st:#}");
-    let before = src.guest().pass;
+    let before = p.src.guest().pass;
     let to = format!("{ADDR_B}:{PORT}");
-    let o = ferry(
-        0,
-        &["migrate", "vm1", "--to", &to, "--json", "--streams", "4"],
-    )?;
+    let o = p
+        .ferry(
+            0,
+            &["migrate", "vm1", "--to", &to, "--json", "--streams", "4"],
+        )?
+        .wait_with_output()?;
     let s: serde_json::Value = serde_json::from_slice(&o.stdout).map_err(|e| {
         anyhow::anyhow!(
-            "{e}: {}\n{}\n{}",
-            text(&o),
-            sidecars[0].log_text(),
-            sidecars[1].log_text()
+            "{e}: {}{}\n{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+            p.logs()
         )
     })?;
-    assert_eq!(
-        s["result"],
-        "committed",
-        "{s:#}\n{}\n{}\n--- source CH ---\n{}\n--- destination CH ---\n{}",
-        sidecars[0].log_text(),
-        sidecars[1].log_text(),
-        src.proc.log_text(),
-        dst.proc.log_text()
-    );
+    assert_eq!(s["result"], "committed", "{s:#}\n{}", p.logs());
     assert_eq!(s["encrypted"], true, "{s:#}");
     assert!(s["bytes_transferred"].as_u64() >= Some(256 << 20), "{s:#}");
     assert_eq!(o.status.code(), Some(0));
     wait_for(
         "the guest counting on at the destination",
         Duration::from_secs(20),
-        || src.guest().pass >= before + 16,
+        || p.src.guest().pass >= before + 16,
     )?;
-    assert_eq!(src.guest().bad, 0, "{:?}", src.guest().bad_lines);
-    assert_eq!(dst.vm_state()?.as_deref(), Some("Running"));
+    assert_eq!(p.src.guest().bad, 0, "{:?}", p.src.guest().bad_lines);
+    assert_eq!(p.dst.vm_state()?.as_deref(), Some("Running"));
     wait_for("the source CH exiting", Duration::from_secs(10), || {
-        !src.proc.alive()
+        !p.src.proc.alive()
     })?;
     // Both sidecars say how it ended.
-    let st: serde_json::Value = serde_json::from_slice(&ferry(1, &["status", "--json"])?.stdout)?;
-    assert!(
-        st["migrations"].as_array().is_some_and(|m| m
-            .iter()
-            .any(|m| m["direction"] == "incoming" && m["state"] == "committed")),
-        "{st:#}"
-    );
+    let st = p.status(1).expect("status");
+    assert!(incoming(&st, |m| m["state"] == "committed"), "{st:#}");
     Ok(())
 }
 
@@ -615,6 +499,16 @@ impl ChPair {
     /// shared memory (post-copy needs it: the source CH hands its memfds over in local
     /// mode).
     fn start_with(opts: ClusterOpts, shared: bool) -> anyhow::Result<Self> {
+        Self::start_sized(opts, shared, 128).map(|(p, _)| p)
+    }
+
+    /// As [`ChPair::start_with`] with a guest of `mem_mib`; also returns what `ferry ch
+    /// register` said.
+    fn start_sized(
+        opts: ClusterOpts,
+        shared: bool,
+        mem_mib: u64,
+    ) -> anyhow::Result<(Self, String)> {
         let hosts = TwoHosts::new()?;
         make_certs(&hosts.dir, "ca", &[("a", ADDR_A), ("b", ADDR_B)])?;
         let mut sidecars = Vec::new();
@@ -626,7 +520,7 @@ impl ChPair {
             wait_for("a sidecar", Duration::from_secs(10), || s.exists())?;
         }
         let kernel = guest_kernel(&hosts.dir)?;
-        let src = Ch::start(&hosts, 0, "src", Some(&kernel), 128, shared)?;
+        let src = Ch::start(&hosts, 0, "src", Some(&kernel), mem_mib, shared)?;
         wait_for(
             "the guest counting at the source",
             Duration::from_secs(20),
@@ -641,26 +535,17 @@ impl ChPair {
             dst,
         };
         let api = p.src.api.to_string_lossy().into_owned();
-        p.ok(
+        let registered = p.ok(
             0,
             &["ch", "register", "--api-socket", &api, "--vm-id", "vm1"],
         )?;
         let api = p.dst.api.to_string_lossy().into_owned();
         p.ok(1, &["ch", "await", "--api-socket", &api, "--vm-id", "vm1"])?;
-        Ok(p)
+        Ok((p, registered))
     }
 
     fn ferry(&self, i: usize, args: &[&str]) -> anyhow::Result<std::process::Child> {
-        let side = ["a", "b"][i];
-        Ok(self
-            .hosts
-            .cmd(i, &bin("ferry"))
-            .args(args)
-            .arg("--socket")
-            .arg(self.hosts.path(&format!("{side}.sock")))
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()?)
+        self.hosts.spawn_ferry(i, args)
     }
 
     fn ok(&self, i: usize, args: &[&str]) -> anyhow::Result<String> {
