@@ -1186,3 +1186,54 @@ fn a_page_corrupted_on_the_way_fails_the_page_check_and_the_vm_runs_on() -> anyh
     )?;
     Ok(())
 }
+
+/// Post-copy, the destination sidecar killed once the destination CH restored the VM
+/// (paused, its pages served by that sidecar), before the source got that answer: the
+/// source CH (paused since its `Config`, its memory with the source sidecar) is answered
+/// and resumes; the destination CH never runs the VM.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_postcopy_destination_sidecar_killed_after_the_restore_leaves_the_vm_at_the_source(
+) -> anyhow::Result<()> {
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let (p, child) = ChPair::killed_at(1, "ch-dest-restored", true, &["--postcopy"])?;
+    let s = p.summary(child)?;
+    assert_eq!(s["result"], "aborted", "{s:#}");
+    p.wait_source_resumed()?;
+    p.guest_counts_on(16, "the guest counting on at the source")?;
+    assert_eq!(p.src.guest().bad, 0);
+    assert_ne!(p.dst.vm_state().ok().flatten().as_deref(), Some("Running"));
+    Ok(())
+}
+
+/// Post-copy, the destination sidecar killed once the destination CH runs the VM: nobody
+/// serves its page faults any more, so the destination CH ends (post-copy's stated risk);
+/// the source, whose answer to `Complete` was lost, holds its CH paused. `ferry recover`
+/// refuses while the destination is down; with it back, the destination says its CH is
+/// gone, and the source CH resumes with every page intact.
+#[test]
+#[ignore = "needs Cloud Hypervisor: scripts/test.sh runs it when it finds CH"]
+fn a_postcopy_destination_sidecar_killed_once_the_vm_runs_there_is_rolled_back_by_recover(
+) -> anyhow::Result<()> {
+    require_ch();
+    require_kvm();
+    let _g = serial();
+    let (mut p, child) = ChPair::killed_at(1, "ch-dest-running", true, &["--postcopy"])?;
+    let s = p.summary(child)?;
+    assert_eq!(s["result"], "committed-unconfirmed", "{s:#}");
+    wait_for("the destination CH ending", Duration::from_secs(60), || {
+        !p.dst.proc.alive()
+    })
+    .map_err(|e| anyhow::anyhow!("{e}\n{}", p.logs()))?;
+    assert!(!p.source_resumed(), "{}", p.src.proc.log_text());
+    p.recover_refused(&[], "cannot ask the destination")?;
+    p.restart_sidecar(1)?;
+    let line = p.ok(0, &["recover", "vm1"])?;
+    assert!(line.contains("resumes its VM"), "{line}");
+    p.wait_source_resumed()?;
+    p.guest_counts_on(16, "the guest counting on at the source")?;
+    assert_eq!(p.src.guest().bad, 0);
+    Ok(())
+}
