@@ -57,8 +57,8 @@ scripts/rdma-tests.sh 2>&1 | tee -a "$LOG"
 step "fuzzing: a bounded slice of every decoder target"
 scripts/fuzz.sh --runs "${FERRY_FUZZ_RUNS:-200000}" || { echo "fuzz: a target crashed or failed to build"; fail=1; }
 
-passed=$(grep -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$4} END {print s+0}')
-failed=$(grep -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$6} END {print s+0}')
+passed=$(grep -a -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$4} END {print s+0}')
+failed=$(grep -a -o 'test result: [A-Za-z]*\. [0-9]* passed; [0-9]* failed' "$LOG" | awk '{s+=$6} END {print s+0}')
 [ "$failed" = 0 ] || fail=1
 echo
 echo "tests: $passed passed, $failed failed"

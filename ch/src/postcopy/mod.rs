@@ -225,6 +225,7 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
     let mut report = Report::default();
     let mut dest: Option<ToDest> = None;
     let mut complete_sent = false;
+    let mut pulling = false;
     let mut answered = false;
     let result = (|| -> anyhow::Result<()> {
         match next_from_source(&mut source)? {
@@ -295,6 +296,7 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
                     &[],
                 )
                 .context("the destination CH did not confirm it started the VM")?;
+                pulling = true;
                 report.running = !paused;
                 let t = Instant::now();
                 hold("ch-dest-running");
@@ -367,8 +369,14 @@ pub fn receive<S: Read + Write, D: Read + Write + Send>(
             error: anyhow::anyhow!("the VM runs here and every page landed, but the source's answer to Complete was lost"),
             unsettled: Some(source),
         }),
+        // Whatever ended a pull (the source gone, a connection cut, RDMA set-up failing on
+        // a dead peer) says so first: the VM here lacks pages only the source had.
         Err(error) if complete_sent => Err(Failed {
-            error,
+            error: if pulling {
+                error.context("the post-copy pull broke off")
+            } else {
+                error
+            },
             unsettled: (!answered).then_some(source),
         }),
         Err(error) => Err(crate::relay::give_up(source, dest, error)),
