@@ -88,6 +88,20 @@ impl LocalPair {
     ///
     /// When a sidecar does not come up.
     pub fn start_with(tag: &str, port_base: u16, auth: PairAuth) -> anyhow::Result<Self> {
+        Self::start_serving(tag, port_base, auth, &[])
+    }
+
+    /// Starts both sidecars authenticating with `auth`, with `extra` flags to `ferry serve`.
+    ///
+    /// # Errors
+    ///
+    /// When a sidecar does not come up.
+    pub fn start_serving(
+        tag: &str,
+        port_base: u16,
+        auth: PairAuth,
+        extra: &[&str],
+    ) -> anyhow::Result<Self> {
         use std::os::unix::fs::PermissionsExt;
         let dir = std::env::temp_dir().join(format!("ferry-bench-{}-{tag}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
@@ -144,6 +158,7 @@ impl LocalPair {
                 .arg(format!("127.0.0.1:{}", port_base + i as u16))
                 .args(&auth_args)
                 .args(["--rdma-peer", "127.0.0.1"])
+                .args(extra)
                 .arg("--state-dir")
                 .arg(dir.join(format!("state-{side}")))
                 .env("RUST_LOG", "warn")

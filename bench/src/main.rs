@@ -20,6 +20,7 @@ mod ch;
 mod coldfirst;
 mod control;
 mod downtime;
+mod link;
 mod local;
 mod rdma;
 mod report;
@@ -57,6 +58,9 @@ enum Cmd {
     /// The whole migration of a random-filled idle guest against the wire time of the same
     /// bytes (iperf3, same streams, same run).
     Total(total::TotalArgs),
+    /// Ferry against iperf3 on links shaped with tc (10/25/40 Gbit/s) between two network
+    /// namespaces, whole migration included.
+    Link(link::LinkArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -69,5 +73,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::Ch(a) => ch::run(&a),
         Cmd::ControlPath(a) => control::run(&a),
         Cmd::Total(a) => total::run(&a),
+        Cmd::Link(a) => link::run(&a),
     }
 }

@@ -41,9 +41,10 @@ pub(crate) fn idle_pair(
     port: u16,
     mem_mib: u64,
     tls: bool,
+    serve: &[&str],
 ) -> anyhow::Result<LocalPair> {
-    let mut pair =
-        LocalPair::start_with(tag, port, if tls { PairAuth::Tls } else { PairAuth::Psk })?;
+    let auth = if tls { PairAuth::Tls } else { PairAuth::Psk };
+    let mut pair = LocalPair::start_serving(tag, port, auth, serve)?;
     let a = pair.socket("a").display().to_string();
     let b = pair.socket("b").display().to_string();
     let mem = mem_mib.to_string();
@@ -91,6 +92,7 @@ fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> 
         27_000 + streams * 10 + run as u16 * 100,
         args.mem_mib,
         args.tls,
+        &[],
     )?;
     let (src0, dst0) = (
         cpu_seconds(pair.sidecar_pid(0))?,

@@ -27,6 +27,9 @@ pub struct TotalArgs {
     /// Mutual TLS 1.3 between the sidecars (default: `--insecure-psk`, as `ferry-bench tcp`).
     #[arg(long)]
     pub tls: bool,
+    /// How the destination fills the guest's memory (`ferry serve --populate`).
+    #[arg(long, default_value = "overlap", value_parser = ["overlap", "ahead"])]
+    pub populate: String,
 }
 
 /// One run's phases, in seconds.
@@ -45,6 +48,7 @@ fn once(a: &TotalArgs, run: u32) -> anyhow::Result<Run> {
         28_000 + run as u16 * 10,
         a.mem_mib,
         a.tls,
+        &["--populate", &a.populate],
     )?;
     let t = Instant::now();
     let s = pair.migrate("bench", &["--streams".into(), a.streams.to_string()])?;
@@ -83,10 +87,11 @@ fn once(a: &TotalArgs, run: u32) -> anyhow::Result<Run> {
 pub fn run(a: &TotalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
     println!(
-        "ferry-bench total: {} MiB random-filled idle guest over loopback, {} streams, default verification, {}; whole migration (migrate to committed) vs the wire time of the same bytes at iperf3's rate (same streams, same run); {} runs",
+        "ferry-bench total: {} MiB random-filled idle guest over loopback, {} streams, default verification, {}, destination memory populated {}; whole migration (migrate to committed) vs the wire time of the same bytes at iperf3's rate (same streams, same run); {} runs",
         a.mem_mib,
         a.streams,
         if a.tls { "mutual TLS" } else { "--insecure-psk" },
+        if a.populate == "ahead" { "ahead" } else { "while pages arrive" },
         a.runs
     );
     println!(
@@ -146,7 +151,7 @@ pub fn run(a: &TotalArgs) -> anyhow::Result<()> {
         &dir,
         "total",
         &serde_json::json!({
-            "mem_mib": a.mem_mib, "streams": a.streams, "tls": a.tls,
+            "mem_mib": a.mem_mib, "streams": a.streams, "tls": a.tls, "populate": a.populate,
             "runs": records, "ratio_median": m, "ratio_min": lo, "ratio_max": hi,
         }),
     )?;

@@ -96,7 +96,7 @@
 //! - **Writes.** A store to a truncated page is absorbed like a load, but it lands in
 //!   the private zero page and is lost. The sidecar never writes source memory.
 //! - **Copies done by the kernel.** `writev`/`sendmsg` from the mapping, `pwrite`,
-//!   `MADV_POPULATE_READ` (`GuestRegion::prefault_read`) and other system calls that
+//!   `MADV_POPULATE_READ` (`GuestRegion::prefault_data`) and other system calls that
 //!   read the mapping take no `SIGBUS`: they fail with `EFAULT` (or return a short
 //!   count), which callers see as an I/O error.
 //! - **Pinned pages.** Pages pinned before the truncation (an RDMA memory registration,

@@ -199,14 +199,80 @@ impl GuestRegion {
         self.madvise_all(threads, libc::MADV_POPULATE_WRITE)
     }
 
-    /// Maps every page of a region someone else filled (the source VM's RAM) into this
-    /// process's page tables, so sending it later takes no page fault per page.
+    /// Faults `count` pages from `first` in, writable, in one call (a receiver about to
+    /// land them; see [`GuestRegion::populate`]). Pages already there are left as they
+    /// are.
     ///
     /// # Errors
     ///
-    /// [`ProtoError::Io`] from `madvise`.
-    pub fn prefault_read(&self, threads: usize) -> Result<Duration, ProtoError> {
-        self.madvise_all(threads, libc::MADV_POPULATE_READ)
+    /// [`ProtoError::Io`] from `madvise` (ENOMEM when memory runs out); pages outside the
+    /// region are an `EINVAL` error.
+    pub fn populate_pages(&self, first: u64, count: u64) -> Result<(), ProtoError> {
+        let Some(ptr) = self.pages_ptr(first, count) else {
+            return Err(ProtoError::Io {
+                op: "populating pages outside the region",
+                source: std::io::Error::from_raw_os_error(libc::EINVAL),
+            });
+        };
+        // SAFETY: the pages lie inside the mapping (pages_ptr checked them), which lives as
+        // long as `self`; populating changes no data.
+        let rc =
+            unsafe { libc::madvise(ptr.cast(), count as usize * PAGE, libc::MADV_POPULATE_WRITE) };
+        if rc == 0 {
+            Ok(())
+        } else {
+            Err(os("madvise(MADV_POPULATE_WRITE)"))
+        }
+    }
+
+    /// Maps the pages of a region someone else filled (the source VM's RAM) into this
+    /// process's page tables, so sending them later takes no page fault per page; only
+    /// where `fd` (the memfd this region maps from `offset`) holds data: a read fault on
+    /// a hole of a memfd allocates a page, so prefaulting a sparse VM's whole RAM would
+    /// fill its holes with zeroed memory.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Io`] from `lseek` or `madvise`.
+    pub fn prefault_data(&self, fd: BorrowedFd<'_>, offset: u64) -> Result<Duration, ProtoError> {
+        let t0 = Instant::now();
+        let (start, end) = (offset, offset + self.len as u64);
+        let mut at = start;
+        while at < end {
+            // SAFETY: lseek on an open descriptor only moves its file offset.
+            let data = unsafe { libc::lseek(fd.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
+            if data < 0 {
+                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                    break;
+                }
+                return Err(os("lseek(SEEK_DATA) on guest RAM"));
+            }
+            let data = (data as u64 / PAGE as u64 * PAGE as u64).max(at);
+            if data >= end {
+                break;
+            }
+            // SAFETY: as above.
+            let hole = unsafe { libc::lseek(fd.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
+            if hole < 0 {
+                return Err(os("lseek(SEEK_HOLE) on guest RAM"));
+            }
+            let hole = (hole as u64).div_ceil(PAGE as u64) * PAGE as u64;
+            let hole = hole.min(end);
+            // SAFETY: [data, hole) - offset lies inside the mapping (clamped to
+            // [start, end) above), which `self` keeps mapped; populating changes no data.
+            let rc = unsafe {
+                libc::madvise(
+                    self.ptr.as_ptr().add((data - start) as usize).cast(),
+                    (hole - data) as usize,
+                    libc::MADV_POPULATE_READ,
+                )
+            };
+            if rc != 0 {
+                return Err(os("madvise(MADV_POPULATE_READ)"));
+            }
+            at = hole.max(data + PAGE as u64);
+        }
+        Ok(t0.elapsed())
     }
 
     fn madvise_all(&self, threads: usize, advice: i32) -> Result<Duration, ProtoError> {

@@ -10,6 +10,7 @@
 //! max_incoming = 2                 # migrations in at once (sources keep the rest queued)
 //! max_bandwidth_mibps = 0          # this host's cap for outgoing migrations (0: none)
 //! metrics = "127.0.0.1:9477"       # Prometheus text on GET /metrics (absent: off)
+//! populate = "overlap"             # incoming memory filled while pages arrive, or "ahead"
 //! log_format = "text"              # or "json"
 //!
 //! [tls]                            # mutual TLS 1.3 (`ferry cert` makes these)
@@ -27,6 +28,7 @@ use anyhow::{bail, Context};
 use serde::Deserialize;
 
 use crate::context::DaemonConfig;
+use crate::intake::Populate;
 use crate::peer::PeerAuth;
 use ferry_tls::{Tls, TlsFiles};
 
@@ -70,6 +72,8 @@ pub struct FileConfig {
     pub max_bandwidth_mibps: Option<u64>,
     /// Metrics address.
     pub metrics: Option<String>,
+    /// "overlap" or "ahead".
+    pub populate: Option<String>,
     /// "text" or "json".
     pub log_format: Option<String>,
 }
@@ -118,6 +122,8 @@ pub struct ServeFlags {
     pub max_bandwidth_mibps: Option<u64>,
     /// `--metrics`.
     pub metrics: Option<String>,
+    /// `--populate`.
+    pub populate: Option<String>,
 }
 
 /// Default limit of migrations at once, each way.
@@ -171,6 +177,10 @@ pub fn resolve(file: FileConfig, f: ServeFlags) -> anyhow::Result<(DaemonConfig,
             .or(file.max_bandwidth_mibps)
             .unwrap_or(0),
         metrics: f.metrics.or(file.metrics),
+        populate: match f.populate.or(file.populate) {
+            Some(p) => Populate::parse(&p)?,
+            None => Populate::default(),
+        },
     };
     for (name, v) in [
         ("max_outgoing", cfg.max_outgoing),

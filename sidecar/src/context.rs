@@ -34,6 +34,8 @@ pub struct DaemonConfig {
     pub max_bandwidth_mibps: u64,
     /// Where Prometheus metrics are served, if anywhere.
     pub metrics: Option<String>,
+    /// How incoming VMs' memory is filled.
+    pub populate: crate::intake::Populate,
 }
 
 /// Shared daemon state.

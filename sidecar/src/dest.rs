@@ -209,7 +209,7 @@ fn receive(
     vmm: &mut Option<WaitingVmm>,
 ) -> anyhow::Result<()> {
     // Failures before any data moved are told to the source, with the reason.
-    let mut landing = match prepare(vm_id, regions) {
+    let mut landing = match prepare(vm_id, regions, d.cfg.populate) {
         Ok(l) => l,
         Err(e) => {
             return Err(refuse(
@@ -218,7 +218,7 @@ fn receive(
             ))
         }
     };
-    tracing::info!(vm = %vm_id, ms = landing.prepare.as_millis() as u64, "destination memory prepared");
+    tracing::info!(vm = %vm_id, ms = landing.prepare.as_millis() as u64, populate = ?d.cfg.populate, "destination memory prepared");
     // Expected before `Accept` leaves: the source connects as soon as it reads it.
     let expected = expect_data(&d.registry, session, ctl.key, channels);
     write_msg(

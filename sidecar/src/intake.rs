@@ -34,6 +34,38 @@ const ROUND_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// dead (rxe reports nothing when the peer's QP dies, so the puller must time out).
 const RDMA_STALL_TIMEOUT: Duration = Duration::from_secs(10);
 
+/// How the memory of an incoming VM is filled before its pages land in it (`populate` in
+/// the daemon's configuration). Filling (the kernel allocating and zeroing each page) runs
+/// at about the wire rate of a 10 Gbit/s link on the measured hosts, so where it happens
+/// decides much of the whole migration's time (`docs/design.md`, "Destination memory").
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Populate {
+    /// `Accept` leaves as soon as the memfds exist; each TCP receiver fills a frame's
+    /// pages with one call just before it lands them (never a page fault per page), and
+    /// pages the source sends as zero markers are never allocated. RDMA registers the
+    /// memory when the source offers it, which fills it all then.
+    #[default]
+    Overlap,
+    /// All of it before `Accept`: a memory shortage shows before any data moves, and the
+    /// source waits meanwhile.
+    Ahead,
+}
+
+impl Populate {
+    /// Parses the configuration's spelling.
+    ///
+    /// # Errors
+    ///
+    /// Anything but `overlap` or `ahead`.
+    pub fn parse(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "overlap" => Ok(Self::Overlap),
+            "ahead" => Ok(Self::Ahead),
+            other => bail!("populate must be \"overlap\" or \"ahead\", got {other:?}"),
+        }
+    }
+}
+
 /// Fresh memory for an incoming VM.
 pub struct Landing {
     /// The regions, mapped.
@@ -42,24 +74,28 @@ pub struct Landing {
     pub fds: Vec<OwnedFd>,
     /// The hash of every page as it landed (the destination's digest at `Ready`).
     pub landed: Arc<PageHashes>,
-    /// How long creating and populating took.
+    /// How long the source waited for this memory (creating it, and populating it with
+    /// [`Populate::Ahead`]).
     pub prepare: Duration,
 }
 
-/// Creates memfds of the offered layout and populates them before the first page.
+/// Creates memfds of the offered layout, populated before the first page with
+/// [`Populate::Ahead`].
 ///
 /// # Errors
 ///
 /// Out of memory, `memfd_create`/`mmap` failures.
-pub fn prepare(vm_id: &str, regions: &[RegionInfo]) -> anyhow::Result<Landing> {
+pub fn prepare(vm_id: &str, regions: &[RegionInfo], how: Populate) -> anyhow::Result<Landing> {
     let t = Instant::now();
     let mut mem = Vec::new();
     let mut fds = Vec::new();
     for (i, r) in regions.iter().enumerate() {
         let (m, fd) = GuestRegion::create(&format!("ferry-in-{vm_id}-{i}"), r.size)
             .with_context(|| format!("creating region {i} ({} MiB)", r.size >> 20))?;
-        m.populate(2)
-            .with_context(|| format!("populating region {i}"))?;
+        if how == Populate::Ahead {
+            m.populate(2)
+                .with_context(|| format!("populating region {i}"))?;
+        }
         mem.push(m);
         fds.push(fd);
     }

@@ -149,19 +149,20 @@ fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
                 Ok(m) => m,
                 Err(reason) => return refuse_vmm(&s, reason),
             };
-            drop(fds);
             {
                 let mut w = &s;
                 write_msg(&mut w, &VmmMsg::Ok)?;
             }
             s.set_timeouts(None)?;
             // Map the VM's RAM into our page tables now, off the migration's path (after
-            // Ok: a large VM takes seconds, and the VMM waits for the answer).
-            for m in &mem {
-                if let Err(e) = m.prefault_read(2) {
+            // Ok: a large VM takes seconds, and the VMM waits for the answer). Only what
+            // holds data: a read fault on a memfd's hole would allocate a page there.
+            for ((m, fd), r) in mem.iter().zip(&fds).zip(&regions) {
+                if let Err(e) = m.prefault_data(fd.as_fd(), r.offset) {
                     tracing::warn!(vm = %vm_id, "prefaulting guest RAM: {}", chain(&e));
                 }
             }
+            drop(fds);
             let vm = SourceVm {
                 link: s,
                 regions,

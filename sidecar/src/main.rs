@@ -139,6 +139,9 @@ enum CertCmd {
     },
 }
 
+// Parsed once per process: `serve`'s many flags make its variant large, which costs
+// nothing here.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the sidecar daemon.
@@ -192,6 +195,11 @@ enum Cmd {
         /// Serve Prometheus metrics on this address (GET /metrics).
         #[arg(long)]
         metrics: Option<String>,
+        /// How an incoming VM's memory is filled: `overlap` (in the background while its
+        /// pages arrive) or `ahead` (all of it before the source may send: a memory
+        /// shortage shows before any data moves) [default: overlap].
+        #[arg(long, value_parser = ["overlap", "ahead"])]
+        populate: Option<String>,
         /// Log lines as text or JSON [default: text].
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
@@ -369,6 +377,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_incoming,
             max_bandwidth_mibps,
             metrics,
+            populate,
             log_format: _,
         } => {
             let file = match &config {
@@ -390,6 +399,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_incoming,
                 max_bandwidth_mibps,
                 metrics,
+                populate,
             };
             if let Some(f) = file.log_format.as_deref() {
                 if f != "text" && f != "json" {

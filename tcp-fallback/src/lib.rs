@@ -523,6 +523,18 @@ fn read_channel(
             DataKind::Pages => {
                 let n = hdr.count as usize;
                 let len = n * PAGE;
+                // Pages landing for the first time are faulted in with one call for the
+                // whole frame (the destination no longer fills its memory before the
+                // first page): a page fault per page inside the copy costs several times
+                // more. Pages already there are left alone.
+                if !received.get(region_ix, hdr.first) {
+                    if let Err(e) = region.populate_pages(hdr.first, hdr.count) {
+                        return fail(TransportError::Failed {
+                            reason: format!("data connection {channel}: the destination cannot fill the VM's memory: {e}"),
+                            unfinished: Vec::new(),
+                        });
+                    }
+                }
                 // SAFETY: `hashes` holds MAX_BATCH_PAGES * 8 bytes and n <= MAX_BATCH_PAGES
                 // (checked by decode).
                 if let Err(e) = unsafe { stream.read_exact_ptr(hashes.as_mut_ptr(), n * 8) } {

@@ -33,14 +33,16 @@ pub fn serial() -> MutexGuard<'static, ()> {
     SERIAL.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// Path of a workspace binary next to the test executable's target directory.
+/// Path of a workspace binary in the running executable's target directory (a test runs
+/// from `target/<profile>/deps`, `ferry-bench` from `target/<profile>`).
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
-    // target/<profile>/deps/<test> -> target/<profile>/<name>
-    let dir = exe
-        .parent()
-        .and_then(Path::parent)
-        .expect("target profile directory");
+    let here = exe.parent().expect("executable directory");
+    let dir = if here.ends_with("deps") {
+        here.parent().expect("target profile directory")
+    } else {
+        here
+    };
     let p = dir.join(name);
     assert!(
         p.exists(),
