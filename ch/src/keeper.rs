@@ -54,8 +54,15 @@ fn recv_fd(s: &UnixStream) -> anyhow::Result<(String, Option<OwnedFd>)> {
 /// The socket cannot be bound, or the first link does not hand a connection over.
 pub fn run(socket: &Path) -> anyhow::Result<()> {
     let _ = std::fs::remove_file(socket);
-    let l = UnixListener::bind(socket)
-        .with_context(|| format!("binding the keeper socket {}", socket.display()))?;
+    // Bound (and listening) under another name first, then renamed: the socket's path
+    // appears only once connecting to it works (between bind and listen a connection is
+    // refused, which a slow host hits).
+    let binding = socket.with_extension("binding");
+    let _ = std::fs::remove_file(&binding);
+    let l = UnixListener::bind(&binding)
+        .with_context(|| format!("binding the keeper socket {}", binding.display()))?;
+    std::fs::rename(&binding, socket)
+        .with_context(|| format!("naming the keeper socket {}", socket.display()))?;
     let result = serve(&l);
     let _ = std::fs::remove_file(socket);
     result

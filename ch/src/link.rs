@@ -20,6 +20,33 @@ use crate::wire::{
 };
 use ferry_engine::digest::page_hash;
 
+/// Connects to a Unix socket another process is setting up: its path may appear a moment
+/// before it listens (bind, then listen), so a refused connection is tried again until
+/// `within` has passed.
+///
+/// # Errors
+///
+/// Still refused (or missing) after `within`, or any other connect error.
+pub fn connect_listening(
+    path: &std::path::Path,
+    within: std::time::Duration,
+) -> std::io::Result<UnixStream> {
+    let end = std::time::Instant::now() + within;
+    loop {
+        match UnixStream::connect(path) {
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) && std::time::Instant::now() < end =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            r => return r,
+        }
+    }
+}
+
 /// Reads one request header.
 ///
 /// # Errors

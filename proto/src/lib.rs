@@ -43,10 +43,11 @@ pub mod records;
 pub mod vmm;
 
 /// Protocol version this build speaks (2: separate VMM, CLI and peer protocols; commit
-/// fences; TLS. 3: queues and limits (`Busy`), priorities, cancel, bandwidth caps).
-pub const VERSION: u16 = 3;
-/// Oldest protocol version this build accepts.
-pub const MIN_VERSION: u16 = 3;
+/// fences; TLS. 3: queues and limits (`Busy`), priorities, cancel, bandwidth caps. 4: the
+/// offer carries the source RAM's backing page size, for huge pages).
+pub const VERSION: u16 = 4;
+/// Oldest protocol version this build accepts (a version 3 offer lacks the page size).
+pub const MIN_VERSION: u16 = 4;
 
 /// Checks a peer's version against [`MIN_VERSION`]..=[`VERSION`].
 ///

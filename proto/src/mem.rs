@@ -45,11 +45,51 @@ impl GuestRegion {
     ///
     /// [`ProtoError::Io`] from `memfd_create`, `ftruncate` or `mmap` (e.g. ENOMEM).
     pub fn create(name: &str, size: u64) -> Result<(Self, OwnedFd), ProtoError> {
+        Self::create_backed(name, size, PAGE as u64)
+    }
+
+    /// As [`GuestRegion::create`], backed by pages of `page_size` bytes: [`PAGE`], or a
+    /// huge page size (hugetlbfs: 2 MiB or 1 GiB on x86-64), whose pages are reserved when
+    /// the memfd is mapped.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::BadValue`] for a page size that is not a power of two of at least
+    /// [`PAGE`] or a size that is not whole pages of it; [`ProtoError::Io`] as
+    /// [`GuestRegion::create`], and `ENOMEM` from `mmap` when too few huge pages are free
+    /// (`/proc/sys/vm/nr_hugepages`).
+    pub fn create_backed(
+        name: &str,
+        size: u64,
+        page_size: u64,
+    ) -> Result<(Self, OwnedFd), ProtoError> {
+        if !page_size.is_power_of_two() || page_size < PAGE as u64 {
+            return Err(ProtoError::BadValue {
+                what: "backing page size",
+                value: page_size,
+            });
+        }
+        if !size.is_multiple_of(page_size) {
+            return Err(ProtoError::BadValue {
+                what: "region size (not whole pages of its backing page size)",
+                value: size,
+            });
+        }
+        let flags = if page_size == PAGE as u64 {
+            libc::MFD_CLOEXEC
+        } else {
+            // The huge page size goes as its log2 in bits 26 and up (MFD_HUGE_SHIFT).
+            libc::MFD_CLOEXEC | libc::MFD_HUGETLB | (page_size.trailing_zeros() << 26)
+        };
         let cname = std::ffi::CString::new(name).unwrap_or_else(|_| c"ferry-ram".to_owned());
         // SAFETY: `cname` is a valid NUL-terminated string for the duration of the call.
-        let fd = unsafe { libc::memfd_create(cname.as_ptr(), libc::MFD_CLOEXEC) };
+        let fd = unsafe { libc::memfd_create(cname.as_ptr(), flags) };
         if fd < 0 {
-            return Err(os("memfd_create"));
+            return Err(os(if page_size == PAGE as u64 {
+                "memfd_create"
+            } else {
+                "memfd_create(MFD_HUGETLB) (is that huge page size supported here?)"
+            }));
         }
         // SAFETY: memfd_create just returned this fd to us and nothing else owns it.
         let fd = unsafe { OwnedFd::from_raw_fd(fd) };
@@ -57,8 +97,34 @@ impl GuestRegion {
         if unsafe { libc::ftruncate(fd.as_raw_fd(), size as libc::off_t) } != 0 {
             return Err(os("ftruncate memfd"));
         }
-        let region = Self::map(fd.as_fd_borrowed(), 0, size)?;
+        let region = match Self::map(fd.as_fd_borrowed(), 0, size) {
+            Err(ProtoError::Io { source, .. })
+                if page_size != PAGE as u64 && source.raw_os_error() == Some(libc::ENOMEM) =>
+            {
+                return Err(ProtoError::Io {
+                    op: "mapping huge-page memory: too few free huge pages of that size (/proc/sys/vm/nr_hugepages)",
+                    source,
+                })
+            }
+            r => r?,
+        };
         Ok((region, fd))
+    }
+
+    /// The size of the pages behind `fd`: the huge page size of a hugetlbfs memfd,
+    /// [`PAGE`] for ordinary shared memory.
+    ///
+    /// # Errors
+    ///
+    /// [`ProtoError::Io`] from `fstat`.
+    pub fn backing_page_size(fd: BorrowedFd<'_>) -> Result<u64, ProtoError> {
+        // SAFETY: fstat writes a `stat` for an open descriptor into memory we own.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: as above.
+        if unsafe { libc::fstat(fd.as_raw_fd(), &mut st) } != 0 {
+            return Err(os("fstat guest memfd"));
+        }
+        Ok((st.st_blksize as u64).max(PAGE as u64))
     }
 
     /// Maps `size` bytes at `offset` of `fd`, shared and writable.

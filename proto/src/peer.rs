@@ -114,6 +114,9 @@ pub enum PeerMsg {
         cpu_profile: Vec<u8>,
         /// The migration's id.
         session: SessionId,
+        /// Size of the pages behind the source VM's RAM: 4096, or the huge page size of
+        /// hugetlbfs memfds (the destination backs its copy with the same).
+        backing_page_size: u64,
     },
     /// Destination: ready for data.
     Accept {
@@ -392,13 +395,15 @@ impl Message for PeerMsg {
                 transports,
                 cpu_profile,
                 session,
+                backing_page_size,
             } => {
                 w.str(vm_id).u32(*page_size);
                 put_regions(w, regions);
                 w.u16(*channels)
                     .u8(*transports)
                     .bytes(cpu_profile)
-                    .session(session);
+                    .session(session)
+                    .u64(*backing_page_size);
             }
             PeerMsg::Accept { prepare_us } => {
                 w.u64(*prepare_us);
@@ -498,6 +503,7 @@ impl Message for PeerMsg {
                 transports: r.u8()?,
                 cpu_profile: r.bytes(MAX_BLOB)?.to_vec(),
                 session: r.session()?,
+                backing_page_size: r.u64()?,
             },
             9 => PeerMsg::Accept {
                 prepare_us: r.u64()?,
@@ -657,6 +663,7 @@ pub(crate) mod tests {
                 transports: OFFER_TCP | OFFER_RDMA,
                 cpu_profile: vec![9],
                 session: SessionId([8; 16]),
+                backing_page_size: 2 << 20,
             },
             PeerMsg::Accept { prepare_us: 1234 },
             PeerMsg::DataHello {

@@ -49,11 +49,14 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
         transports,
         cpu_profile,
         session,
+        backing_page_size,
     } = offer
     else {
         bail!("not an offer");
     };
-    if let Err(reason) = crate::offer::check_offer(page_size, &regions, channels, transports) {
+    let checked =
+        crate::offer::check_offer(page_size, &regions, channels, transports, backing_page_size);
+    if let Err(reason) = checked {
         return Err(refuse(&mut ctl.stream, reason));
     }
     let Some(_slot) = admit(d, &mut ctl, &vm_id)? else {
@@ -84,7 +87,7 @@ pub fn run(d: &Arc<Daemon>, mut ctl: Control, offer: PeerMsg) -> anyhow::Result<
         &mut ctl,
         &vm_id,
         &regions,
-        (channels, transports),
+        (channels, transports, backing_page_size),
         session,
         &mut s,
         &mut ex_vmm,
@@ -203,13 +206,13 @@ fn receive(
     ctl: &mut Control,
     vm_id: &str,
     regions: &[RegionInfo],
-    (channels, transports): (u16, u8),
+    (channels, transports, backing_page_size): (u16, u8, u64),
     session: SessionId,
     s: &mut DestSession,
     vmm: &mut Option<WaitingVmm>,
 ) -> anyhow::Result<()> {
     // Failures before any data moved are told to the source, with the reason.
-    let mut landing = match prepare(vm_id, regions, d.cfg.populate) {
+    let mut landing = match prepare(vm_id, regions, backing_page_size, d.cfg.populate) {
         Ok(l) => l,
         Err(e) => {
             return Err(refuse(

@@ -25,6 +25,8 @@ pub struct SourceVm {
     pub mem: Arc<Vec<GuestRegion>>,
     /// CPU compatibility blob.
     pub cpu_profile: Vec<u8>,
+    /// Size of the pages behind its memfds (huge pages, or 4 KiB).
+    pub backing_page_size: u64,
     /// The commit fence the VM is paused under, if any.
     pub fence: Option<Fence>,
 }

@@ -79,19 +79,25 @@ pub struct Landing {
     pub prepare: Duration,
 }
 
-/// Creates memfds of the offered layout, populated before the first page with
-/// [`Populate::Ahead`].
+/// Creates memfds of the offered layout, backed by pages of `page_size` (the source's: huge
+/// pages for a huge-page VM), populated before the first page with [`Populate::Ahead`].
 ///
 /// # Errors
 ///
-/// Out of memory, `memfd_create`/`mmap` failures.
-pub fn prepare(vm_id: &str, regions: &[RegionInfo], how: Populate) -> anyhow::Result<Landing> {
+/// Out of memory (or huge pages), `memfd_create`/`mmap` failures.
+pub fn prepare(
+    vm_id: &str,
+    regions: &[RegionInfo],
+    page_size: u64,
+    how: Populate,
+) -> anyhow::Result<Landing> {
     let t = Instant::now();
     let mut mem = Vec::new();
     let mut fds = Vec::new();
     for (i, r) in regions.iter().enumerate() {
-        let (m, fd) = GuestRegion::create(&format!("ferry-in-{vm_id}-{i}"), r.size)
-            .with_context(|| format!("creating region {i} ({} MiB)", r.size >> 20))?;
+        let (m, fd) =
+            GuestRegion::create_backed(&format!("ferry-in-{vm_id}-{i}"), r.size, page_size)
+                .with_context(|| format!("creating region {i} ({} MiB)", r.size >> 20))?;
         if how == Populate::Ahead {
             m.populate(2)
                 .with_context(|| format!("populating region {i}"))?;

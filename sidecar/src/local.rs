@@ -128,6 +128,37 @@ fn map_regions(
     Ok(mem)
 }
 
+/// The size of the pages behind a VMM's memfds (`fstat`: huge pages for hugetlbfs): one
+/// for the whole VM, every region whole pages of it (the destination backs its copy so).
+fn backing_page_size(
+    regions: &[ferry_proto::common::RegionInfo],
+    fds: &[std::os::fd::OwnedFd],
+) -> Result<u64, String> {
+    let mut size = None;
+    for (i, (r, fd)) in regions.iter().zip(fds).enumerate() {
+        let p = GuestRegion::backing_page_size(fd.as_fd())
+            .map_err(|e| format!("region {i}: {}", chain(&e)))?;
+        match size {
+            Some(s) if s != p => {
+                return Err(format!(
+                    "region {i} is backed by {p}-byte pages, the ones before by {s}-byte pages: one page size per VM"
+                ))
+            }
+            _ => size = Some(p),
+        }
+        if [r.gpa, r.size, r.offset]
+            .iter()
+            .any(|v| !v.is_multiple_of(p))
+        {
+            return Err(format!(
+                "region {i} (gpa {:#x}, size {:#x}, offset {:#x}) is not whole pages of its memfd's {p}-byte pages",
+                r.gpa, r.size, r.offset
+            ));
+        }
+    }
+    size.ok_or_else(|| "no regions".to_string())
+}
+
 fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()> {
     let (msg, fds) = match recv_with_fds::<VmmMsg>(&s, MAX_FRAME) {
         Ok(m) => m,
@@ -149,6 +180,10 @@ fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
                 Ok(m) => m,
                 Err(reason) => return refuse_vmm(&s, reason),
             };
+            let backing_page_size = match backing_page_size(&regions, &fds) {
+                Ok(p) => p,
+                Err(reason) => return refuse_vmm(&s, reason),
+            };
             {
                 let mut w = &s;
                 write_msg(&mut w, &VmmMsg::Ok)?;
@@ -168,6 +203,7 @@ fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
                 regions,
                 mem: Arc::new(mem),
                 cpu_profile,
+                backing_page_size,
                 fence: fence.clone(),
             };
             let vm = match &fence {

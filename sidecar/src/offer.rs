@@ -117,6 +117,7 @@ pub fn negotiate(
             transports: OFFER_TCP | if export.is_some() { OFFER_RDMA } else { 0 },
             cpu_profile: vm.cpu_profile.clone(),
             session,
+            backing_page_size: vm.backing_page_size,
         },
     )?;
     let prepare_us = match read_msg(&mut ctl.stream, MAX_FRAME)? {
@@ -201,12 +202,23 @@ fn mem_available() -> Option<u64> {
     Some(kib * 1024)
 }
 
+/// Huge pages of `size` bytes on this host that no mapping has claimed yet (free, less
+/// those reserved by mappings that have not faulted them in).
+fn free_huge_pages(size: u64) -> Option<u64> {
+    let read = |name: &str| -> Option<u64> {
+        let p = format!("/sys/kernel/mm/hugepages/hugepages-{}kB/{name}", size >> 10);
+        std::fs::read_to_string(p).ok()?.trim().parse().ok()
+    };
+    Some(read("free_hugepages")?.saturating_sub(read("resv_hugepages")?))
+}
+
 /// Checks an offer against what this host can do; the error text goes to the source.
 pub fn check_offer(
     page_size: u32,
     regions: &[RegionInfo],
     channels: u16,
     transports: u8,
+    backing_page_size: u64,
 ) -> Result<u64, String> {
     if page_size as usize != PAGE {
         return Err(format!(
@@ -228,8 +240,36 @@ pub fn check_offer(
             MAX_CHANNELS
         ));
     }
+    if !backing_page_size.is_power_of_two() || !(PAGE as u64..=1 << 30).contains(&backing_page_size)
+    {
+        return Err(format!(
+            "backing page size {backing_page_size} is not supported"
+        ));
+    }
+    for (i, r) in regions.iter().enumerate() {
+        if [r.gpa, r.size, r.offset]
+            .iter()
+            .any(|v| !v.is_multiple_of(backing_page_size))
+        {
+            return Err(format!(
+                "region {i} is not whole {backing_page_size}-byte pages"
+            ));
+        }
+    }
     // Non-overlapping spans of the address space: their sizes add up without overflow.
     let total: u64 = regions.iter().map(|r| r.size).sum();
+    if backing_page_size != PAGE as u64 {
+        // Huge pages come from their own pool, not from MemAvailable.
+        let need = total / backing_page_size;
+        let free = free_huge_pages(backing_page_size).unwrap_or(0);
+        if need > free {
+            return Err(format!(
+                "the VM needs {need} huge pages of {} KiB; this host has {free} free",
+                backing_page_size >> 10
+            ));
+        }
+        return Ok(total);
+    }
     if let Some(avail) = mem_available() {
         // Keep 256 MiB for the host: the destination must not push its host into OOM.
         if total.saturating_add(256 << 20) > avail {
@@ -266,23 +306,30 @@ mod tests {
             offset: 0,
         };
         let both = ferry_proto::peer::OFFER_TCP | ferry_proto::peer::OFFER_RDMA;
-        assert!(check_offer(4096, &[r(1 << 20)], 4, both).is_ok());
-        assert!(check_offer(8192, &[r(1 << 20)], 4, both).is_err());
-        assert!(check_offer(4096, &[], 4, both).is_err());
-        assert!(check_offer(4096, &[r(1 << 20)], 0, both).is_err());
-        assert!(check_offer(4096, &[r(1 << 20)], 65, both).is_err());
-        assert!(check_offer(4096, &[r(1000)], 4, both).is_err());
-        assert!(check_offer(4096, &[r(1 << 20)], 4, ferry_proto::peer::OFFER_RDMA).is_err());
-        assert!(check_offer(4096, &[r(u64::MAX - 4095), r(1 << 20)], 4, both).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 4, both, 4096).is_ok());
+        assert!(check_offer(8192, &[r(1 << 20)], 4, both, 4096).is_err());
+        assert!(check_offer(4096, &[], 4, both, 4096).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 0, both, 4096).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 65, both, 4096).is_err());
+        assert!(check_offer(4096, &[r(1000)], 4, both, 4096).is_err());
+        assert!(check_offer(4096, &[r(1 << 20)], 4, ferry_proto::peer::OFFER_RDMA, 4096).is_err());
+        assert!(check_offer(4096, &[r(u64::MAX - 4095), r(1 << 20)], 4, both, 4096).is_err());
         // Overlapping and unaligned regions.
-        assert!(check_offer(4096, &[r(1 << 20), r(1 << 20)], 4, both).is_err());
+        assert!(check_offer(4096, &[r(1 << 20), r(1 << 20)], 4, both, 4096).is_err());
         let unaligned = RegionInfo {
             gpa: 100,
             size: 1 << 20,
             offset: 0,
         };
-        assert!(check_offer(4096, &[unaligned], 4, both).is_err());
-        let huge = check_offer(4096, &[r(1 << 50)], 4, both).expect_err("too big");
+        assert!(check_offer(4096, &[unaligned], 4, both, 4096).is_err());
+        let huge = check_offer(4096, &[r(1 << 50)], 4, both, 4096).expect_err("too big");
         assert!(huge.contains("MiB available"), "{huge}");
+        // Huge pages: a power of two, whole pages of it, and enough free ones here.
+        let two_mib = 2 << 20;
+        assert!(check_offer(4096, &[r(1 << 20)], 4, both, 3 << 20).is_err());
+        let half = check_offer(4096, &[r(1 << 20)], 4, both, two_mib).expect_err("half");
+        assert!(half.contains("not whole"), "{half}");
+        let lots = check_offer(4096, &[r(1 << 50)], 4, both, two_mib).expect_err("too many");
+        assert!(lots.contains("huge pages"), "{lots}");
     }
 }

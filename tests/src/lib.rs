@@ -1043,3 +1043,73 @@ pub fn summary_of(child: Child) -> anyhow::Result<serde_json::Value> {
         })?;
     Ok(serde_json::from_str(line)?)
 }
+
+/// 2 MiB huge pages reserved for a test (`/proc/sys/vm/nr_hugepages`, root); the count
+/// before is put back on drop.
+pub struct HugePages {
+    before: u64,
+}
+
+const NR_HUGEPAGES: &str = "/proc/sys/vm/nr_hugepages";
+
+impl HugePages {
+    /// Reserves `n` more 2 MiB pages than the host had.
+    ///
+    /// # Errors
+    ///
+    /// Not root, or the kernel found fewer free pages than asked.
+    pub fn reserve(n: u64) -> anyhow::Result<Self> {
+        let before: u64 = std::fs::read_to_string(NR_HUGEPAGES)?.trim().parse()?;
+        let h = Self { before };
+        h.set(n)?;
+        Ok(h)
+    }
+
+    /// Sets the test's share to `n` pages (beyond what the host had).
+    ///
+    /// # Errors
+    ///
+    /// As [`HugePages::reserve`].
+    pub fn set(&self, n: u64) -> anyhow::Result<()> {
+        std::fs::write(NR_HUGEPAGES, (self.before + n).to_string())
+            .context("reserving huge pages (needs root)")?;
+        let now: u64 = std::fs::read_to_string(NR_HUGEPAGES)?.trim().parse()?;
+        if now < self.before + n {
+            bail!(
+                "the kernel reserved {} of {} huge pages asked for",
+                now - self.before.min(now),
+                n
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for HugePages {
+    fn drop(&mut self) {
+        let _ = std::fs::write(NR_HUGEPAGES, self.before.to_string());
+    }
+}
+
+/// The page sizes (KiB, from `/proc/<pid>/smaps`) of the mappings of process `pid` whose
+/// name contains `name`.
+///
+/// # Errors
+///
+/// `smaps` unreadable.
+pub fn mapped_page_sizes_kib(pid: u32, name: &str) -> anyhow::Result<Vec<u64>> {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps"))?;
+    let mut sizes = Vec::new();
+    let mut inside = false;
+    for line in smaps.lines() {
+        let first = line.split_whitespace().next().unwrap_or("");
+        if first.contains('-') && first.chars().all(|c| c.is_ascii_hexdigit() || c == '-') {
+            inside = line.contains(name);
+        } else if inside {
+            if let Some(v) = line.strip_prefix("KernelPageSize:") {
+                sizes.push(v.trim().trim_end_matches("kB").trim().parse()?);
+            }
+        }
+    }
+    Ok(sizes)
+}

@@ -478,3 +478,50 @@ fn destination_memory_is_filled_as_pages_arrive_unless_asked_to_fill_it_ahead() 
     }
     Ok(())
 }
+
+/// A VM whose RAM is backed by 2 MiB huge pages (hugetlbfs memfds, `--hugepages`)
+/// migrates into huge pages: the offer carries the page size, a destination without
+/// enough free huge pages of that size refuses it with the reason (the VM runs on at the
+/// source), and once there are, the destination's memfds are huge-page backed too and
+/// every page arrives intact while the guest writes.
+#[test]
+fn a_huge_page_vm_migrates_into_huge_pages_or_is_refused_without_them() -> anyhow::Result<()> {
+    let _g = serial();
+    // 128 MiB: 64 pages at the source; too few for the destination as well at first.
+    let hp = HugePages::reserve(64 + 8)?;
+    let cl = Cluster::start(&ClusterOpts {
+        mem_mib: 128,
+        rate_mib: 16,
+        source_vmm_args: vec!["--hugepages".into()],
+        ..ClusterOpts::default()
+    })?;
+    let src_sizes = mapped_page_sizes_kib(cl.procs[VMM_A].child.id(), "memfd:ferry-workload-")?;
+    assert!(
+        !src_sizes.is_empty() && src_sizes.iter().all(|&k| k == 2048),
+        "source mappings: {src_sizes:?}"
+    );
+    let s = cl.migrate(&["--streams", "4"])?;
+    assert_eq!(s["result"], "aborted", "{s:#}");
+    assert!(
+        s["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("huge pages of 2048 KiB")),
+        "{s:#}"
+    );
+    cl.source_keeps_running()?;
+    hp.set(2 * 64 + 8)?;
+    let s = cl.migrate(&["--streams", "4"])?;
+    assert!(committed(&s), "{s:#}\n{}", cl.logs());
+    assert_eq!(s["digest_match"], true, "{s:#}");
+    wait_for("destination running", Duration::from_secs(5), || {
+        cl.vm_b().is_some_and(|v| v.state == "running")
+    })?;
+    let b = cl.vm_b().expect("destination status");
+    assert!(b.detail.contains("verified 32768 pages"), "{b:?}");
+    let dst_sizes = mapped_page_sizes_kib(cl.procs[VMM_B].child.id(), "memfd:ferry-in-vm1-")?;
+    assert!(
+        !dst_sizes.is_empty() && dst_sizes.iter().all(|&k| k == 2048),
+        "destination mappings: {dst_sizes:?}"
+    );
+    Ok(())
+}

@@ -137,7 +137,12 @@ fn receive_into(
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let open_dest = || Ok(UnixStream::connect(sock)?);
+    let open_dest = || {
+        Ok(ferry_ch::link::connect_listening(
+            sock,
+            Duration::from_secs(5),
+        )?)
+    };
     let hold = |_point: &'static str| {
         #[cfg(feature = "fault-injection")]
         crate::faults::hold(_point);

@@ -50,6 +50,10 @@ struct Args {
     /// Percentage of pages written before the migration (the rest stays zero).
     #[arg(long, default_value_t = 75)]
     fill_pct: u8,
+    /// Back guest RAM with 2 MiB huge pages (hugetlbfs memfds; reserve them first in
+    /// /proc/sys/vm/nr_hugepages). The destination sidecar backs its copy the same way.
+    #[arg(long)]
+    hugepages: bool,
     /// Writer threads (stand-ins for vCPUs).
     #[arg(long, default_value_t = 2)]
     writers: usize,
@@ -320,9 +324,10 @@ fn main() -> anyhow::Result<()> {
         };
         tracing::info!(%detail, "incoming VM runs");
     } else {
-        let sizes = split(args.mem_mib << 20, args.regions);
+        let page = if args.hugepages { 2 << 20 } else { PAGE as u64 };
+        let sizes = split(args.mem_mib << 20, args.regions, page);
         let t0 = Instant::now();
-        let mut wl = Workload::create(&sizes, args.fill_pct, cfg)?;
+        let mut wl = Workload::create(&sizes, page, args.fill_pct, cfg)?;
         tracing::info!(
             ms = t0.elapsed().as_millis() as u64,
             "guest RAM created and filled"
@@ -370,8 +375,9 @@ fn main() -> anyhow::Result<()> {
     }
 }
 
-fn split(total: u64, parts: u64) -> Vec<u64> {
-    let pages = total / PAGE as u64;
+/// `total` bytes in `parts` regions of whole `page`-byte pages (the last takes the rest).
+fn split(total: u64, parts: u64, page: u64) -> Vec<u64> {
+    let pages = total / page;
     let per = pages / parts;
     (0..parts)
         .map(|i| {
@@ -380,7 +386,7 @@ fn split(total: u64, parts: u64) -> Vec<u64> {
             } else {
                 per
             };
-            n * PAGE as u64
+            n * page
         })
         .collect()
 }

@@ -218,19 +218,26 @@ impl Workload {
         Ok(())
     }
 
-    /// Creates RAM (`region_sizes` bytes each, memfds), fills `fill_pct` % of the pages
+    /// Creates RAM (`region_sizes` bytes each, memfds backed by `page_size`-byte pages:
+    /// 4 KiB, or huge pages), fills `fill_pct` % of the pages
     /// with generation 1 (the rest stays zero), and starts the writers.
     ///
     /// # Errors
     ///
     /// Memory that cannot be created.
-    pub fn create(region_sizes: &[u64], fill_pct: u8, cfg: WriterConfig) -> anyhow::Result<Self> {
+    pub fn create(
+        region_sizes: &[u64],
+        page_size: u64,
+        fill_pct: u8,
+        cfg: WriterConfig,
+    ) -> anyhow::Result<Self> {
         let mut regions = Vec::new();
         let mut memfds = Vec::new();
         let mut layout = Vec::new();
         let mut gpa = 0u64;
         for (i, &size) in region_sizes.iter().enumerate() {
-            let (r, fd) = GuestRegion::create(&format!("ferry-workload-{i}"), size)?;
+            let (r, fd) =
+                GuestRegion::create_backed(&format!("ferry-workload-{i}"), size, page_size)?;
             layout.push(RegionInfo {
                 gpa,
                 size,
@@ -538,8 +545,13 @@ mod tests {
 
     #[test]
     fn save_restore_round_trip_verifies_and_continues() {
-        let mut w = Workload::create(&[256 * PAGE as u64, 64 * PAGE as u64], 50, cfg(20_000))
-            .expect("create");
+        let mut w = Workload::create(
+            &[256 * PAGE as u64, 64 * PAGE as u64],
+            PAGE as u64,
+            50,
+            cfg(20_000),
+        )
+        .expect("create");
         w.clear_dirty();
         w.start();
         std::thread::sleep(Duration::from_millis(100));
@@ -570,7 +582,7 @@ mod tests {
 
     #[test]
     fn a_stale_page_is_caught() {
-        let w = Workload::create(&[64 * PAGE as u64], 100, cfg(0)).expect("create");
+        let w = Workload::create(&[64 * PAGE as u64], PAGE as u64, 100, cfg(0)).expect("create");
         assert_eq!(w.verify().bad, 0);
         // Bump a generation without writing: the page now holds an old version.
         w.shared.gens[7].store(2, Ordering::Release);
@@ -580,7 +592,7 @@ mod tests {
 
     #[test]
     fn corrupt_blobs_are_refused() {
-        let w = Workload::create(&[64 * PAGE as u64], 10, cfg(0)).expect("create");
+        let w = Workload::create(&[64 * PAGE as u64], PAGE as u64, 10, cfg(0)).expect("create");
         let blob = w.save();
         for cut in [0, 5, 20, blob.len() - 1] {
             let (r, fd) = GuestRegion::create("t", 64 * PAGE as u64).expect("create");
