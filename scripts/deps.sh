@@ -4,7 +4,7 @@
 set -euo pipefail
 
 PKGS="build-essential pkg-config clang libclang-dev libibverbs-dev librdmacm-dev
-      ibverbs-providers iproute2 iperf3 procps systemd"
+      ibverbs-providers iproute2 iperf3 procps systemd libhwloc-dev libudev-dev"
 
 SUDO=""
 [ "$(id -u)" = 0 ] || SUDO="sudo"

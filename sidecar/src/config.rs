@@ -11,6 +11,7 @@
 //! max_bandwidth_mibps = 0          # this host's cap for outgoing migrations (0: none)
 //! metrics = "127.0.0.1:9477"       # Prometheus text on GET /metrics (absent: off)
 //! populate = "overlap"             # incoming memory filled while pages arrive, or "ahead"
+//! data_cpus = "0-3"                # data threads' CPUs (absent: the NIC's NUMA node's)
 //! log_format = "text"              # or "json"
 //!
 //! [tls]                            # mutual TLS 1.3 (`ferry cert` makes these)
@@ -74,6 +75,8 @@ pub struct FileConfig {
     pub metrics: Option<String>,
     /// "overlap" or "ahead".
     pub populate: Option<String>,
+    /// A CPU list.
+    pub data_cpus: Option<String>,
     /// "text" or "json".
     pub log_format: Option<String>,
 }
@@ -124,6 +127,8 @@ pub struct ServeFlags {
     pub metrics: Option<String>,
     /// `--populate`.
     pub populate: Option<String>,
+    /// `--data-cpus`.
+    pub data_cpus: Option<String>,
 }
 
 /// Default limit of migrations at once, each way.
@@ -136,6 +141,23 @@ pub const MAX_MIBPS: u64 = 1 << 20;
 
 /// Default Unix socket.
 pub const DEFAULT_SOCKET: &str = "/run/ferry/ferry.sock";
+
+/// Parses `data_cpus` and checks each CPU is online here.
+fn data_cpus(list: &str) -> anyhow::Result<Vec<usize>> {
+    let cpus =
+        crate::placement::parse_cpu_list(list).map_err(|e| anyhow::anyhow!("data_cpus: {e}"))?;
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")
+        .context("reading /sys/devices/system/cpu/online")?;
+    let online = crate::placement::parse_cpu_list(online.trim())
+        .map_err(|e| anyhow::anyhow!("/sys/devices/system/cpu/online: {e}"))?;
+    if let Some(c) = cpus.iter().find(|c| !online.contains(c)) {
+        bail!(
+            "data_cpus: CPU {c} is not online here (online: {})",
+            crate::placement::cpu_list(&online)
+        );
+    }
+    Ok(cpus)
+}
 
 /// Merges file and flags into the daemon's settings and its peer authentication.
 ///
@@ -180,6 +202,10 @@ pub fn resolve(file: FileConfig, f: ServeFlags) -> anyhow::Result<(DaemonConfig,
         populate: match f.populate.or(file.populate) {
             Some(p) => Populate::parse(&p)?,
             None => Populate::default(),
+        },
+        data_cpus: match f.data_cpus.or(file.data_cpus) {
+            Some(list) => data_cpus(&list)?,
+            None => Vec::new(),
         },
     };
     for (name, v) in [

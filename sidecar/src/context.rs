@@ -36,6 +36,8 @@ pub struct DaemonConfig {
     pub metrics: Option<String>,
     /// How incoming VMs' memory is filled.
     pub populate: crate::intake::Populate,
+    /// CPUs data threads run on (empty: those local to the migration's network device).
+    pub data_cpus: Vec<usize>,
 }
 
 /// Shared daemon state.

@@ -239,11 +239,17 @@ fn receive(
     .into_iter()
     .map(PeerStream::into_channel)
     .collect::<std::io::Result<Vec<_>>>()?;
+    let local = ctl.stream.tcp().local_addr().ok().map(|a| a.ip());
+    let placement = crate::placement::for_connection(&d.cfg.data_cpus, local);
+    tracing::info!(vm = %vm_id, placement = %placement.why, "data threads placed");
+    // This thread pulls with RDMA READ when the source offers it.
+    ferry_tcp_fallback::bind_current_thread(&placement.cpus);
     let mut intake = Intake {
-        tcp: Some(TcpReceiver::with_channels(
+        tcp: Some(TcpReceiver::bound(
             streams,
             Arc::clone(&landing.mem),
             Arc::clone(&landing.landed),
+            placement.cpus,
         )?),
         rdma: None,
     };

@@ -42,6 +42,7 @@ mod metrics;
 mod offer;
 mod outgoing;
 mod peer;
+mod placement;
 mod queue;
 mod registry;
 mod replay;
@@ -200,6 +201,11 @@ enum Cmd {
         /// shortage shows before any data moves) [default: overlap].
         #[arg(long, value_parser = ["overlap", "ahead"])]
         populate: Option<String>,
+        /// CPUs the data threads (TCP streams, RDMA pulls) run on, e.g. `0-3,8`
+        /// [default: those of the NUMA node of the network device a migration uses, as
+        /// hwloc sees it; unbound when it is virtual or local to every CPU].
+        #[arg(long)]
+        data_cpus: Option<String>,
         /// Log lines as text or JSON [default: text].
         #[arg(long, value_enum)]
         log_format: Option<LogFormat>,
@@ -378,6 +384,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             max_bandwidth_mibps,
             metrics,
             populate,
+            data_cpus,
             log_format: _,
         } => {
             let file = match &config {
@@ -400,6 +407,7 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
                 max_bandwidth_mibps,
                 metrics,
                 populate,
+                data_cpus,
             };
             if let Some(f) = file.log_format.as_deref() {
                 if f != "text" && f != "json" {
@@ -413,22 +421,13 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
             daemon::serve(cfg, auth)?;
             Ok(ExitCode::SUCCESS)
         }
-        Cmd::Devices => match ferry_verbs::device_reports() {
-            Ok(reports) if !reports.is_empty() => {
-                for r in reports {
-                    println!("{r}");
-                }
-                Ok(ExitCode::SUCCESS)
+        Cmd::Devices => {
+            match placement::describe() {
+                Ok(lines) => lines.iter().for_each(|l| println!("{l}")),
+                Err(e) => println!("no topology from hwloc: {e}"),
             }
-            Ok(_) => {
-                println!("no RDMA devices; migrations use TCP");
-                Ok(ExitCode::from(1))
-            }
-            Err(e) => {
-                println!("no RDMA devices ({e}); migrations use TCP");
-                Ok(ExitCode::from(1))
-            }
-        },
+            devices_rdma()
+        }
         Cmd::Keygen { file } => {
             use std::io::Write;
             use std::os::unix::fs::OpenOptionsExt;
@@ -515,6 +514,26 @@ fn run(cli: Cli) -> anyhow::Result<ExitCode> {
         Cmd::Drain { to, opts, json } => {
             check_destination(&to)?;
             drain::drain(&to, &opts, json)
+        }
+    }
+}
+
+/// `ferry devices`' RDMA part; exit 1 when there is none (migrations use TCP).
+fn devices_rdma() -> anyhow::Result<ExitCode> {
+    match ferry_verbs::device_reports() {
+        Ok(reports) if !reports.is_empty() => {
+            for r in reports {
+                println!("{r}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Ok(_) => {
+            println!("no RDMA devices; migrations use TCP");
+            Ok(ExitCode::from(1))
+        }
+        Err(e) => {
+            println!("no RDMA devices ({e}); migrations use TCP");
+            Ok(ExitCode::from(1))
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct Negotiated {
     pub reason: String,
     /// How long the destination took to prepare its memory.
     pub prepare_us: u64,
+    /// Where the sending threads run, and why.
+    pub placement: String,
 }
 
 /// Longest the source waits for any answer on the control connection: the destination
@@ -129,7 +131,11 @@ pub fn negotiate(
     for ch in 0..req.channels {
         streams.push(connect_data(&d.auth, &req.to, session, &ctl.key, ch)?.into_channel()?);
     }
-    let sender = TcpSender::with_channels(streams, Arc::clone(&vm.mem));
+    let mut sender = TcpSender::with_channels(streams, Arc::clone(&vm.mem));
+    let local = ctl.stream.tcp().local_addr().ok().map(|a| a.ip());
+    let placement = crate::placement::for_connection(&d.cfg.data_cpus, local);
+    tracing::info!(vm = %req.vm_id, placement = %placement.why, "data threads placed");
+    sender.bind_to(placement.cpus);
     let mut transports = vec![(TransportKind::Tcp, channels)];
     if let Some(exp) = export.as_mut() {
         match rdma_handshake(&mut ctl.stream, exp)? {
@@ -156,6 +162,7 @@ pub fn negotiate(
         transports,
         reason,
         prepare_us,
+        placement: placement.why,
     })
 }
 

@@ -97,6 +97,9 @@ pub struct Summary {
     pub throughput_gbps: f64,
     /// Destination memory preparation (create + populate).
     pub prepare_ms: f64,
+    /// Where the source's data threads ran, and why (`docs/operations.md`, placement).
+    #[serde(default)]
+    pub placement: String,
     /// Whether the destination's memory digest equals the source's.
     pub digest_match: bool,
     /// "strict" or "after-resume".
@@ -160,6 +163,7 @@ impl Summary {
         if let Some(n) = net {
             self.transport_reason = n.reason.clone();
             self.prepare_ms = n.prepare_us as f64 / 1e3;
+            self.placement = n.placement.clone();
         }
         self.transport = if r.transports.is_empty() {
             "tcp".into()
@@ -303,6 +307,9 @@ impl Summary {
         );
         line("throughput_gbps", format!("{:.2}", self.throughput_gbps));
         line("prepare_ms", format!("{:.1}", self.prepare_ms));
+        if !self.placement.is_empty() {
+            line("placement", self.placement.clone());
+        }
         line("digest_match", self.digest_match.to_string());
         line("verify_mode", self.verify_mode.clone());
         if self.verify_mode == VerifyMode::AfterResume.name() {

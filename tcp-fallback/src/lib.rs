@@ -115,10 +115,34 @@ impl Channel {
     }
 }
 
+/// Binds the calling thread to `cpus` (empty: leaves it as it is), with a warning when the
+/// kernel refuses: where a thread runs never fails a migration.
+pub fn bind_current_thread(cpus: &[usize]) {
+    if cpus.is_empty() {
+        return;
+    }
+    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    for &c in cpus {
+        // SAFETY: CPU_SET ignores CPUs beyond the set's size; `set` is ours.
+        unsafe { libc::CPU_SET(c, &mut set) };
+    }
+    // SAFETY: binds the calling thread (pid 0) to a set we own, of the size we pass.
+    let rc = unsafe { libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) };
+    if rc != 0 {
+        tracing::warn!(
+            ?cpus,
+            "binding a data thread: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The source side: pushes planned ranges over N connections.
 pub struct TcpSender {
     channels: Vec<Channel>,
     mem: Arc<Vec<GuestRegion>>,
+    cpus: Vec<usize>,
 }
 
 impl TcpSender {
@@ -130,7 +154,16 @@ impl TcpSender {
 
     /// A sender over authenticated data connections of either kind.
     pub fn with_channels(channels: Vec<Channel>, mem: Arc<Vec<GuestRegion>>) -> Self {
-        Self { channels, mem }
+        Self {
+            channels,
+            mem,
+            cpus: Vec::new(),
+        }
+    }
+
+    /// Runs the sending threads (`ferry-tx-<channel>`) on `cpus` (empty: anywhere).
+    pub fn bind_to(&mut self, cpus: Vec<usize>) {
+        self.cpus = cpus;
     }
 }
 
@@ -348,17 +381,25 @@ impl TcpSender {
         plan: &RangePlan,
         progress: &(dyn Fn(u64) + Sync),
     ) -> Result<RoundStats, TransportError> {
-        let mem = &self.mem;
+        let (mem, cpus) = (&self.mem, &self.cpus);
         let results: Vec<std::io::Result<RoundStats>> = std::thread::scope(|s| {
             let hs: Vec<_> = self
                 .channels
                 .iter_mut()
                 .zip(&plan.channels)
-                .map(|(ch, share)| s.spawn(move || send_share(ch, mem, round, share, progress)))
+                .enumerate()
+                .map(|(i, (ch, share))| {
+                    std::thread::Builder::new()
+                        .name(format!("ferry-tx-{i}"))
+                        .spawn_scoped(s, move || {
+                            bind_current_thread(cpus);
+                            send_share(ch, mem, round, share, progress)
+                        })
+                })
                 .collect();
             hs.into_iter()
                 .map(|h| {
-                    h.join()
+                    h?.join()
                         .unwrap_or_else(|_| Err(std::io::Error::other("sender thread panicked")))
                 })
                 .collect()
@@ -615,6 +656,22 @@ impl TcpReceiver {
         mem: Arc<Vec<GuestRegion>>,
         hashes: Arc<PageHashes>,
     ) -> Result<Self, TransportError> {
+        Self::bound(channels, mem, hashes, Vec::new())
+    }
+
+    /// As [`TcpReceiver::with_channels`], its reading threads (`ferry-rx-<channel>`)
+    /// running on `cpus` (empty: anywhere).
+    ///
+    /// # Errors
+    ///
+    /// As [`TcpReceiver::start`]; a thread that cannot be started.
+    pub fn bound(
+        channels: Vec<Channel>,
+        mem: Arc<Vec<GuestRegion>>,
+        hashes: Arc<PageHashes>,
+        cpus: Vec<usize>,
+    ) -> Result<Self, TransportError> {
+        let cpus = Arc::new(cpus);
         let (tx, rx) = crossbeam_channel::unbounded();
         let received = Arc::new(Received::new(&mem));
         let mut threads = Vec::new();
@@ -626,10 +683,15 @@ impl TcpReceiver {
                 .map_err(|e| TransportError::PeerGone(format!("clone data socket: {e}")))?;
             kept.push(clone);
             let (mem, received, tx) = (Arc::clone(&mem), Arc::clone(&received), tx.clone());
-            let hashes = Arc::clone(&hashes);
-            threads.push(std::thread::spawn(move || {
-                read_channel(i, s, mem, received, hashes, tx)
-            }));
+            let (hashes, cpus) = (Arc::clone(&hashes), Arc::clone(&cpus));
+            let t = std::thread::Builder::new()
+                .name(format!("ferry-rx-{i}"))
+                .spawn(move || {
+                    bind_current_thread(&cpus);
+                    read_channel(i, s, mem, received, hashes, tx)
+                })
+                .map_err(|e| TransportError::PeerGone(format!("starting a reader: {e}")))?;
+            threads.push(t);
         }
         Ok(Self {
             streams: kept,

@@ -525,3 +525,76 @@ fn a_huge_page_vm_migrates_into_huge_pages_or_is_refused_without_them() -> anyho
     );
     Ok(())
 }
+
+/// The CPUs each thread named `prefix…` of process `pid` may run on (`Cpus_allowed_list`).
+fn thread_cpus(pid: u32, prefix: &str) -> Vec<String> {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for t in tasks.flatten() {
+        let t = t.path();
+        let Ok(comm) = std::fs::read_to_string(t.join("comm")) else {
+            continue;
+        };
+        if !comm.trim().starts_with(prefix) {
+            continue;
+        }
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        if let Some(l) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        {
+            out.push(l.trim().to_owned());
+        }
+    }
+    out
+}
+
+/// Data threads run where placement puts them: with `--data-cpus 1` on both sidecars,
+/// every sending thread of the source and every receiving thread of the destination is
+/// bound to CPU 1 alone; without it, on the CPUs hwloc finds local to the interface the
+/// migration uses. A veth is virtual (hwloc places no such device), so there they stay
+/// unbound, on every online CPU, and the summary says why.
+#[test]
+fn data_threads_run_on_the_cpus_placement_chose() -> anyhow::Result<()> {
+    let _g = serial();
+    let online = std::fs::read_to_string("/sys/devices/system/cpu/online")?
+        .trim()
+        .to_owned();
+    let named = vec!["--data-cpus".to_string(), "1".into()];
+    for (args, want, why) in [
+        (named, "1".to_string(), "CPUs 1 (data_cpus)"),
+        (Vec::new(), online, "is not a device hwloc places"),
+    ] {
+        let cl = Cluster::start(&ClusterOpts {
+            source_sidecar_args: args.clone(),
+            dest_sidecar_args: args.clone(),
+            ..ClusterOpts::default()
+        })?;
+        let child = cl.spawn_slow_migration()?;
+        let (a, b) = (
+            cl.procs[SIDECAR_A].child.id(),
+            cl.procs[SIDECAR_B].child.id(),
+        );
+        let mut seen = (Vec::new(), Vec::new());
+        wait_for("the data threads", Duration::from_secs(10), || {
+            seen = (thread_cpus(a, "ferry-tx-"), thread_cpus(b, "ferry-rx-"));
+            !seen.0.is_empty() && !seen.1.is_empty()
+        })?;
+        assert!(
+            seen.0.iter().chain(&seen.1).all(|c| *c == want),
+            "{args:?}: sending threads on {:?}, receiving threads on {:?}; want {want}",
+            seen.0,
+            seen.1
+        );
+        cl.hosts.limit_rate(0, "20gbit")?;
+        let s = summary_of(child)?;
+        assert!(committed(&s), "{s:#}\n{}", cl.logs());
+        assert!(
+            s["placement"].as_str().is_some_and(|p| p.contains(why)),
+            "{args:?}: {s:#}"
+        );
+    }
+    Ok(())
+}
