@@ -71,7 +71,7 @@ log() { echo "[rxe-vm $(date +%T)] $*" >&2; }
 die() { log "error: $*"; exit 126; }
 
 # Host packages: qemu + what the initramfs is assembled from.
-HOST_PKGS="qemu-system-x86 busybox-static kmod cpio zstd iproute2 libibverbs1 ibverbs-providers ibverbs-utils perftest libgcc-s1 libstdc++6 coreutils"
+HOST_PKGS="qemu-system-x86 busybox-static kmod cpio zstd iproute2 libibverbs1 ibverbs-providers ibverbs-utils perftest libgcc-s1 libstdc++6 coreutils libhwloc15"
 
 ensure_host_pkgs() {
   local missing="" p
@@ -92,9 +92,10 @@ GUEST_MODS="rdma_rxe ib_uverbs crc32_generic 9p 9pnet_virtio virtio_pci"
 # ib_read_bw (perftest) is the reference `ferry-bench rdma` measures against.
 GUEST_BINS="/usr/bin/bash /usr/bin/env /usr/bin/timeout /usr/bin/rdma /usr/bin/ip /usr/bin/ibv_devices /usr/bin/ibv_devinfo /usr/bin/ibv_rc_pingpong /usr/bin/ib_read_bw"
 # Libraries for host-built binaries run from the share (Rust test binaries link
-# libibverbs, libgcc_s, libc, libm; librxe is dlopened by libibverbs).
+# libibverbs, libgcc_s, libc, libm; librxe is dlopened by libibverbs; `ferry` links
+# libhwloc for its topology).
 MULTIARCH=/usr/lib/x86_64-linux-gnu
-GUEST_LIBS="$MULTIARCH/libibverbs.so.1 $MULTIARCH/libibverbs/librxe-rdmav34.so
+GUEST_LIBS="$MULTIARCH/libibverbs.so.1 $MULTIARCH/libibverbs/librxe-rdmav34.so $MULTIARCH/libhwloc.so.15
  $MULTIARCH/libgcc_s.so.1 $MULTIARCH/libstdc++.so.6 $MULTIARCH/libm.so.6 $MULTIARCH/libdl.so.2
  $MULTIARCH/libpthread.so.0 $MULTIARCH/librt.so.1 $MULTIARCH/libc.so.6 /lib64/ld-linux-x86-64.so.2"
 

@@ -32,7 +32,19 @@ pub(crate) struct Sample {
     pub(crate) gbps: f64,
     cpu_src_per_gib: f64,
     cpu_dst_per_gib: f64,
+    /// Ferry's data-thread CPU s/GiB by phase (summary `cpu_s_per_gib`): source send,
+    /// source hash, destination receive, destination hash, destination fill.
+    phases: [f64; 5],
 }
+
+/// The phases of [`Sample::phases`], as printed.
+const PHASES: [&str; 5] = [
+    "src send",
+    "src hash",
+    "dst receive",
+    "dst hash",
+    "dst fill",
+];
 
 /// Two sidecars on loopback (`tag`, ports from `port`) with a random-filled idle guest of
 /// `mem_mib` MiB registered at A and an incoming VMM waiting at B, ready to migrate.
@@ -121,10 +133,19 @@ fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> 
     let bytes = r1["bytes"].as_f64().context("round bytes")?;
     let ms = r1["ms"].as_f64().context("round ms")?;
     let moved_gib = s["bytes_transferred"].as_f64().unwrap_or(bytes) / (1u64 << 30) as f64;
+    let c = &s["cpu_s_per_gib"];
+    let phase = |k: &str| c[k].as_f64().unwrap_or(0.0);
     Ok(Sample {
         gbps: bytes * 8.0 / (ms / 1e3) / 1e9,
         cpu_src_per_gib: (src1 - src0) / moved_gib,
         cpu_dst_per_gib: (dst1 - dst0) / moved_gib,
+        phases: [
+            phase("source_data"),
+            phase("source_hash"),
+            phase("dest_data"),
+            phase("dest_hash"),
+            phase("dest_populate"),
+        ],
     })
 }
 
@@ -162,6 +183,7 @@ pub(crate) fn iperf_once(bytes: u64, streams: u16, port: u16) -> anyhow::Result<
         gbps: bps / 1e9,
         cpu_src_per_gib: cpu["host_total"].as_f64().unwrap_or(0.0) / 100.0 * secs / gib,
         cpu_dst_per_gib: cpu["remote_total"].as_f64().unwrap_or(0.0) / 100.0 * secs / gib,
+        phases: [0.0; 5],
     })
 }
 
@@ -213,6 +235,22 @@ pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
             show(spread(ratios), 3),
             show(spread(f.iter().map(|s| s.cpu_src_per_gib).collect()), 2),
             show(spread(f.iter().map(|s| s.cpu_dst_per_gib).collect()), 2),
+        );
+        let phases: Vec<String> = (0..PHASES.len())
+            .map(|k| {
+                let (m, lo, hi) = spread(f.iter().map(|s| s.phases[k]).collect());
+                format!("{} {m:.2} [{lo:.2}-{hi:.2}]", PHASES[k])
+            })
+            .collect();
+        println!(
+            "{:>8}   Ferry's data threads, CPU s/GiB: {}",
+            "",
+            phases.join(", ")
+        );
+        let (m, lo, hi) = spread(f.iter().map(|s| s.phases[2] - s.phases[4]).collect());
+        println!(
+            "{:>8}   destination without filling memory: {m:.2} [{lo:.2}-{hi:.2}] (target <= 0.3)",
+            ""
         );
         last = Some((n, ratio));
     }

@@ -172,6 +172,7 @@ impl Sim<'_> {
             bytes,
             zero_pages: 0,
             torn: Vec::new(),
+            ..RoundStats::default()
         }))
     }
 

@@ -24,6 +24,27 @@ pub struct Window {
     pub plan: RangePlan,
 }
 
+/// CPU time one side's data threads spent on a round, by phase, in nanoseconds.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PhaseCpu {
+    /// All of it: the data threads' CPU time over the round (sending or receiving,
+    /// hashing, filling memory).
+    pub data_ns: u64,
+    /// Of which hashing pages (the per-page checksums).
+    pub hash_ns: u64,
+    /// Of which filling fresh memory before pages land in it (destination).
+    pub populate_ns: u64,
+}
+
+impl PhaseCpu {
+    /// Adds another channel's or round's.
+    pub fn add(&mut self, o: PhaseCpu) {
+        self.data_ns = self.data_ns.saturating_add(o.data_ns);
+        self.hash_ns = self.hash_ns.saturating_add(o.hash_ns);
+        self.populate_ns = self.populate_ns.saturating_add(o.populate_ns);
+    }
+}
+
 /// What one channel, one window or one whole round moved.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct RoundStats {
@@ -35,6 +56,10 @@ pub struct RoundStats {
     pub zero_pages: u64,
     /// Pages whose checksum did not match at the receiver (single-page ranges).
     pub torn: Vec<PageRange>,
+    /// This side's CPU time (TCP; zero over RDMA, where no thread of ours moves data).
+    pub cpu: PhaseCpu,
+    /// The other side's, as it reported it.
+    pub peer_cpu: PhaseCpu,
 }
 
 impl RoundStats {
@@ -45,6 +70,8 @@ impl RoundStats {
         self.bytes = self.bytes.saturating_add(other.bytes);
         self.zero_pages = self.zero_pages.saturating_add(other.zero_pages);
         self.torn.extend(other.torn);
+        self.cpu.add(other.cpu);
+        self.peer_cpu.add(other.peer_cpu);
     }
 }
 

@@ -44,7 +44,8 @@ pub mod vmm;
 
 /// Protocol version this build speaks (2: separate VMM, CLI and peer protocols; commit
 /// fences; TLS. 3: queues and limits (`Busy`), priorities, cancel, bandwidth caps. 4: the
-/// offer carries the source RAM's backing page size, for huge pages).
+/// offer carries the source RAM's backing page size, for huge pages; `RoundDone` the
+/// destination's CPU time by phase).
 pub const VERSION: u16 = 4;
 /// Oldest protocol version this build accepts (a version 3 offer lacks the page size).
 pub const MIN_VERSION: u16 = 4;

@@ -159,6 +159,9 @@ pub enum PeerMsg {
         bytes: u64,
         /// Pages whose checksum did not match.
         torn: Vec<PageRange>,
+        /// CPU time the destination's data threads spent on the round, in µs: all of it,
+        /// hashing pages, filling fresh memory (zero over RDMA).
+        cpu_us: [u64; 3],
     },
     /// Source: the VM state blob.
     StateBlob {
@@ -419,8 +422,12 @@ impl Message for PeerMsg {
                 pages,
                 bytes,
                 torn,
+                cpu_us,
             } => {
                 w.u32(*round).u64(*pages).u64(*bytes).ranges(torn);
+                for c in cpu_us {
+                    w.u64(*c);
+                }
             }
             PeerMsg::StateBlob { blob }
             | PeerMsg::RdmaOffer { blob }
@@ -524,6 +531,7 @@ impl Message for PeerMsg {
                 pages: r.u64()?,
                 bytes: r.u64()?,
                 torn: r.ranges(MAX_TORN)?,
+                cpu_us: [r.u64()?, r.u64()?, r.u64()?],
             },
             16 => PeerMsg::StateBlob {
                 blob: r.bytes(MAX_BLOB)?.to_vec(),
@@ -682,6 +690,7 @@ pub(crate) mod tests {
                 pages: 10,
                 bytes: 40960,
                 torn: vec![r(0, 5, 1)],
+                cpu_us: [900, 300, 100],
             },
             PeerMsg::StateBlob { blob: vec![1, 2] },
             PeerMsg::Ready {

@@ -218,11 +218,17 @@ impl Intake {
     pub fn tcp_window(&self, round: u32) -> anyhow::Result<PeerMsg> {
         let rx = self.tcp.as_ref().context("a round after the state blob")?;
         let stats = rx.wait_round(round, ROUND_IDLE_TIMEOUT)?;
+        let us = |ns: u64| ns / 1000;
         Ok(PeerMsg::RoundDone {
             round,
             pages: stats.pages,
             bytes: stats.bytes,
             torn: stats.torn,
+            cpu_us: [
+                us(stats.cpu.data_ns),
+                us(stats.cpu.hash_ns),
+                us(stats.cpu.populate_ns),
+            ],
         })
     }
 
@@ -307,6 +313,7 @@ impl Intake {
                 pages,
                 bytes: pages * PAGE as u64,
                 torn: Vec::new(),
+                cpu_us: [0; 3],
             },
             Some(reason) => {
                 tracing::warn!(round, %reason, confirmed = pages, "RDMA failed; handing the rest back for TCP");

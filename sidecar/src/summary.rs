@@ -4,6 +4,7 @@
 use std::time::Duration;
 
 use ferry_engine::session::{SourceOutcome, SourceSession, TransportKind, VerifyMode};
+use ferry_engine::transport::PhaseCpu;
 use ferry_proto::cli::MigrateRequest;
 use serde::{Deserialize, Serialize};
 
@@ -45,6 +46,23 @@ pub struct DowntimeBreakdown {
     pub verify_ms: f64,
     /// Fence, decision recorded, Commit to the destination VM running.
     pub restore_ms: f64,
+}
+
+/// CPU seconds per GiB of payload moved, by phase, on each side: the TCP data threads'
+/// CPU time (hashing estimated from a sample of the pages); zero for what RDMA moved,
+/// where no thread of Ferry's moves data.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct CpuPerGib {
+    /// Source: sending, all of it.
+    pub source_data: f64,
+    /// Source: of which hashing pages.
+    pub source_hash: f64,
+    /// Destination: receiving, all of it.
+    pub dest_data: f64,
+    /// Destination: of which hashing pages.
+    pub dest_hash: f64,
+    /// Destination: of which filling fresh memory.
+    pub dest_populate: f64,
 }
 
 /// The result of `ferry migrate`.
@@ -100,6 +118,9 @@ pub struct Summary {
     /// Where the source's data threads ran, and why (`docs/operations.md`, placement).
     #[serde(default)]
     pub placement: String,
+    /// CPU per GiB moved, by phase and side.
+    #[serde(default)]
+    pub cpu_s_per_gib: CpuPerGib,
     /// Whether the destination's memory digest equals the source's.
     pub digest_match: bool,
     /// "strict" or "after-resume".
@@ -196,6 +217,22 @@ impl Summary {
         self.rounds = self.per_round.len() as u32;
         self.bytes_transferred = r.bytes();
         self.zero_pages_skipped = self.per_round.iter().map(|x| x.zero_pages).sum();
+        let (mut mine, mut peer) = (PhaseCpu::default(), PhaseCpu::default());
+        for x in &r.rounds {
+            mine.add(x.stats.cpu);
+            peer.add(x.stats.peer_cpu);
+        }
+        if self.bytes_transferred > 0 {
+            let per =
+                |ns: u64| ns as f64 / 1e9 / (self.bytes_transferred as f64 / f64::from(1u32 << 30));
+            self.cpu_s_per_gib = CpuPerGib {
+                source_data: per(mine.data_ns),
+                source_hash: per(mine.hash_ns),
+                dest_data: per(peer.data_ns),
+                dest_hash: per(peer.hash_ns),
+                dest_populate: per(peer.populate_ns),
+            };
+        }
         let data_ms: f64 = self.per_round.iter().map(|x| x.ms).sum();
         if data_ms > 0.0 {
             self.throughput_gbps = self.bytes_transferred as f64 * 8.0 / (data_ms / 1e3) / 1e9;
@@ -307,6 +344,16 @@ impl Summary {
         );
         line("throughput_gbps", format!("{:.2}", self.throughput_gbps));
         line("prepare_ms", format!("{:.1}", self.prepare_ms));
+        let c = &self.cpu_s_per_gib;
+        if c.source_data > 0.0 || c.dest_data > 0.0 {
+            line(
+                "cpu s/GiB",
+                format!(
+                    "source {:.2} (hash {:.2}), destination {:.2} (hash {:.2}, fill {:.2})",
+                    c.source_data, c.source_hash, c.dest_data, c.dest_hash, c.dest_populate
+                ),
+            );
+        }
         if !self.placement.is_empty() {
             line("placement", self.placement.clone());
         }

@@ -8,7 +8,9 @@
 
 use ferry_engine::plan::PageRange;
 use ferry_engine::session::TransportKind;
-use ferry_engine::transport::{RoundStats, Transport, TransportError, Window, WindowOutcome};
+use ferry_engine::transport::{
+    PhaseCpu, RoundStats, Transport, TransportError, Window, WindowOutcome,
+};
 use ferry_engine::PAGE_SIZE;
 use ferry_proto::common::{Message, MAX_FRAME};
 use ferry_proto::frame::{read_msg, write_msg};
@@ -79,6 +81,7 @@ impl Transport for TcpPath<'_> {
                 pages,
                 bytes,
                 torn,
+                cpu_us,
             } if round == w.wire_round => {
                 if pages != w.plan.pages() || bytes != sent.bytes {
                     return Err(TransportError::Protocol(format!(
@@ -87,7 +90,17 @@ impl Transport for TcpPath<'_> {
                         sent.bytes
                     )));
                 }
-                Ok(WindowOutcome::Done(RoundStats { torn, ..sent }))
+                let ns = |us: u64| us.saturating_mul(1000);
+                let peer_cpu = PhaseCpu {
+                    data_ns: ns(cpu_us[0]),
+                    hash_ns: ns(cpu_us[1]),
+                    populate_ns: ns(cpu_us[2]),
+                };
+                Ok(WindowOutcome::Done(RoundStats {
+                    torn,
+                    peer_cpu,
+                    ..sent
+                }))
             }
             other => Err(refused("a round", other)),
         }

@@ -46,7 +46,7 @@ use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use crossbeam_channel::{Receiver, RecvTimeoutError, Sender};
 use ferry_engine::digest::{is_zero, page_hash, zero_page_hash, PageHashes};
@@ -250,6 +250,42 @@ impl Gathered {
     }
 }
 
+/// CPU time the calling thread has used, in nanoseconds.
+fn thread_cpu_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: clock_gettime writes one timespec we own.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) };
+    (ts.tv_sec as u64).saturating_mul(1_000_000_000) + ts.tv_nsec as u64
+}
+
+/// One page in this many is timed when hashing (timing each would cost a fifth of a
+/// hash); the sum is scaled up.
+const HASH_SAMPLE: u64 = 16;
+
+/// Hashes pages and estimates the time it takes from a sample.
+#[derive(Default)]
+struct HashClock {
+    pages: u64,
+    ns: u64,
+}
+
+impl HashClock {
+    fn hash(&mut self, page: &[u8]) -> u64 {
+        self.pages += 1;
+        if self.pages.is_multiple_of(HASH_SAMPLE) {
+            let t = Instant::now();
+            let h = page_hash(page);
+            self.ns += t.elapsed().as_nanos() as u64 * HASH_SAMPLE;
+            h
+        } else {
+            page_hash(page)
+        }
+    }
+}
+
 /// Sends one channel's share of a round.
 fn send_share(
     ch: &mut Channel,
@@ -259,6 +295,8 @@ fn send_share(
     progress: &(dyn Fn(u64) + Sync),
 ) -> std::io::Result<RoundStats> {
     let secure = matches!(ch, Channel::Secure { .. });
+    let cpu0 = thread_cpu_ns();
+    let mut clock = HashClock::default();
     let mut stats = RoundStats::default();
     let mut bounce = Box::new([0u8; PAGE]);
     let mut hashes: Vec<u64> = Vec::with_capacity(MAX_BATCH_PAGES as usize);
@@ -276,7 +314,7 @@ fn send_share(
             let start = p;
             hashes.clear();
             if !zero {
-                hashes.push(page_hash(&bounce[..]));
+                hashes.push(clock.hash(&bounce[..]));
                 if secure {
                     out.payload.extend_from_slice(&bounce[..]);
                 }
@@ -288,7 +326,7 @@ fn send_share(
                     break;
                 }
                 if !zero {
-                    hashes.push(page_hash(&bounce[..]));
+                    hashes.push(clock.hash(&bounce[..]));
                     if secure {
                         out.payload.extend_from_slice(&bounce[..]);
                     }
@@ -347,6 +385,7 @@ fn send_share(
         count: stats.pages,
     }
     .encode();
+    stats.cpu.hash_ns = clock.ns;
     match ch {
         Channel::Plain(s) => {
             let mut iov = [iovec(end.as_ptr(), DATA_HEADER_LEN)];
@@ -358,6 +397,7 @@ fn send_share(
             stream.flush()?;
         }
     }
+    stats.cpu.data_ns = thread_cpu_ns().saturating_sub(cpu0);
     Ok(stats)
 }
 
@@ -478,6 +518,7 @@ fn read_channel(
 ) {
     let mut round = 1u32;
     let mut stats = RoundStats::default();
+    let (mut cpu0, mut clock) = (thread_cpu_ns(), HashClock::default());
     let mut hashes = vec![0u8; MAX_BATCH_PAGES as usize * 8];
     let fail = |error: TransportError| {
         let _ = events.send(ChannelEvent::Error { channel, error });
@@ -521,6 +562,8 @@ fn read_channel(
                     hdr.count, stats.pages
                 )));
             }
+            stats.cpu.hash_ns = std::mem::take(&mut clock).ns;
+            stats.cpu.data_ns = thread_cpu_ns().saturating_sub(cpu0);
             let done = std::mem::take(&mut stats);
             if events
                 .send(ChannelEvent::RoundEnd { round, stats: done })
@@ -528,6 +571,7 @@ fn read_channel(
             {
                 return;
             }
+            cpu0 = thread_cpu_ns();
             round += 1;
             continue;
         }
@@ -569,7 +613,10 @@ fn read_channel(
                 // first page): a page fault per page inside the copy costs several times
                 // more. Pages already there are left alone.
                 if !received.get(region_ix, hdr.first) {
-                    if let Err(e) = region.populate_pages(hdr.first, hdr.count) {
+                    let t = Instant::now();
+                    let filled = region.populate_pages(hdr.first, hdr.count);
+                    stats.cpu.populate_ns += t.elapsed().as_nanos() as u64;
+                    if let Err(e) = filled {
                         return fail(TransportError::Failed {
                             reason: format!("data connection {channel}: the destination cannot fill the VM's memory: {e}"),
                             unfinished: Vec::new(),
@@ -600,7 +647,7 @@ fn read_channel(
                         let at = i + j;
                         let mut want = [0u8; 8];
                         want.copy_from_slice(&hashes[at * 8..at * 8 + 8]);
-                        let got = page_hash(&landed[j * PAGE..(j + 1) * PAGE]);
+                        let got = clock.hash(&landed[j * PAGE..(j + 1) * PAGE]);
                         digest.set(hdr.region, hdr.first + at as u64, got);
                         if got != u64::from_le_bytes(want) {
                             if stats.torn.len() >= MAX_TORN {

@@ -935,6 +935,7 @@ impl RdmaPuller {
                 bytes: pages * PAGE_SIZE,
                 zero_pages: 0,
                 torn: Vec::new(),
+                ..RoundStats::default()
             }),
             Some(reason) => {
                 // Destroy the QPs first (no late READ may land after the

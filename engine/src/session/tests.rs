@@ -82,6 +82,7 @@ impl Driver {
                     bytes: w.plan.bytes(),
                     zero_pages: 0,
                     torn: Vec::new(),
+                    ..RoundStats::default()
                 }))
             }
             C::Pause => E::Paused(Duration::from_micros(40)),
@@ -270,6 +271,7 @@ fn torn_pages_are_sent_again_and_a_torn_page_in_the_final_round_aborts() {
                 bytes: w.plan.bytes(),
                 zero_pages: 0,
                 torn: vec![torn],
+                ..RoundStats::default()
             })))
         }
         _ => None,
@@ -302,6 +304,7 @@ fn torn_pages_are_sent_again_and_a_torn_page_in_the_final_round_aborts() {
                     first: 100,
                     count: 1,
                 }],
+                ..RoundStats::default()
             })))
         }
         _ => None,
