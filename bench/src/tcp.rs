@@ -25,6 +25,10 @@ pub struct TcpArgs {
     /// `--insecure-psk` setting, as every figure before TLS was measured).
     #[arg(long)]
     pub tls: bool,
+    /// How the destination fills the guest's memory (`ferry serve --populate`): with
+    /// `overlap` (the default) round 1 includes filling it, with `ahead` it does not.
+    #[arg(long, default_value = "overlap", value_parser = ["overlap", "ahead"])]
+    pub populate: String,
 }
 
 /// One measurement.
@@ -104,7 +108,7 @@ fn ferry_once(args: &TcpArgs, streams: u16, run: u32) -> anyhow::Result<Sample> 
         27_000 + streams * 10 + run as u16 * 100,
         args.mem_mib,
         args.tls,
-        &[],
+        &["--populate", &args.populate],
     )?;
     let (src0, dst0) = (
         cpu_seconds(pair.sidecar_pid(0))?,
@@ -207,8 +211,10 @@ pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
         "plain TCP (--insecure-psk)"
     };
     println!(
-        "ferry-bench tcp: {} MiB random-filled region over loopback, {mode}, {} run(s) each, Ferry and iperf3 alternating",
-        args.mem_mib, args.runs
+        "ferry-bench tcp: {} MiB random-filled region over loopback, {mode}, destination memory populated {}, {} run(s) each, Ferry and iperf3 alternating",
+        args.mem_mib,
+        if args.populate == "ahead" { "ahead (not in round 1)" } else { "while pages arrive (in round 1)" },
+        args.runs
     );
     println!("Ferry verifies a per-page XXH3 checksum of every page and both memory digests (strict mode).");
     println!("Per stream count: median [min-max] of the runs; the ratio is taken run by run.");

@@ -613,9 +613,11 @@ fn read_channel(
                 // first page): a page fault per page inside the copy costs several times
                 // more. Pages already there are left alone.
                 if !received.get(region_ix, hdr.first) {
-                    let t = Instant::now();
+                    // CPU time, not wall time: with more receivers than cores a thread
+                    // waits for a CPU inside the call.
+                    let t = thread_cpu_ns();
                     let filled = region.populate_pages(hdr.first, hdr.count);
-                    stats.cpu.populate_ns += t.elapsed().as_nanos() as u64;
+                    stats.cpu.populate_ns += thread_cpu_ns().saturating_sub(t);
                     if let Err(e) = filled {
                         return fail(TransportError::Failed {
                             reason: format!("data connection {channel}: the destination cannot fill the VM's memory: {e}"),
