@@ -15,6 +15,7 @@ use anyhow::{bail, Context};
 use ferry_tests::{summary_of, Cluster, ClusterOpts, TwoHosts, ADDR_B};
 
 use crate::tcp::spread;
+use crate::total::TotalArgs;
 
 /// Options of `ferry-bench link`.
 #[derive(clap::Args, Debug)]
@@ -22,24 +23,13 @@ pub struct LinkArgs {
     /// Link rates to shape, in `tc` notation, comma-separated; the last line is the first.
     #[arg(long, default_value = "10gbit,25gbit,40gbit")]
     pub rates: String,
-    /// Guest RAM in MiB (random-filled, idle).
-    #[arg(long, default_value_t = 2048)]
-    pub mem_mib: u64,
-    /// Streams (Ferry) and parallel connections (iperf3).
-    #[arg(long, default_value_t = 4)]
-    pub streams: u16,
-    /// Runs per rate.
-    #[arg(long, default_value_t = 3)]
-    pub runs: u32,
     /// Round-trip time to add with `netem` (half each way), where the kernel has it.
     #[arg(long)]
     pub rtt_ms: Option<f64>,
-    /// How the destination fills the guest's memory (`ferry serve --populate`).
-    #[arg(long, default_value = "overlap", value_parser = ["overlap", "ahead"])]
-    pub populate: String,
-    /// Mutual TLS 1.3 between the sidecars (default: `--insecure-psk`).
-    #[arg(long)]
-    pub tls: bool,
+    /// The guest, streams, runs (per rate), authentication and memory filling, as
+    /// `ferry-bench total`.
+    #[command(flatten)]
+    pub whole: TotalArgs,
 }
 
 /// `tc` rate notation to bits per second (`10gbit`, `500mbit`).
@@ -184,11 +174,11 @@ struct Run {
 
 fn once(a: &LinkArgs, rate: &str) -> anyhow::Result<(Run, String)> {
     let opts = ClusterOpts {
-        mem_mib: a.mem_mib,
+        mem_mib: a.whole.mem_mib,
         rate_mib: 0,
-        psk: !a.tls,
+        psk: !a.whole.tls,
         source_vmm_args: vec!["--fill-pct".into(), "100".into()],
-        dest_sidecar_args: vec!["--populate".into(), a.populate.clone()],
+        dest_sidecar_args: vec!["--populate".into(), a.whole.populate.clone()],
         ..ClusterOpts::default()
     };
     let cl = Cluster::start(&opts)?;
@@ -196,7 +186,7 @@ fn once(a: &LinkArgs, rate: &str) -> anyhow::Result<(Run, String)> {
     let t = Instant::now();
     let child = cl.spawn_migrate(&[
         "--streams",
-        &a.streams.to_string(),
+        &a.whole.streams.to_string(),
         "--verify",
         "after-resume",
     ])?;
@@ -208,7 +198,7 @@ fn once(a: &LinkArgs, rate: &str) -> anyhow::Result<(Run, String)> {
     let bytes = s["bytes_transferred"]
         .as_u64()
         .context("bytes_transferred")?;
-    let iperf_gbps = iperf(&cl.hosts, a.streams, Some(bytes))?;
+    let iperf_gbps = iperf(&cl.hosts, a.whole.streams, Some(bytes))?;
     let r1 = &s["per_round"][0];
     let round1_s = r1["ms"].as_f64().unwrap_or(0.0) / 1e3;
     let round1_gbps = r1["bytes"].as_f64().unwrap_or(0.0) * 8.0 / round1_s.max(1e-9) / 1e9;
@@ -233,26 +223,26 @@ fn once(a: &LinkArgs, rate: &str) -> anyhow::Result<(Run, String)> {
 ///
 /// Not root, no iproute2 or iperf3, or a run failing.
 pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
-    anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
+    anyhow::ensure!(a.whole.runs > 0, "--runs must be at least 1");
     let rates: Vec<&str> = a.rates.split(',').map(str::trim).collect();
     for r in &rates {
         bits_per_second(r)?;
     }
     println!(
         "ferry-bench link: {} MiB random-filled idle guest, {} streams, {}, destination memory populated {}, {} runs per rate; two namespaces joined by veth, shaped with tc",
-        a.mem_mib,
-        a.streams,
-        if a.tls { "mutual TLS" } else { "--insecure-psk" },
-        if a.populate == "ahead" { "ahead" } else { "while pages arrive" },
-        a.runs
+        a.whole.mem_mib,
+        a.whole.streams,
+        if a.whole.tls { "mutual TLS" } else { "--insecure-psk" },
+        if a.whole.populate == "ahead" { "ahead" } else { "while pages arrive" },
+        a.whole.runs
     );
     let ceiling = {
         let hosts = TwoHosts::new()?;
-        iperf(&hosts, a.streams, None)?
+        iperf(&hosts, a.whole.streams, None)?
     };
     println!(
         "  this machine's ceiling (iperf3 over the unshaped veth, {} streams, 3 s): {ceiling:.1} Gb/s",
-        a.streams
+        a.whole.streams
     );
     println!(
         "{:>8} {:>4} {:>9} {:>10} {:>7} {:>8} {:>7} {:>7} {:>9} {:>9} {:>7}",
@@ -279,7 +269,7 @@ pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
             continue;
         }
         let (mut ratios, mut tw) = (Vec::new(), Vec::new());
-        for run in 0..a.runs {
+        for run in 0..a.whole.runs {
             let (x, how) = once(a, rate)?;
             if run == 0 {
                 println!("{rate:>8}: {how}");
@@ -330,7 +320,7 @@ pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
         &dir,
         "link",
         &serde_json::json!({
-            "mem_mib": a.mem_mib, "streams": a.streams, "tls": a.tls, "populate": a.populate,
+            "mem_mib": a.whole.mem_mib, "streams": a.whole.streams, "tls": a.whole.tls, "populate": a.whole.populate,
             "rtt_ms": a.rtt_ms, "ceiling_gbps": ceiling, "runs": records,
         }),
     )?;
@@ -340,7 +330,7 @@ pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
         &crate::report::stacked_bars(
             &format!(
                 "Whole migration of {} MiB on shaped links, {} streams: phases vs wire time (iperf3)",
-                a.mem_mib, a.streams
+                a.whole.mem_mib, a.whole.streams
             ),
             "s",
             &["prepare", "round 1", "rest", "wire"],
@@ -353,7 +343,7 @@ pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
     };
     println!(
         "ratio ferry/iperf3 link={rate} streams={}: {m:.2}",
-        a.streams
+        a.whole.streams
     );
     Ok(())
 }
