@@ -15,7 +15,7 @@ use anyhow::{bail, Context};
 use ferry_tests::{summary_of, Cluster, ClusterOpts, TwoHosts, ADDR_B};
 
 use crate::tcp::spread;
-use crate::total::TotalArgs;
+use crate::total::{committed_bytes, TotalArgs};
 
 /// Options of `ferry-bench link`.
 #[derive(clap::Args, Debug)]
@@ -192,12 +192,7 @@ fn once(a: &LinkArgs, rate: &str) -> anyhow::Result<(Run, String)> {
     ])?;
     let s = summary_of(child)?;
     let total_s = t.elapsed().as_secs_f64();
-    if s["result"] != "committed" {
-        bail!("benchmark migration failed: {s}");
-    }
-    let bytes = s["bytes_transferred"]
-        .as_u64()
-        .context("bytes_transferred")?;
+    let bytes = committed_bytes(&s)?;
     let iperf_gbps = iperf(&cl.hosts, a.whole.streams, Some(bytes))?;
     let r1 = &s["per_round"][0];
     let round1_s = r1["ms"].as_f64().unwrap_or(0.0) / 1e3;

@@ -42,6 +42,18 @@ struct Run {
     verify_s: f64,
 }
 
+/// The payload bytes a committed migration's summary says it moved.
+///
+/// # Errors
+///
+/// The migration did not commit, or the summary lacks the figure.
+pub(crate) fn committed_bytes(s: &serde_json::Value) -> anyhow::Result<u64> {
+    if s["result"] != "committed" {
+        bail!("benchmark migration failed: {s}");
+    }
+    s["bytes_transferred"].as_u64().context("bytes_transferred")
+}
+
 fn once(a: &TotalArgs, run: u32) -> anyhow::Result<Run> {
     let pair = idle_pair(
         &format!("total{run}"),
@@ -53,12 +65,7 @@ fn once(a: &TotalArgs, run: u32) -> anyhow::Result<Run> {
     let t = Instant::now();
     let s = pair.migrate("bench", &["--streams".into(), a.streams.to_string()])?;
     let total_s = t.elapsed().as_secs_f64();
-    if s["result"] != "committed" {
-        bail!("benchmark migration failed: {s}");
-    }
-    let bytes = s["bytes_transferred"]
-        .as_u64()
-        .context("bytes_transferred")?;
+    let bytes = committed_bytes(&s)?;
     drop(pair);
     let wire = iperf_once(bytes, a.streams, 28_900 + run as u16)?;
     let rounds = s["per_round"].as_array().context("per_round")?;
