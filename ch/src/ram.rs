@@ -162,40 +162,15 @@ impl Ram {
     ///
     /// `lseek` failing for another reason than the end of the data.
     pub fn data_ranges(&self) -> anyhow::Result<Vec<GpaRange>> {
-        use std::os::fd::AsRawFd;
-        const PAGE: u64 = ferry_proto::mem::PAGE as u64;
         let mut out = Vec::new();
         for (m, fd) in &self.slots {
-            let (start, end) = (m.file_offset, m.file_offset + m.size);
-            let mut at = start;
-            while at < end {
-                let off = |v: u64| libc::off_t::try_from(v).context("offset too large");
-                // SAFETY: lseek on an open descriptor only moves its file offset.
-                let data = unsafe { libc::lseek(fd.as_raw_fd(), off(at)?, libc::SEEK_DATA) };
-                if data < 0 {
-                    let e = std::io::Error::last_os_error();
-                    if e.raw_os_error() == Some(libc::ENXIO) {
-                        break;
-                    }
-                    return Err(e).context("finding the data of guest RAM");
-                }
-                let data = (data as u64 / PAGE * PAGE).min(end);
-                if data >= end {
-                    break;
-                }
-                // SAFETY: as above.
-                let hole = unsafe { libc::lseek(fd.as_raw_fd(), off(data)?, libc::SEEK_HOLE) };
-                if hole < 0 {
-                    return Err(std::io::Error::last_os_error())
-                        .context("finding the holes of guest RAM");
-                }
-                let hole = (hole as u64).div_ceil(PAGE).saturating_mul(PAGE).min(end);
-                out.push(GpaRange {
-                    gpa: m.gpa + (data - start),
-                    length: hole - data,
-                });
-                at = hole;
-            }
+            let start = m.file_offset;
+            let spans = ferry_proto::mem::data_spans(fd.as_fd(), start, start + m.size)
+                .context("finding the data of guest RAM")?;
+            out.extend(spans.into_iter().map(|s| GpaRange {
+                gpa: m.gpa + (s.start - start),
+                length: s.end - s.start,
+            }));
         }
         Ok(out)
     }

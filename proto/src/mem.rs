@@ -302,41 +302,20 @@ impl GuestRegion {
     /// [`ProtoError::Io`] from `lseek` or `madvise`.
     pub fn prefault_data(&self, fd: BorrowedFd<'_>, offset: u64) -> Result<Duration, ProtoError> {
         let t0 = Instant::now();
-        let (start, end) = (offset, offset + self.len as u64);
-        let mut at = start;
-        while at < end {
-            // SAFETY: lseek on an open descriptor only moves its file offset.
-            let data = unsafe { libc::lseek(fd.as_raw_fd(), at as libc::off_t, libc::SEEK_DATA) };
-            if data < 0 {
-                if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
-                    break;
-                }
-                return Err(os("lseek(SEEK_DATA) on guest RAM"));
-            }
-            let data = (data as u64 / PAGE as u64 * PAGE as u64).max(at);
-            if data >= end {
-                break;
-            }
-            // SAFETY: as above.
-            let hole = unsafe { libc::lseek(fd.as_raw_fd(), data as libc::off_t, libc::SEEK_HOLE) };
-            if hole < 0 {
-                return Err(os("lseek(SEEK_HOLE) on guest RAM"));
-            }
-            let hole = (hole as u64).div_ceil(PAGE as u64) * PAGE as u64;
-            let hole = hole.min(end);
-            // SAFETY: [data, hole) - offset lies inside the mapping (clamped to
-            // [start, end) above), which `self` keeps mapped; populating changes no data.
+        for span in data_spans(fd, offset, offset + self.len as u64)? {
+            // SAFETY: `span` lies inside [offset, offset + len) (data_spans clamps it), so
+            // it is inside the mapping, which `self` keeps mapped; populating changes no
+            // data.
             let rc = unsafe {
                 libc::madvise(
-                    self.ptr.as_ptr().add((data - start) as usize).cast(),
-                    (hole - data) as usize,
+                    self.ptr.as_ptr().add((span.start - offset) as usize).cast(),
+                    (span.end - span.start) as usize,
                     libc::MADV_POPULATE_READ,
                 )
             };
             if rc != 0 {
                 return Err(os("madvise(MADV_POPULATE_READ)"));
             }
-            at = hole.max(data + PAGE as u64);
         }
         Ok(t0.elapsed())
     }
@@ -378,6 +357,59 @@ impl GuestRegion {
     }
 }
 
+/// The parts of bytes `[start, end)` of file `fd` (a memfd; `start` page-aligned) that hold
+/// data, in whole pages: everything but its holes (pages never written read as zero;
+/// `lseek` `SEEK_DATA`/`SEEK_HOLE`). A page written since may be data too.
+///
+/// # Errors
+///
+/// [`ProtoError::Io`] from `lseek` failing for another reason than the end of the data;
+/// [`ProtoError::BadValue`] for offsets beyond `off_t`.
+pub fn data_spans(
+    fd: BorrowedFd<'_>,
+    start: u64,
+    end: u64,
+) -> Result<Vec<std::ops::Range<u64>>, ProtoError> {
+    const P: u64 = PAGE as u64;
+    let off = |v: u64| {
+        libc::off_t::try_from(v).map_err(|_| ProtoError::BadValue {
+            what: "file offset",
+            value: v,
+        })
+    };
+    let mut out = Vec::new();
+    let mut at = start;
+    while at < end {
+        // SAFETY: lseek on an open descriptor only moves its file offset.
+        let data = unsafe { libc::lseek(fd.as_raw_fd(), off(at)?, libc::SEEK_DATA) };
+        if data < 0 {
+            if std::io::Error::last_os_error().raw_os_error() == Some(libc::ENXIO) {
+                break;
+            }
+            return Err(os("lseek(SEEK_DATA) on guest RAM"));
+        }
+        let data = (data as u64 / P * P).max(at);
+        if data >= end {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(fd.as_raw_fd(), off(data)?, libc::SEEK_HOLE) };
+        if hole < 0 {
+            return Err(os("lseek(SEEK_HOLE) on guest RAM"));
+        }
+        // Whole pages, at least one (progress whatever the filesystem answers), never
+        // beyond `end`.
+        let hole = (hole as u64)
+            .div_ceil(P)
+            .saturating_mul(P)
+            .max(data + P)
+            .min(end);
+        out.push(data..hole);
+        at = hole;
+    }
+    Ok(out)
+}
+
 impl Drop for GuestRegion {
     fn drop(&mut self) {
         // Unregister before unmapping (a fault in a freshly reused range is not ours).
@@ -404,6 +436,27 @@ impl AsFdBorrowed for OwnedFd {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn data_spans_are_the_written_pages_and_prefaulting_allocates_no_hole() {
+        use std::os::unix::fs::MetadataExt;
+        let (a, fd) = GuestRegion::create("t", 64 * PAGE as u64).expect("create");
+        for p in [3u64, 10, 11] {
+            let at = a.pages_ptr(p, 1).expect("in range");
+            // SAFETY: one page of our own fresh mapping, written by this thread only.
+            unsafe { at.write(1) };
+        }
+        let p = PAGE as u64;
+        let spans = data_spans(fd.as_fd_borrowed(), 0, 64 * p).expect("spans");
+        assert_eq!(spans, vec![3 * p..4 * p, 10 * p..12 * p]);
+        assert_eq!(
+            data_spans(fd.as_fd_borrowed(), 8 * p, 11 * p).expect("spans"),
+            vec![10 * p..11 * p]
+        );
+        a.prefault_data(fd.as_fd_borrowed(), 0).expect("prefault");
+        let file = std::fs::File::from(fd.try_clone().expect("dup"));
+        assert_eq!(file.metadata().expect("stat").blocks() * 512, 3 * p);
+    }
 
     #[test]
     fn create_map_populate_and_share() {
