@@ -65,7 +65,7 @@ for side in a b; do for _ in $(seq 100); do [ -S "$D/$side.sock" ] && break; sle
 if [ "$VMM" = kvm ]; then
   # --rate is pages per second per vCPU: RATE MiB/s over 2 vCPUs.
   ip netns exec $NA "$B/ferry-kvm-vmm" source --sidecar "$D/a.sock" --vm-id vm1 --ram-mib "$MEM" \
-    --vcpus 2 --regions 2 --rate $((RATE * 256 / 2)) \
+    --vcpus 2 --regions 2 --rate $((RATE * 256 / 2)) --ballast \
     --status-file "$D/vm-a.json" --max-runtime-s 900 2>"$D/vmm-a.log" &
   PIDS+=($!)
   ip netns exec $NB "$B/ferry-kvm-vmm" dest --sidecar "$D/b.sock" --vm-id vm1 \

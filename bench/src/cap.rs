@@ -111,6 +111,7 @@ pub fn run(a: &CapArgs) -> anyhow::Result<()> {
             ratios.push(got / f64::from(c));
         }
     }
+    let (mut groups, mut records) = (Vec::new(), Vec::new());
     for &c in &a.caps {
         let per: Vec<f64> = ratios
             .iter()
@@ -118,9 +119,27 @@ pub fn run(a: &CapArgs) -> anyhow::Result<()> {
             .step_by(a.caps.len())
             .copied()
             .collect();
-        let (m, lo, hi) = spread(per);
+        let (m, lo, hi) = spread(per.clone());
         println!("  cap {c:>4} MiB/s: ratio median {m:.3} [{lo:.3}-{hi:.3}]");
+        groups.push((
+            format!("cap {c} MiB/s"),
+            vec![f64::from(c), m * f64::from(c)],
+        ));
+        records.push(serde_json::json!({"cap_mib_s": c, "achieved_over_cap": per}));
     }
+    crate::report::record(
+        "cap",
+        &serde_json::json!({"mem_mib": a.mem_mib, "uncapped_mib_s": free, "caps": records}),
+        &[(
+            "caps",
+            crate::report::grouped_bars(
+                &format!("Bandwidth caps: achieved rate (median of {} runs)", a.runs),
+                "MiB/s",
+                &["cap", "achieved"],
+                &groups,
+            ),
+        )],
+    )?;
     let n = ratios.len();
     let (m, lo, hi) = spread(ratios);
     println!("cap: achieved/cap median {m:.3} [{lo:.3}-{hi:.3}] over {n} runs");

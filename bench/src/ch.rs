@@ -361,6 +361,78 @@ pub fn run(a: &ChArgs) -> anyhow::Result<()> {
         "  ferry-postcopy: pull median {pm:.2} s [{pl:.2}-{ph:.2}], {:.0} MiB pulled, the rest zero-filled (the VM ran at the destination meanwhile, depending on both hosts)",
         bm / f64::from(1 << 20)
     );
+    let med = |v: &[Run], g: fn(&Run) -> f64| median(v.iter().map(g).collect()).0;
+    let rec = |v: &[Run]| -> Vec<serde_json::Value> {
+        v.iter()
+            .map(|x| {
+                serde_json::json!({"ch_total_s": x.ch_total_s, "downtime_ms": x.downtime_ms,
+                "wall_s": x.wall_s, "cpu_src_s": x.cpu_src, "cpu_dst_s": x.cpu_dst,
+                "pull_s": x.pull_s, "pulled_bytes": x.pulled})
+            })
+            .collect()
+    };
+    crate::report::record(
+        "ch",
+        &serde_json::json!({"mem_mib": a.mem_mib, "streams": a.streams, "psk": a.psk,
+            "ch_direct": rec(&d), "ferry": rec(&f), "ferry_postcopy": rec(&p)}),
+        &[
+            (
+                "times",
+                crate::report::grouped_bars(
+                    &format!(
+                        "Cloud Hypervisor migration of {} MiB (median of {} runs)",
+                        a.mem_mib, a.runs
+                    ),
+                    "s",
+                    &["ch-direct", "ferry", "ferry-postcopy"],
+                    &[
+                        (
+                            "wall time".into(),
+                            vec![
+                                med(&d, |x| x.wall_s),
+                                med(&f, |x| x.wall_s),
+                                med(&p, |x| x.wall_s),
+                            ],
+                        ),
+                        (
+                            "CPU source".into(),
+                            vec![
+                                med(&d, |x| x.cpu_src),
+                                med(&f, |x| x.cpu_src),
+                                med(&p, |x| x.cpu_src),
+                            ],
+                        ),
+                        (
+                            "CPU destination".into(),
+                            vec![
+                                med(&d, |x| x.cpu_dst),
+                                med(&f, |x| x.cpu_dst),
+                                med(&p, |x| x.cpu_dst),
+                            ],
+                        ),
+                    ],
+                ),
+            ),
+            (
+                "downtime",
+                crate::report::dots(
+                    "Downtime per run",
+                    "ms",
+                    &[
+                        (
+                            "ch-direct".into(),
+                            d.iter().map(|x| x.downtime_ms).collect(),
+                        ),
+                        ("ferry".into(), f.iter().map(|x| x.downtime_ms).collect()),
+                        (
+                            "ferry-postcopy".into(),
+                            p.iter().map(|x| x.downtime_ms).collect(),
+                        ),
+                    ],
+                ),
+            ),
+        ],
+    )?;
     let ratios: Vec<f64> = d
         .iter()
         .zip(&f)

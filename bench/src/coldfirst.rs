@@ -159,6 +159,29 @@ pub fn run(a: &ColdFirstArgs) -> anyhow::Result<()> {
         p2 >> 20,
         c2 >> 20
     );
+    let mib = |v: u64| v as f64 / f64::from(1u32 << 20);
+    let sample = |v: &[Sample]| -> Vec<serde_json::Value> {
+        v.iter()
+            .map(|s| serde_json::json!({"bytes": s.bytes, "round2_bytes": s.round2_bytes, "rounds": s.rounds}))
+            .collect()
+    };
+    crate::report::record(
+        "coldfirst",
+        &serde_json::json!({"mem_mib": a.mem_mib, "rate_mib": a.rate_mib, "hot_mib": a.hot_mib,
+            "address_order": sample(&plain), "cold_first": sample(&cold)}),
+        &[(
+            "bytes",
+            crate::report::grouped_bars(
+                &format!("Bytes moved by send order (median of {} runs)", a.runs),
+                "MiB",
+                &["address order", "cold-first"],
+                &[
+                    ("whole migration".into(), vec![mib(p), mib(c)]),
+                    ("round 2".into(), vec![mib(p2), mib(c2)]),
+                ],
+            ),
+        )],
+    )?;
     let saved = p as i64 - c as i64;
     println!(
         "cold-first saved {} MiB ({:.1} % of address order)",

@@ -108,26 +108,22 @@ pub fn run(a: &ControlArgs) -> anyhow::Result<()> {
             "guest_scanned_gbps_median": g,
         }));
     }
-    let dir = crate::report::results_dir("control-path")?;
-    crate::report::write_json(
-        &dir,
+    crate::report::record(
         "control-path",
         &serde_json::json!({"gib": a.gib, "channels": a.channels, "runs": a.runs, "by_dirty": records}),
-    )?;
-    crate::report::write_svg(
-        &dir,
-        "planned",
-        &crate::report::stacked_bars(
-            &format!(
-                "Control path, {} GiB guest: dirty memory planned per core",
-                a.gib
+        &[(
+            "planned",
+            crate::report::stacked_bars(
+                &format!(
+                    "Control path, {} GiB guest: dirty memory planned per core",
+                    a.gib
+                ),
+                "GB/s",
+                &["planned"],
+                &rows,
             ),
-            "GB/s",
-            &["planned"],
-            &rows,
-        ),
+        )],
     )?;
-    println!("  results: {}", dir.display());
     println!("control path GB/s per core dirty=10%: {at10:.1}");
     Ok(())
 }

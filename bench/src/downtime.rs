@@ -96,6 +96,8 @@ struct Run {
     load: String,
     record_check: String,
     error: String,
+    /// The migration's summary (`ferry migrate --json`).
+    summary: serde_json::Value,
 }
 
 const PARTS: [&str; 5] = [
@@ -157,6 +159,8 @@ fn once(a: &DowntimeArgs, mib: u64, dirty: u64, port: u16, tag: &str) -> anyhow:
         rate.to_string(),
         "--status-file".into(),
         st_a.display().to_string(),
+        // Data in every page, as a booted guest's RAM: round 1 moves all of it.
+        "--ballast".into(),
     ]);
     pair.spawn_vmm("ferry-kvm-vmm", "vmm-a", &src)?;
     let dst: Vec<String> = vec![
@@ -251,6 +255,7 @@ fn once(a: &DowntimeArgs, mib: u64, dirty: u64, port: u16, tag: &str) -> anyhow:
             .to_owned(),
         record_check,
         error: s["error"].as_str().unwrap_or_default().to_owned(),
+        summary: s,
     })
 }
 
@@ -278,6 +283,7 @@ pub fn run(a: &DowntimeArgs) -> anyhow::Result<()> {
     );
     let mut port = a.port_base;
     let mut headline: Option<f64> = None;
+    let (mut dist, mut rounds, mut records) = (Vec::new(), Vec::new(), Vec::new());
     for &mib in &a.sizes_mib {
         for &dirty in &a.dirty_mib {
             let label = format!("guest={} dirty={dirty}MiB/s", size_label(mib));
@@ -342,8 +348,39 @@ pub fn run(a: &DowntimeArgs) -> anyhow::Result<()> {
             if mib == 1024 && dirty == 64 {
                 headline = Some(pct(&down, 50.0));
             }
+            // The run whose downtime is the median stands for the configuration's rounds.
+            let mut by_down: Vec<&&Run> = ok.iter().collect();
+            by_down.sort_by(|x, y| x.downtime_ms.total_cmp(&y.downtime_ms));
+            if let Some(m) = by_down.get(by_down.len() / 2) {
+                rounds.push((label.clone(), m.summary.clone()));
+            }
+            dist.push((label.clone(), down.clone()));
+            records.push(serde_json::json!({
+                "guest_mib": mib, "dirty_mib_s": dirty, "committed": ok.len(), "runs": runs.len(),
+                "downtime_ms": down, "total_ms": total,
+                "summaries": runs.iter().map(|r| r.summary.clone()).collect::<Vec<_>>(),
+            }));
         }
     }
+    crate::report::record(
+        "downtime",
+        &serde_json::json!({"streams": a.streams, "vcpus": a.vcpus, "budget_ms": a.downtime_ms,
+            "check_record": a.check_record, "configs": records}),
+        &[
+            (
+                "downtime",
+                crate::report::dots(
+                    &format!("Downtime per run ({} runs per configuration)", a.runs),
+                    "ms",
+                    &dist,
+                ),
+            ),
+            (
+                "rounds",
+                crate::report::rounds_chart("Median-downtime run per configuration", &rounds),
+            ),
+        ],
+    )?;
     match headline {
         Some(x) => println!("downtime_ms p50 guest=1GiB dirty=64MiB/s: {x:.1}"),
         None => println!(

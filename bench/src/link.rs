@@ -310,29 +310,25 @@ pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
             last = Some((rate.to_string(), m));
         }
     }
-    let dir = crate::report::results_dir("link")?;
-    crate::report::write_json(
-        &dir,
+    crate::report::record(
         "link",
         &serde_json::json!({
             "mem_mib": a.whole.mem_mib, "streams": a.whole.streams, "tls": a.whole.tls, "populate": a.whole.populate,
             "rtt_ms": a.rtt_ms, "ceiling_gbps": ceiling, "runs": records,
         }),
-    )?;
-    crate::report::write_svg(
-        &dir,
-        "phases",
-        &crate::report::stacked_bars(
-            &format!(
-                "Whole migration of {} MiB on shaped links, {} streams: phases vs wire time (iperf3)",
-                a.whole.mem_mib, a.whole.streams
+        &[(
+            "phases",
+            crate::report::stacked_bars(
+                &format!(
+                    "Whole migration of {} MiB on shaped links, {} streams: phases vs wire time (iperf3)",
+                    a.whole.mem_mib, a.whole.streams
+                ),
+                "s",
+                &["prepare", "round 1", "rest", "wire"],
+                &rows,
             ),
-            "s",
-            &["prepare", "round 1", "rest", "wire"],
-            &rows,
-        ),
+        )],
     )?;
-    println!("  results: {}", dir.display());
     let Some((rate, m)) = last else {
         bail!("every rate was above this machine's ceiling ({ceiling:.1} Gb/s)");
     };

@@ -47,6 +47,10 @@ pub struct RdmaArgs {
     /// Measure here (an RDMA device must exist); the host run passes this to the guest.
     #[arg(long)]
     pub in_guest: bool,
+    /// Results directory (JSON and SVG); by default `bench-results/rdma-<time>` (the
+    /// host's, passed to the guest, which sees the repository).
+    #[arg(long)]
+    pub results_dir: Option<std::path::PathBuf>,
 }
 
 /// Ferry's message (RDMA READ) size: it splits pulls at 1 MiB.
@@ -103,6 +107,11 @@ fn run_in_guest(args: &RdmaArgs) -> anyhow::Result<()> {
         .arg(qps.join(","))
         .args(["--dev", "rxe0", "--gid-index", "1", "--runs"])
         .arg(args.runs.to_string())
+        .arg("--results-dir")
+        .arg(match &args.results_dir {
+            Some(d) => d.clone(),
+            None => crate::report::results_dir("rdma")?.canonicalize()?,
+        })
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -400,6 +409,7 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
     );
     let mut notes = Vec::new();
     let mut last = None;
+    let (mut groups, mut records) = (Vec::new(), Vec::new());
     for &n in &args.qps {
         let mut best: Option<(FerrySample, IbSample)> = None;
         for _ in 0..args.runs.max(1) {
@@ -435,8 +445,42 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
                 ib.failed.join(", ")
             ));
         }
+        groups.push((format!("{n} QPs"), vec![f.gbps, ib.gbps]));
+        records.push(
+            serde_json::json!({"qps": n, "ferry_gbps": f.gbps, "ib_read_bw_gbps": ib.gbps,
+            "ib_read_bw_msg_bytes": ib.size, "ratio": ratio,
+            "src_round1_cpu_s_per_gib": f.round1_src_per_gib,
+            "src_cpu_s_per_gib": f.total_src_per_gib, "dst_cpu_s_per_gib": f.total_dst_per_gib}),
+        );
         last = Some((n, ratio, f));
     }
+    let dir = match &args.results_dir {
+        Some(d) => {
+            std::fs::create_dir_all(d)?;
+            d.clone()
+        }
+        None => crate::report::results_dir("rdma")?,
+    };
+    crate::report::record_in(
+        &dir,
+        "rdma",
+        &serde_json::json!({"mem_mib": args.mem_mib, "dev": args.dev, "runs": args.runs,
+            "read_bytes": FERRY_READ_BYTES, "by_qps": records}),
+        &[(
+            "throughput",
+            crate::report::grouped_bars(
+                &format!(
+                    "RDMA READ pull of {} MiB on {} (best of {} runs)",
+                    args.mem_mib,
+                    args.dev,
+                    args.runs.max(1)
+                ),
+                "Gb/s",
+                &["ferry", "ib_read_bw"],
+                &groups,
+            ),
+        )],
+    )?;
     let (n, ratio, r) = last.context("no queue-pair count given")?;
     let t = ferry_once(args.mem_mib, "tcp", n)?;
     println!("source CPU, same region, {n} streams (the rdma row is the qps={n} run above):");

@@ -223,6 +223,7 @@ pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
         "streams", "ferry Gb/s", "iperf3 Gb/s", "ratio", "ferry src s/GiB", "ferry dst s/GiB"
     );
     let mut last = None;
+    let (mut groups, mut cpu_groups, mut records) = (Vec::new(), Vec::new(), Vec::new());
     for &n in &args.streams {
         let mut f = Vec::new();
         let mut i = Vec::new();
@@ -259,7 +260,55 @@ pub fn run(args: &TcpArgs) -> anyhow::Result<()> {
             ""
         );
         last = Some((n, ratio));
+        let med = |v: &[Sample], f: fn(&Sample) -> f64| spread(v.iter().map(f).collect()).0;
+        groups.push((
+            format!("{n} streams"),
+            vec![med(&f, |s| s.gbps), med(&i, |s| s.gbps)],
+        ));
+        cpu_groups.push((
+            format!("{n} streams"),
+            (0..PHASES.len())
+                .map(|k| spread(f.iter().map(|s| s.phases[k]).collect()).0)
+                .collect(),
+        ));
+        let runs = |v: &[Sample]| -> Vec<serde_json::Value> {
+            v.iter()
+                .map(|s| {
+                    serde_json::json!({"gbps": s.gbps, "cpu_src_s_per_gib": s.cpu_src_per_gib,
+                        "cpu_dst_s_per_gib": s.cpu_dst_per_gib, "phases_s_per_gib": s.phases})
+                })
+                .collect()
+        };
+        records.push(serde_json::json!({"streams": n, "ferry": runs(&f), "iperf3": runs(&i), "ratio_median": ratio}));
     }
+    crate::report::record(
+        "tcp",
+        &serde_json::json!({"mem_mib": args.mem_mib, "tls": args.tls, "populate": args.populate,
+            "phases": PHASES, "by_streams": records}),
+        &[
+            (
+                "throughput",
+                crate::report::grouped_bars(
+                    &format!(
+                        "Throughput by stream count, {} MiB over loopback (medians)",
+                        args.mem_mib
+                    ),
+                    "Gb/s",
+                    &["ferry", "iperf3"],
+                    &groups,
+                ),
+            ),
+            (
+                "cpu",
+                crate::report::grouped_bars(
+                    "Ferry's data threads: CPU s/GiB by phase (medians)",
+                    "CPU s/GiB",
+                    &PHASES,
+                    &cpu_groups,
+                ),
+            ),
+        ],
+    )?;
     let (n, ratio) = last.context("no stream count given")?;
     if args.tls {
         println!("ratio ferry-tls/iperf3 streams={n}: {ratio:.3}");

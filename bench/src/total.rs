@@ -153,29 +153,25 @@ pub fn run(a: &TotalArgs) -> anyhow::Result<()> {
     }
     let (m, lo, hi) = spread(ratios);
     println!("  total/wire median {m:.2} [{lo:.2}-{hi:.2}]");
-    let dir = crate::report::results_dir("total")?;
-    crate::report::write_json(
-        &dir,
+    crate::report::record(
         "total",
         &serde_json::json!({
             "mem_mib": a.mem_mib, "streams": a.streams, "tls": a.tls, "populate": a.populate,
             "runs": records, "ratio_median": m, "ratio_min": lo, "ratio_max": hi,
         }),
-    )?;
-    crate::report::write_svg(
-        &dir,
-        "phases",
-        &crate::report::stacked_bars(
-            &format!(
-                "Whole migration of {} MiB, {} streams: phases vs wire time (iperf3)",
-                a.mem_mib, a.streams
+        &[(
+            "phases",
+            crate::report::stacked_bars(
+                &format!(
+                    "Whole migration of {} MiB, {} streams: phases vs wire time (iperf3)",
+                    a.mem_mib, a.streams
+                ),
+                "s",
+                &["prepare", "round 1", "final", "verify", "other", "wire"],
+                &rows,
             ),
-            "s",
-            &["prepare", "round 1", "final", "verify", "other", "wire"],
-            &rows,
-        ),
+        )],
     )?;
-    println!("  results: {}", dir.display());
     let mem = if a.mem_mib.is_multiple_of(1024) {
         format!("{}GiB", a.mem_mib / 1024)
     } else {

@@ -107,10 +107,26 @@ impl MemoryDigest {
 /// Digest of one region held in `bytes` (whole pages; the caller guarantees nothing
 /// writes them meanwhile).
 pub fn region_digest(bytes: &[u8]) -> Vec<u128> {
+    region_digest_around(bytes, None)
+}
+
+/// [`region_digest`], with the pages of `zero` (known zero, e.g. holes of a memfd) taken
+/// as [`zero_page_hash`] without being read.
+pub fn region_digest_around(bytes: &[u8], zero: Option<&crate::bitmap::DirtyBitmap>) -> Vec<u128> {
+    let per_chunk = (DIGEST_CHUNK_PAGES * PAGE_SIZE) as usize;
     bytes
-        .chunks((DIGEST_CHUNK_PAGES * PAGE_SIZE) as usize)
-        .map(|chunk| {
-            let pages: Vec<u64> = chunk.chunks(PAGE_SIZE as usize).map(page_hash).collect();
+        .chunks(per_chunk)
+        .enumerate()
+        .map(|(c, chunk)| {
+            let first = c as u64 * DIGEST_CHUNK_PAGES;
+            let pages: Vec<u64> = chunk
+                .chunks(PAGE_SIZE as usize)
+                .enumerate()
+                .map(|(i, p)| match zero {
+                    Some(z) if z.get(first + i as u64) => zero_page_hash(),
+                    _ => page_hash(p),
+                })
+                .collect();
             chunk_hash(&pages)
         })
         .collect()
@@ -169,6 +185,27 @@ impl PageHashes {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn pages_known_zero_hash_as_zero_without_being_read() {
+        // Two chunks and a bit; pages 5 and 600 hold data, the rest zero.
+        let n = DIGEST_CHUNK_PAGES * 2 + 3;
+        let mut mem = vec![0u8; (n * PAGE_SIZE) as usize];
+        for p in [5u64, 600] {
+            mem[(p * PAGE_SIZE) as usize] = 0xab;
+        }
+        let full = region_digest(&mem);
+        // Every zero page declared zero: the same digest.
+        let mut zero = crate::bitmap::DirtyBitmap::full(n);
+        zero.clear_range(5, 1);
+        zero.clear_range(600, 1);
+        assert_eq!(region_digest_around(&mem, Some(&zero)), full);
+        // A data page declared zero is not read: its chunk differs, the others do not.
+        zero.set(600);
+        let d = region_digest_around(&mem, Some(&zero));
+        assert_eq!((d[0], d[2]), (full[0], full[2]));
+        assert_ne!(d[1], full[1]);
+    }
 
     #[test]
     fn page_hash_is_standard_xxh3() {

@@ -28,7 +28,7 @@
 //! assert_eq!(s.poll(), Some(SourceCommand::Negotiate));
 //! s.handle(Duration::ZERO, SourceEvent::Negotiated(vec![(TransportKind::Tcp, 1)]));
 //! assert_eq!(s.poll(), Some(SourceCommand::StartDirtyLog));
-//! s.handle(Duration::ZERO, SourceEvent::DirtyLogStarted);
+//! s.handle(Duration::ZERO, SourceEvent::DirtyLogStarted(Vec::new()));
 //! // Round 1 sends every page, in one window.
 //! let Some(SourceCommand::SendWindow(w)) = s.poll() else { panic!("a window") };
 //! assert_eq!((w.round, w.plan.pages()), (1, 256));

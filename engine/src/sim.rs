@@ -198,7 +198,7 @@ impl Sim<'_> {
             C::Negotiate => E::Negotiated(vec![(TransportKind::Tcp, self.cfg.channels)]),
             C::StartDirtyLog => {
                 self.guest.log = DirtyBitmap::new(self.cfg.pages);
-                E::DirtyLogStarted
+                E::DirtyLogStarted(Vec::new())
             }
             C::TakeDirty { delay, .. } => self.take_dirty(delay),
             C::SendWindow(w) => self.send(&w),

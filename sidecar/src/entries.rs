@@ -23,6 +23,8 @@ pub struct SourceVm {
     pub regions: Vec<RegionInfo>,
     /// The VM's RAM, mapped from the VMM's memfds.
     pub mem: Arc<Vec<GuestRegion>>,
+    /// Those memfds, one per region (their holes are known zero without a read).
+    pub memfds: Vec<std::os::fd::OwnedFd>,
     /// CPU compatibility blob.
     pub cpu_profile: Vec<u8>,
     /// Size of the pages behind its memfds (huge pages, or 4 KiB).

@@ -197,11 +197,11 @@ fn handle_vmm(d: &Arc<Daemon>, s: UnixStream, armed: Armed) -> anyhow::Result<()
                     tracing::warn!(vm = %vm_id, "prefaulting guest RAM: {}", chain(&e));
                 }
             }
-            drop(fds);
             let vm = SourceVm {
                 link: s,
                 regions,
                 mem: Arc::new(mem),
+                memfds: fds,
                 cpu_profile,
                 backing_page_size,
                 fence: fence.clone(),

@@ -65,6 +65,8 @@ pub struct Driver<'a> {
     pub(crate) total: AtomicU64,
     pub(crate) round_bytes: (u32, u64),
     pub(crate) t0: Instant,
+    /// The memfds' holes before negotiating (an RDMA registration allocates them).
+    pub(crate) holes_before: Vec<DirtyBitmap>,
 }
 
 impl<'a> Driver<'a> {
@@ -91,6 +93,7 @@ impl<'a> Driver<'a> {
             total: AtomicU64::new(0),
             round_bytes: (0, 0),
             t0: Instant::now(),
+            holes_before: Vec::new(),
         }
     }
 
@@ -200,9 +203,16 @@ impl<'a> Driver<'a> {
         use SourceEvent as E;
         let r = match cmd {
             C::Negotiate => self.negotiate(),
-            C::StartDirtyLog => self
-                .vmm_request(&VmmMsg::StartDirtyLog)
-                .map(|_| E::DirtyLogStarted),
+            C::StartDirtyLog => self.vmm_request(&VmmMsg::StartDirtyLog).map(|_| {
+                // With the log on, a hole is zero until a write the log will show.
+                let zero = self.vm.as_ref().map_or(Ok(Vec::new()), |v| {
+                    crate::memory::known_zero(&v.regions, &v.memfds, &v.mem, &self.holes_before)
+                });
+                E::DirtyLogStarted(zero.unwrap_or_else(|e| {
+                    tracing::warn!(vm = %self.vm_id, "finding the memfds' holes: {e:#}; round 1 sends every page");
+                    Vec::new()
+                }))
+            }),
             C::TakeDirty { final_round, delay } => {
                 std::thread::sleep(delay);
                 self.take_dirty(final_round)
@@ -223,7 +233,12 @@ impl<'a> Driver<'a> {
                 .map(|()| E::StateSent),
             C::HashSource => match self.mem().cloned() {
                 Some(mem) => {
-                    let d = digest_of(&mem);
+                    // Holes read as zero: hashing them would allocate them (paused VM:
+                    // nothing fills one meanwhile).
+                    let holes = self.vm.as_ref().map_or_else(Vec::new, |v| {
+                        crate::memory::holes(&v.regions, &v.memfds).unwrap_or_default()
+                    });
+                    let d = digest_of(&mem, &holes);
                     memory_shrank(&mem).map_or(Ok(E::SourceHashed(d)), Err)
                 }
                 None => Err(Failure::new(FailureKind::Local, "no source memory")),
@@ -293,6 +308,7 @@ impl<'a> Driver<'a> {
         let (Some(req), Some(vm)) = (self.req, self.vm.as_ref()) else {
             return Err(Failure::new(FailureKind::Local, "nothing to negotiate"));
         };
+        self.holes_before = crate::memory::holes(&vm.regions, &vm.memfds).unwrap_or_default();
         let n = negotiate(self.d, req, vm, self.session).map_err(|e| {
             if let Some(b) = e.downcast_ref::<DestinationBusy>() {
                 self.dest_busy = Some(b.to_string());

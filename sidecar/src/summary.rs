@@ -31,6 +31,16 @@ pub struct RoundSummary {
     pub torn_pages: u64,
     /// Wall time of the round.
     pub ms: f64,
+    /// Dirty-log reads between the round's windows.
+    #[serde(default)]
+    pub log_reads: u32,
+    /// Time spent waiting for those reads (asking the VMM to answering).
+    #[serde(default)]
+    pub log_read_ms: f64,
+    /// Windows sent per log read when the round ended (more when reads are slow against
+    /// sending).
+    #[serde(default)]
+    pub log_batch: u32,
 }
 
 /// Where the downtime went (source view: from the pause request to `Running`).
@@ -103,8 +113,13 @@ pub struct Summary {
     pub ram_bytes: u64,
     /// Payload bytes moved over all rounds.
     pub bytes_transferred: u64,
-    /// Zero pages skipped (sent as markers) over all rounds.
+    /// Zero pages skipped over all rounds: sent as markers, or left out of round 1 as
+    /// holes of the source's memfds (`hole_pages_skipped`).
     pub zero_pages_skipped: u64,
+    /// Of those, pages round 1 left out because they were holes of the source's memfds
+    /// (known zero without a read; the destination's fresh memory holds zeros there).
+    #[serde(default)]
+    pub hole_pages_skipped: u64,
     /// Wall time, start to end.
     pub total_ms: f64,
     /// Time the guest did not run.
@@ -212,11 +227,16 @@ impl Summary {
                 zero_pages: x.stats.zero_pages,
                 torn_pages: x.stats.torn.len() as u64,
                 ms: ms(x.elapsed),
+                log_reads: x.log_reads,
+                log_read_ms: ms(x.log_wait),
+                log_batch: x.log_batch,
             })
             .collect();
         self.rounds = self.per_round.len() as u32;
         self.bytes_transferred = r.bytes();
-        self.zero_pages_skipped = self.per_round.iter().map(|x| x.zero_pages).sum();
+        self.hole_pages_skipped = r.zero_skipped;
+        self.zero_pages_skipped =
+            r.zero_skipped + self.per_round.iter().map(|x| x.zero_pages).sum::<u64>();
         let (mut mine, mut peer) = (PhaseCpu::default(), PhaseCpu::default());
         for x in &r.rounds {
             mine.add(x.stats.cpu);
@@ -322,7 +342,13 @@ impl Summary {
                 self.bytes_transferred >> 20
             ),
         );
-        line("zero_pages_skipped", self.zero_pages_skipped.to_string());
+        line(
+            "zero_pages_skipped",
+            format!(
+                "{} ({} holes left out of round 1)",
+                self.zero_pages_skipped, self.hole_pages_skipped
+            ),
+        );
         line("total_ms", format!("{:.1}", self.total_ms));
         line("downtime_ms", format!("{:.1}", self.downtime_ms));
         if self.postcopy {
@@ -384,12 +410,15 @@ impl Summary {
                     if r.final_round { " (final)" } else { "" }
                 ),
                 format!(
-                    "{} dirty pages, {} MiB, {} zero, {} torn, {:.1} ms",
+                    "{} dirty pages, {} MiB, {} zero, {} torn, {:.1} ms, {} log reads in {:.1} ms (windows per read {})",
                     r.dirty_pages,
                     r.bytes >> 20,
                     r.zero_pages,
                     r.torn_pages,
-                    r.ms
+                    r.ms,
+                    r.log_reads,
+                    r.log_read_ms,
+                    r.log_batch
                 ),
             );
         }

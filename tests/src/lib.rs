@@ -640,7 +640,9 @@ impl Cluster {
                     .arg("--sidecar")
                     .arg(hosts.path("a.sock"))
                     .args(["--vm-id", "vm1", "--ram-mib", &opts.mem_mib.to_string()])
-                    .args(["--vcpus", &vcpus.to_string(), "--rate", &rate.to_string()]);
+                    .args(["--vcpus", &vcpus.to_string(), "--rate", &rate.to_string()])
+                    // RAM with data everywhere, as a booted guest's: holes would be skipped.
+                    .arg("--ballast");
                 let mut dst = hosts.cmd(1, &vmm);
                 dst.arg("dest")
                     .arg("--sidecar")

@@ -463,6 +463,9 @@ fn destination_memory_is_filled_as_pages_arrive_unless_asked_to_fill_it_ahead() 
         assert!(committed(&s), "{how}: {s:#}\n{}", cl.logs());
         assert_eq!(s["digest_match"], true, "{how}: {s:#}");
         assert!(s["zero_pages_skipped"].as_u64() > Some(30_000), "{s:#}");
+        // The 75 % never written are holes of the source's memfds: round 1 leaves them
+        // out without reading them.
+        assert!(s["hole_pages_skipped"].as_u64() > Some(45_000), "{s:#}");
         wait_for("destination running", Duration::from_secs(5), || {
             cl.vm_b().is_some_and(|v| v.state == "running")
         })?;

@@ -23,7 +23,8 @@ mod source;
 pub use dest::{DestCommand, DestEvent, DestPhase, DestRecord, DestSession};
 pub use source::{
     CancelRefused, Downtime, Estimate, RoundReport, SourceCommand, SourceConfig, SourceEvent,
-    SourceOutcome, SourcePhase, SourceReport, SourceSession, DEFAULT_WINDOW_PAGES,
+    SourceOutcome, SourcePhase, SourceReport, SourceSession, DEFAULT_WINDOW_PAGES, LOG_SHARE,
+    MAX_LOG_BATCH,
 };
 
 use std::fmt;

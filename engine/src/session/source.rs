@@ -36,6 +36,15 @@ use crate::PAGE_SIZE;
 /// (`ferry-bench coldfirst`).
 pub const DEFAULT_WINDOW_PAGES: u64 = 16_384;
 
+/// Largest number of windows sent after one dirty-log read. A read that costs more than
+/// 1/[`LOG_SHARE`] of the sending it precedes (a large guest's log read and clear, a slow
+/// VMM) doubles the windows that share the next read, up to this many: the log stays read
+/// before every page is sent, only less often.
+pub const MAX_LOG_BATCH: u32 = 16;
+
+/// A window batch's sending time over its log read's, below which reads are batched.
+pub const LOG_SHARE: u32 = 50;
+
 /// What a source session is configured with.
 #[derive(Clone, Debug)]
 pub struct SourceConfig {
@@ -145,8 +154,11 @@ pub enum SourceEvent {
     /// The destination accepted; the transports that work, preferred first, with their
     /// channel counts.
     Negotiated(Vec<(TransportKind, usize)>),
-    /// Dirty logging is on.
-    DirtyLogStarted,
+    /// Dirty logging is on; with it, per region, the pages known to read as zero at that
+    /// moment without being read (the holes of the source's memfds; empty: none known).
+    /// Round 1 skips them: the destination's fresh memory holds zeros there, and a write
+    /// after this moment is in the log.
+    DirtyLogStarted(Vec<DirtyBitmap>),
     /// One bitmap per region, just read and cleared.
     Dirty(Vec<DirtyBitmap>),
     /// A window ended.
@@ -266,6 +278,12 @@ pub struct RoundReport {
     pub stats: RoundStats,
     /// Its wall time.
     pub elapsed: Duration,
+    /// Dirty-log reads between its windows, and the time spent waiting for them.
+    pub log_reads: u32,
+    /// Time from asking for those reads to having them.
+    pub log_wait: Duration,
+    /// Windows per log read when the round ended (see [`MAX_LOG_BATCH`]).
+    pub log_batch: u32,
 }
 
 /// Moments of the downtime window, in session time.
@@ -316,6 +334,8 @@ pub struct SourceReport {
     pub warnings: Vec<String>,
     /// Whether the operator cancelled the migration (it then ends aborted).
     pub cancelled: bool,
+    /// Pages round 1 skipped because they were known to be zero (memfd holes).
+    pub zero_skipped: u64,
 }
 
 /// What pre-copy looks like now, for progress displays and status.
@@ -364,6 +384,13 @@ struct RoundRun {
     /// Whether the log was read since the last window went out (the round's first window
     /// follows the caller's read).
     log_read: bool,
+    /// When the pending log read was asked for, and when the last batch went out.
+    log_asked: Duration,
+    batch_started: Duration,
+    /// How long the last batch took on the wire.
+    last_batch: Duration,
+    log_reads: u32,
+    log_wait: Duration,
 }
 
 /// What the session waits for.
@@ -441,6 +468,11 @@ pub struct SourceSession {
     abort_reason: String,
     /// The last dirty read after a round: bytes, and how long that round took.
     last_dirty: Option<(u64, Duration)>,
+    /// Windows sent per dirty-log read (1 to [`MAX_LOG_BATCH`]; grows when reads are slow
+    /// against sending, kept from round to round).
+    log_batch: u32,
+    /// Pages known to be zero when the log started: round 1 leaves them out.
+    known_zero: Vec<DirtyBitmap>,
     report: SourceReport,
 }
 
@@ -537,6 +569,8 @@ impl SourceSession {
             queue: VecDeque::new(),
             transports: VecDeque::new(),
             wire_round: 0,
+            log_batch: 1,
+            known_zero: Vec::new(),
             theirs: None,
             ours: None,
             peer_reachable: true,
@@ -744,7 +778,17 @@ impl SourceSession {
                 self.push(SourceCommand::StartDirtyLog);
                 Stage::StartingLog
             }
-            (Stage::StartingLog, E::DirtyLogStarted) => {
+            (Stage::StartingLog, E::DirtyLogStarted(zero)) => {
+                let zero = if zero.is_empty() {
+                    empty_like(&self.cfg.regions)
+                } else {
+                    match self.checked(zero) {
+                        Ok(z) => z,
+                        Err(f) => return self.on_failure(now, Stage::StartingLog, f),
+                    }
+                };
+                self.report.zero_skipped = zero.iter().map(DirtyBitmap::count).sum();
+                self.known_zero = zero;
                 if self.cfg.observe > Duration::ZERO {
                     self.push(SourceCommand::TakeDirty {
                         final_round: false,
@@ -752,30 +796,29 @@ impl SourceSession {
                     });
                     Stage::Observing
                 } else {
-                    let full: Vec<_> = self
-                        .cfg
-                        .regions
-                        .iter()
-                        .map(|&n| DirtyBitmap::full(n))
-                        .collect();
-                    self.begin_round(now, 1, false, ranges_of(&full))
+                    let first = self.round_one_pages(&[]);
+                    self.begin_round(now, 1, false, ranges_of(&first))
                 }
             }
             (Stage::Observing, E::Dirty(hot)) => match self.checked(hot) {
                 Ok(hot) => {
-                    // Round 1 sends every page anyway: the bits consumed here are not lost.
-                    let full: Vec<_> = self
-                        .cfg
-                        .regions
-                        .iter()
-                        .map(|&n| DirtyBitmap::full(n))
-                        .collect();
-                    self.begin_round(now, 1, false, cold_first(&full, &hot))
+                    // Round 1 sends every page written since the log started: the bits
+                    // consumed here are not lost.
+                    let first = self.round_one_pages(&hot);
+                    self.begin_round(now, 1, false, cold_first(&first, &hot))
                 }
                 Err(f) => self.on_failure(now, Stage::Observing, f),
             },
             (Stage::WindowDirty(mut run), E::Dirty(taken)) => match self.checked(taken) {
                 Ok(taken) => {
+                    let wait = now.saturating_sub(run.log_asked);
+                    run.log_reads += 1;
+                    run.log_wait += wait;
+                    if wait.saturating_mul(LOG_SHARE) > run.last_batch
+                        && self.log_batch < MAX_LOG_BATCH
+                    {
+                        self.log_batch *= 2;
+                    }
                     for (c, t) in run.carry.iter_mut().zip(&taken) {
                         c.union_with(t)
                             .expect("bitmap sizes checked against the layout");
@@ -990,6 +1033,27 @@ impl SourceSession {
         }
     }
 
+    /// Round 1's pages: all of them but those known to be zero when the log started,
+    /// plus any of those written since (`hot`, a log read already consumed).
+    fn round_one_pages(&self, hot: &[DirtyBitmap]) -> Vec<DirtyBitmap> {
+        self.cfg
+            .regions
+            .iter()
+            .enumerate()
+            .map(|(i, &n)| {
+                let mut b = DirtyBitmap::full(n);
+                if let Some(z) = self.known_zero.get(i) {
+                    b.subtract(z);
+                }
+                if let Some(h) = hot.get(i) {
+                    b.union_with(h)
+                        .expect("bitmap sizes checked against the layout");
+                }
+                b
+            })
+            .collect()
+    }
+
     fn begin_round(
         &mut self,
         now: Duration,
@@ -1013,6 +1077,11 @@ impl SourceSession {
             carry: empty_like(&self.cfg.regions),
             stats: RoundStats::default(),
             log_read: true,
+            log_asked: now,
+            batch_started: now,
+            last_batch: Duration::ZERO,
+            log_reads: 0,
+            log_wait: Duration::ZERO,
         };
         self.send_next_window(now, run)
     }
@@ -1026,14 +1095,25 @@ impl SourceSession {
         if !run.log_read && !run.final_round && !w.is_empty() {
             // The window goes out once the bits are in.
             run.log_read = true;
+            run.log_asked = now;
             self.push(SourceCommand::TakeDirty {
                 final_round: false,
                 delay: Duration::ZERO,
             });
             return Stage::WindowDirty(run);
         }
-        let w = run.windows.pop_front().expect("front checked above");
+        // The next `log_batch` windows share the read just made.
+        let mut w = run.windows.pop_front().expect("front checked above");
+        if !run.final_round {
+            for _ in 1..self.log_batch {
+                match run.windows.pop_front() {
+                    Some(more) => w.extend(more),
+                    None => break,
+                }
+            }
+        }
         run.log_read = false;
+        run.batch_started = now;
         for r in &w {
             if let Some(c) = run.carry.get_mut(r.region as usize) {
                 c.clear_range(r.first, r.count);
@@ -1095,7 +1175,10 @@ impl SourceSession {
         }
         run.stats.merge(stats);
         match reason {
-            None => self.send_next_window(now, run),
+            None => {
+                run.last_batch = now.saturating_sub(run.batch_started);
+                self.send_next_window(now, run)
+            }
             Some(reason) => {
                 // This transport is gone; the next one carries the rest of the window and
                 // of the migration.
@@ -1148,6 +1231,9 @@ impl SourceSession {
             final_round: run.final_round,
             stats: run.stats,
             elapsed,
+            log_reads: run.log_reads,
+            log_wait: run.log_wait,
+            log_batch: self.log_batch,
         });
         if run.final_round {
             if let Some(d) = self.report.downtime.as_mut() {

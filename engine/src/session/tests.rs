@@ -47,6 +47,10 @@ struct Driver {
     ours: u128,
     /// Answers replays with this (None: healthy).
     replay_answer: Option<SourceEvent>,
+    /// What a pre-copy log read costs on top of the 5 ms every answer takes.
+    log_cost: Duration,
+    /// Pages reported zero when the log starts.
+    known_zero: Vec<DirtyBitmap>,
 }
 
 impl Driver {
@@ -59,6 +63,8 @@ impl Driver {
             theirs: 7,
             ours: 7,
             replay_answer: None,
+            log_cost: Duration::ZERO,
+            known_zero: Vec::new(),
         }
     }
 
@@ -68,9 +74,12 @@ impl Driver {
         self.now += Duration::from_millis(5);
         match c {
             C::Negotiate => E::Negotiated(self.transports.clone()),
-            C::StartDirtyLog => E::DirtyLogStarted,
+            C::StartDirtyLog => E::DirtyLogStarted(self.known_zero.clone()),
             C::TakeDirty { final_round, delay } => {
                 self.now += *delay;
+                if !final_round {
+                    self.now += self.log_cost;
+                }
                 let mut a = DirtyBitmap::new(PAGES);
                 a.set_range(100, if *final_round { 3 } else { self.dirty_per_read });
                 E::Dirty(vec![a, DirtyBitmap::new(24)])
@@ -217,6 +226,97 @@ fn round_one_goes_out_in_windows_with_a_log_read_before_each_but_the_first() {
         })
         .collect();
     assert!(wires.windows(2).all(|w| w[1] == w[0] + 1), "{wires:?}");
+}
+
+/// The round-1 sequence of windows (`W<round>:<pages>`) and log reads (`R`).
+fn round_one(d: &Driver) -> Vec<String> {
+    d.log
+        .iter()
+        .skip_while(|c| !matches!(c, SourceCommand::SendWindow(_)))
+        .take_while(|c| !matches!(c, SourceCommand::SendWindow(w) if w.round > 1))
+        .filter_map(|c| match c {
+            SourceCommand::SendWindow(w) => Some(format!("W{}:{}", w.round, w.plan.pages())),
+            SourceCommand::TakeDirty { .. } => Some("R".to_string()),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn slow_log_reads_are_shared_by_more_windows_and_every_page_still_goes_out() {
+    // Small windows (50 pages: 55 ms of sending) and reads that take 5 ms: under 1/50 of
+    // the sending? No (5 * 50 > 55), so the windows per read double after each read
+    // until a batch's sending is 50 times the read (400 pages: 405 ms > 250 ms).
+    let mut c = cfg(VerifyMode::Strict);
+    c.window_pages = 50;
+    let mut d = Driver::new();
+    let mut s = SourceSession::new(c.clone());
+    d.run(&mut s, |_, _| None);
+    let seq = round_one(&d);
+    assert_eq!(
+        &seq[..9],
+        ["W1:50", "R", "W1:100", "R", "W1:200", "R", "W1:400", "R", "W1:274"],
+        "{seq:?}"
+    );
+    let report = s.report();
+    assert_eq!(report.rounds[0].log_reads, 4);
+    assert_eq!(report.rounds[0].log_batch, 8);
+    assert_eq!(report.rounds[0].stats.pages, PAGES + 24);
+    assert!(report.rounds[0].log_wait >= Duration::from_millis(20));
+
+    // Large windows (300 pages: 305 ms) and 5 ms reads: one window per read, as before.
+    let mut d = Driver::new();
+    let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+    d.run(&mut s, |_, _| None);
+    assert_eq!(s.report().rounds[0].log_batch, 1);
+    // The same windows behind 20 ms reads (25 ms in all, 1250 > 305): batched.
+    let mut d = Driver::new();
+    d.log_cost = Duration::from_millis(20);
+    let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+    d.run(&mut s, |_, _| None);
+    // (the last read is the one after the round)
+    assert_eq!(round_one(&d), ["W1:300", "R", "W1:600", "R", "W1:124", "R"]);
+}
+
+#[test]
+fn round_one_leaves_out_pages_known_zero_unless_written_since_the_log_started() {
+    let zero = |first, count| {
+        let mut z = DirtyBitmap::new(PAGES);
+        z.set_range(first, count);
+        vec![z, DirtyBitmap::full(24)]
+    };
+    // Pages 200..600 and all of region 1 are holes: round 1 sends the other 600.
+    let mut d = Driver::new();
+    d.known_zero = zero(200, 400);
+    let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+    assert_eq!(d.run(&mut s, |_, _| None), SourceOutcome::Committed);
+    let r = s.report();
+    assert_eq!(r.zero_skipped, 424);
+    assert_eq!(r.rounds[0].stats.pages, 600);
+    let sent_round_one = |d: &Driver, page: u64| {
+        d.log.iter().any(|c| matches!(c, SourceCommand::SendWindow(w) if w.round == 1
+            && w.plan.ranges().any(|x| x.region == 0 && x.first <= page && page < x.first + x.count)))
+    };
+    assert!(!sent_round_one(&d, 300) && sent_round_one(&d, 100) && sent_round_one(&d, 700));
+
+    // Observing first: pages 100..110, holes when the log started, are written meanwhile
+    // (the observing read consumed their bits): round 1 sends them anyway.
+    let mut c = cfg(VerifyMode::Strict);
+    c.observe = Duration::from_millis(100);
+    let mut d = Driver::new();
+    d.known_zero = zero(100, 300);
+    let mut s = SourceSession::new(c);
+    assert_eq!(d.run(&mut s, |_, _| None), SourceOutcome::Committed);
+    assert_eq!(s.report().rounds[0].stats.pages, 1024 - 300 - 24 + 10);
+    assert!(sent_round_one(&d, 105) && !sent_round_one(&d, 200));
+
+    // A zero map that does not match the layout is the VMM's error: nothing is sent.
+    let mut d = Driver::new();
+    d.known_zero = vec![DirtyBitmap::new(PAGES)];
+    let mut s = SourceSession::new(cfg(VerifyMode::Strict));
+    let out = d.run(&mut s, |_, _| None);
+    assert_eq!(out, SourceOutcome::Aborted);
+    assert_eq!(d.count(|c| matches!(c, SourceCommand::SendWindow(_))), 0);
 }
 
 #[test]

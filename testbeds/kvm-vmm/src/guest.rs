@@ -260,6 +260,22 @@ impl GuestConfig {
     }
 }
 
+/// Writes a non-zero word into the last 8 bytes of every data page of fresh RAM (before
+/// the guest runs): the record check reads at most the first `2 + fill_words` words of a
+/// page and requires only the first two of a never-written page to be zero.
+///
+/// # Errors
+///
+/// When the layout is invalid.
+pub fn ballast(ram: &GuestRam, cfg: &GuestConfig) -> Result<()> {
+    let l = cfg.layout()?;
+    for g in 0..l.data_pages {
+        ram.write_u64(l.data_gpa + g * PAGE + PAGE - 8, 0xba11_a570_0000_0000 | g)
+            .context("data page outside RAM")?;
+    }
+    Ok(())
+}
+
 /// GPA of vCPU `v`'s control block.
 pub fn ctrl_gpa(v: u32) -> u64 {
     CTRL_GPA + u64::from(v) * PAGE

@@ -164,6 +164,11 @@ struct GuestArgs {
     /// Run without an in-kernel irqchip.
     #[arg(long)]
     no_irqchip: bool,
+    /// Before the guest starts, write a word into the last 8 bytes of every data page
+    /// (words the record check never reads), so that its RAM holds data everywhere, as a
+    /// booted operating system's does, instead of holes the migration may skip.
+    #[arg(long)]
+    ballast: bool,
 }
 
 impl GuestArgs {
@@ -299,6 +304,9 @@ fn source(g: &GuestArgs, sidecar: &Path, vm_id: &str, p: &ProcessArgs) -> Result
     let status = p.status()?;
     let (cfg, opts) = g.config();
     let mut m = Machine::boot(cfg, opts)?;
+    if g.ballast {
+        ferry_kvm_vmm::guest::ballast(m.ram(), &cfg)?;
+    }
     m.start()?;
     status.set("running", format!("booted {cfg:?}"));
     println!("source: {vm_id} running ({cfg:?})");

@@ -582,7 +582,7 @@ pub fn migrate_local(
             C::Negotiate => Ok(E::Negotiated(vec![(TransportKind::Tcp, 1)])),
             C::StartDirtyLog => src
                 .start_dirty_log()
-                .map(|()| E::DirtyLogStarted)
+                .map(|()| E::DirtyLogStarted(Vec::new()))
                 .map_err(err),
             C::TakeDirty { final_round, delay } => {
                 std::thread::sleep(delay);
