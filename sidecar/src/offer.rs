@@ -128,8 +128,11 @@ pub fn negotiate(
         other => return Err(unexpected("Accept", other).into()),
     };
     let mut streams = Vec::with_capacity(channels);
+    let send_buffer = crate::peer::data_send_buffer(ctl.stream.tcp(), req.channels);
     for ch in 0..req.channels {
-        streams.push(connect_data(&d.auth, &req.to, session, &ctl.key, ch)?.into_channel()?);
+        streams.push(
+            connect_data(&d.auth, &req.to, session, &ctl.key, ch, send_buffer)?.into_channel()?,
+        );
     }
     let mut sender = TcpSender::with_channels(streams, Arc::clone(&vm.mem));
     let local = ctl.stream.tcp().local_addr().ok().map(|a| a.ip());

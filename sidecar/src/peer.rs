@@ -16,7 +16,7 @@ use ferry_proto::auth::{
 };
 use ferry_proto::frame::{read_msg, write_msg};
 use ferry_proto::net::{
-    deadline_error, set_buffers, tune_peer_socket, Deadline, Timeouts, DEAD_PEER_AFTER,
+    deadline_error, force_send_buffer, tune_peer_socket, Deadline, Timeouts, DEAD_PEER_AFTER,
 };
 use ferry_proto::peer::{unexpected, PeerMsg};
 use ferry_proto::{check_version, ProtoError, VERSION};
@@ -29,9 +29,37 @@ pub const HANDSHAKE_DEADLINE: Duration = Duration::from_secs(10);
 /// How long connecting to a peer may take.
 const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
-/// Socket buffer for data connections: 4 MiB lets one stream keep a 10 Gb/s x 1 ms
-/// path full (bandwidth-delay product 1.25 MB) with room to spare.
-const DATA_SOCKET_BUFFER: usize = 4 << 20;
+/// Link rate assumed for a path whose interface does not say its speed.
+const ASSUMED_LINK_BPS: u64 = 10_000_000_000;
+
+/// The send buffer each of `streams` data connections needs on the path of `ctl` (its
+/// measured round trip, the speed of the local interface it leaves by), when autotuning
+/// cannot grow that far; `None` leaves autotuning on.
+pub fn data_send_buffer(ctl: &TcpStream, streams: u16) -> Option<usize> {
+    let rtt = ferry_proto::net::rtt(ctl)?;
+    let link = ctl
+        .local_addr()
+        .ok()
+        .and_then(|a| crate::placement::interface_of(a.ip()))
+        .and_then(|dev| std::fs::read_to_string(format!("/sys/class/net/{dev}/speed")).ok())
+        .and_then(|s| s.trim().parse::<u64>().ok())
+        .filter(|&mbps| mbps > 0 && mbps < 10_000_000)
+        .map_or(ASSUMED_LINK_BPS, |mbps| mbps * 1_000_000);
+    let b = ferry_proto::net::bdp_send_buffer(
+        link,
+        rtt,
+        streams,
+        ferry_proto::net::autotuned_send_max(),
+    );
+    tracing::info!(
+        ?rtt,
+        link_gbps = link as f64 / 1e9,
+        streams,
+        send_buffer = ?b,
+        "data connections sized for the bandwidth-delay product (None: autotuning covers it)"
+    );
+    b
+}
 
 /// Label of the TLS exporter that keys a control connection's session.
 const EXPORTER_LABEL: &[u8] = b"EXPERIMENTAL ferry session key";
@@ -220,10 +248,16 @@ pub fn connect_data(
     session: SessionId,
     key: &SessionKey,
     channel: u16,
+    send_buffer: Option<usize>,
 ) -> anyhow::Result<PeerStream> {
     let end = Instant::now() + HANDSHAKE_DEADLINE;
     let tcp = tcp_to(to)?;
-    set_buffers(&tcp, DATA_SOCKET_BUFFER);
+    if let Some(b) = send_buffer {
+        // Before any data: the buffer is there from the first window on.
+        if let Err(e) = force_send_buffer(&tcp, b) {
+            tracing::warn!("sizing a data connection's send buffer: {e}");
+        }
+    }
     let mut stream = secure(auth, tcp, to, end)?;
     by_deadline(&mut stream, end, "a data connection's handshake", |s| {
         write_msg(s, &PeerMsg::DataHello { session, channel })?;

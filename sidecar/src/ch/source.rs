@@ -119,8 +119,9 @@ fn run_source(
         other => return Err(ferry_proto::peer::unexpected("Accept", other).into()),
     }
     let mut data = Vec::with_capacity(usize::from(req.channels));
+    let send_buffer = crate::peer::data_send_buffer(ctl.stream.tcp(), req.channels);
     for ch in 0..req.channels {
-        let s = connect_data(&d.auth, &req.to, session, &ctl.key, ch)?;
+        let s = connect_data(&d.auth, &req.to, session, &ctl.key, ch, send_buffer)?;
         s.tcp().set_timeouts(Some(PEER_IDLE))?;
         data.push(s);
     }
