@@ -8,6 +8,7 @@
 
 use std::time::Duration;
 
+use crate::report::spread;
 use anyhow::{bail, Context};
 
 use crate::local::LocalPair;
@@ -74,12 +75,6 @@ fn once(a: &CapArgs, cap: Option<u32>, run: u32) -> anyhow::Result<f64> {
         .filter_map(|r| r["ms"].as_f64())
         .sum();
     Ok(bytes / (1u64 << 20) as f64 / (ms / 1e3))
-}
-
-/// Median, lowest and highest of `v` (non-empty).
-fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 /// Runs the benchmark; the last line is the median achieved/cap ratio with its range.

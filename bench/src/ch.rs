@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use crate::report::spread;
 use anyhow::{bail, Context};
 
 use crate::local::{bin, cpu_seconds, Kid, LocalPair, PairAuth};
@@ -287,11 +288,6 @@ fn through_ferry(a: &ChArgs, run: u32, postcopy: bool) -> anyhow::Result<Run> {
     })
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 /// Runs both ways alternately and prints the table; the last line is the speed ratio.
 ///
 /// # Errors
@@ -336,23 +332,23 @@ pub fn run(a: &ChArgs) -> anyhow::Result<()> {
             out.push(x);
         }
     }
-    let (pm, pl, ph) = median(p.iter().map(|x| x.pull_s).collect());
-    let (wm, wl, wh) = median(p.iter().map(|x| x.wall_s).collect());
-    let (bm, _, _) = median(p.iter().map(|x| x.pulled as f64).collect());
+    let (pm, pl, ph) = spread(p.iter().map(|x| x.pull_s).collect());
+    let (wm, wl, wh) = spread(p.iter().map(|x| x.wall_s).collect());
+    let (bm, _, _) = spread(p.iter().map(|x| x.pulled as f64).collect());
     for (way, v) in [("ch-direct", &d), ("ferry", &f), ("ferry-postcopy", &p)] {
         if way == "ferry-postcopy" {
-            let (dt, dl, dh) = median(v.iter().map(|x| x.downtime_ms).collect());
-            let (cs, _, _) = median(v.iter().map(|x| x.cpu_src).collect());
-            let (cd, _, _) = median(v.iter().map(|x| x.cpu_dst).collect());
+            let (dt, dl, dh) = spread(v.iter().map(|x| x.downtime_ms).collect());
+            let (cs, _, _) = spread(v.iter().map(|x| x.cpu_src).collect());
+            let (cd, _, _) = spread(v.iter().map(|x| x.cpu_dst).collect());
             println!(
                 "  {way:<14}: wall median {wm:.2} s [{wl:.2}-{wh:.2}], downtime median {dt:.0} ms [{dl:.0}-{dh:.0}], CPU source {cs:.2} s, destination {cd:.2} s"
             );
             continue;
         }
-        let (t, tl, th) = median(v.iter().map(|x| x.ch_total_s).collect());
-        let (dt, dl, dh) = median(v.iter().map(|x| x.downtime_ms).collect());
-        let (cs, _, _) = median(v.iter().map(|x| x.cpu_src).collect());
-        let (cd, _, _) = median(v.iter().map(|x| x.cpu_dst).collect());
+        let (t, tl, th) = spread(v.iter().map(|x| x.ch_total_s).collect());
+        let (dt, dl, dh) = spread(v.iter().map(|x| x.downtime_ms).collect());
+        let (cs, _, _) = spread(v.iter().map(|x| x.cpu_src).collect());
+        let (cd, _, _) = spread(v.iter().map(|x| x.cpu_dst).collect());
         println!(
             "  {way:<14}: total median {t:.2} s [{tl:.2}-{th:.2}], downtime median {dt:.0} ms [{dl:.0}-{dh:.0}], CPU source {cs:.2} s, destination {cd:.2} s"
         );
@@ -361,7 +357,7 @@ pub fn run(a: &ChArgs) -> anyhow::Result<()> {
         "  ferry-postcopy: pull median {pm:.2} s [{pl:.2}-{ph:.2}], {:.0} MiB pulled, the rest zero-filled (the VM ran at the destination meanwhile, depending on both hosts)",
         bm / f64::from(1 << 20)
     );
-    let med = |v: &[Run], g: fn(&Run) -> f64| median(v.iter().map(g).collect()).0;
+    let med = |v: &[Run], g: fn(&Run) -> f64| spread(v.iter().map(g).collect()).0;
     let rec = |v: &[Run]| -> Vec<serde_json::Value> {
         v.iter()
             .map(|x| {
@@ -438,10 +434,10 @@ pub fn run(a: &ChArgs) -> anyhow::Result<()> {
         .zip(&f)
         .map(|(x, y)| x.ch_total_s / y.ch_total_s)
         .collect();
-    let (rm, rl, rh) = median(ratios);
+    let (rm, rl, rh) = spread(ratios);
     println!("  per-run ratios median {rm:.2} [{rl:.2}-{rh:.2}]");
-    let (dm, _, _) = median(d.iter().map(|x| x.ch_total_s).collect());
-    let (fm, _, _) = median(f.iter().map(|x| x.ch_total_s).collect());
+    let (dm, _, _) = spread(d.iter().map(|x| x.ch_total_s).collect());
+    let (fm, _, _) = spread(f.iter().map(|x| x.ch_total_s).collect());
     println!(
         "speed ratio ferry/ch-direct {}GiB streams={}: {:.2}",
         a.mem_mib as f64 / 1024.0,

@@ -12,6 +12,7 @@
 use std::hint::black_box;
 use std::time::Instant;
 
+use crate::report::spread;
 use ferry_engine::bitmap::DirtyBitmap;
 use ferry_engine::plan::{plan, ranges_of, windows, DEFAULT_CHUNK_PAGES};
 use ferry_engine::session::DEFAULT_WINDOW_PAGES;
@@ -56,11 +57,6 @@ fn control_round(b: &DirtyBitmap, channels: usize) -> u64 {
     planned
 }
 
-fn median(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
-}
-
 /// Runs the benchmark and prints one line per dirty fraction; the last line is the 10 %
 /// figure.
 ///
@@ -93,8 +89,8 @@ pub fn run(a: &ControlArgs) -> anyhow::Result<()> {
             rates.push((dirty * 4096) as f64 / s / 1e9);
             scanned.push(guest / s / 1e9);
         }
-        let (m, lo, hi) = median(rates);
-        let (g, _, _) = median(scanned);
+        let (m, lo, hi) = spread(rates);
+        let (g, _, _) = spread(scanned);
         println!(
             "  dirty {pct:>2} %: {dirty} pages in {runs} ranges; planned {m:.1} GB/s per core [{lo:.1}-{hi:.1}], guest scanned {g:.0} GB/s"
         );

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 use ferry_tests::{summary_of, Cluster, ClusterOpts, TwoHosts, ADDR_B};
 
-use crate::tcp::spread;
+use crate::report::spread;
 use crate::total::{committed_bytes, TotalArgs};
 
 /// Options of `ferry-bench link`.
@@ -170,6 +170,8 @@ struct Run {
     prepare_s: f64,
     round1_s: f64,
     rest_s: f64,
+    /// The migration's summary as `ferry migrate --json` printed it.
+    summary: serde_json::Value,
 }
 
 fn once(a: &LinkArgs, rate: &str) -> anyhow::Result<(Run, String)> {
@@ -178,6 +180,10 @@ fn once(a: &LinkArgs, rate: &str) -> anyhow::Result<(Run, String)> {
         rate_mib: 0,
         psk: !a.whole.tls,
         source_vmm_args: vec!["--fill-pct".into(), "100".into()],
+        // The workload VMM's own check of every page at load is a test instrument a
+        // real VMM does not have (as in `ferry-bench total` and `tcp`); Ferry's
+        // verification (per-page hashes, digests after resume) stays on.
+        dest_vmm_args: vec!["--no-verify".into()],
         dest_sidecar_args: vec!["--populate".into(), a.whole.populate.clone()],
         ..ClusterOpts::default()
     };
@@ -207,6 +213,7 @@ fn once(a: &LinkArgs, rate: &str) -> anyhow::Result<(Run, String)> {
             prepare_s,
             round1_s,
             rest_s: (total_s - prepare_s - round1_s).max(0.0),
+            summary: s,
         },
         how,
     ))
@@ -223,12 +230,14 @@ pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
     for r in &rates {
         bits_per_second(r)?;
     }
+    let _thp = ferry_tests::ShmemThp::set(&a.whole.shmem_thp)?;
     println!(
-        "ferry-bench link: {} MiB random-filled idle guest, {} streams, {}, destination memory populated {}, {} runs per rate; two namespaces joined by veth, shaped with tc",
+        "ferry-bench link: {} MiB random-filled idle guest, {} streams, {}, destination memory populated {} (shmem THP: {}), {} runs per rate; two namespaces joined by veth, shaped with tc",
         a.whole.mem_mib,
         a.whole.streams,
         if a.whole.tls { "mutual TLS" } else { "--insecure-psk" },
         if a.whole.populate == "ahead" { "ahead" } else { "while pages arrive" },
+        ferry_tests::shmem_thp_setting(),
         a.whole.runs
     );
     let ceiling = {
@@ -297,6 +306,7 @@ pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
                 "ratio": ratio, "total_s": x.total_s, "wire_s": x.wire_s,
                 "total_over_wire": x.total_s / x.wire_s, "prepare_s": x.prepare_s,
                 "round1_s": x.round1_s, "rest_s": x.rest_s, "shaping": how,
+                "summary": x.summary,
             }));
             ratios.push(ratio);
             tw.push(x.total_s / x.wire_s);
@@ -313,7 +323,7 @@ pub fn run(a: &LinkArgs) -> anyhow::Result<()> {
     crate::report::record(
         "link",
         &serde_json::json!({
-            "mem_mib": a.whole.mem_mib, "streams": a.whole.streams, "tls": a.whole.tls, "populate": a.whole.populate,
+            "mem_mib": a.whole.mem_mib, "streams": a.whole.streams, "tls": a.whole.tls, "populate": a.whole.populate, "shmem_thp": ferry_tests::shmem_thp_setting(),
             "rtt_ms": a.rtt_ms, "ceiling_gbps": ceiling, "runs": records,
         }),
         &[(

@@ -20,6 +20,7 @@ mod ch;
 mod coldfirst;
 mod control;
 mod downtime;
+mod fill;
 mod link;
 mod local;
 mod rdma;
@@ -61,6 +62,9 @@ enum Cmd {
     /// Ferry against iperf3 on links shaped with tc (10/25/40 Gbit/s) between two network
     /// namespaces, whole migration included.
     Link(link::LinkArgs),
+    /// What filling the destination's memory costs here: 4 KiB pages vs transparent huge
+    /// pages, on memory just freed vs memory the hypervisor took back.
+    Fill(fill::FillArgs),
 }
 
 fn main() -> anyhow::Result<()> {
@@ -74,5 +78,6 @@ fn main() -> anyhow::Result<()> {
         Cmd::ControlPath(a) => control::run(&a),
         Cmd::Total(a) => total::run(&a),
         Cmd::Link(a) => link::run(&a),
+        Cmd::Fill(a) => fill::run(&a),
     }
 }

@@ -26,6 +26,13 @@ pub fn results_dir(command: &str) -> anyhow::Result<PathBuf> {
     Ok(dir)
 }
 
+/// Median, lowest and highest of `v` (non-empty): how every benchmark states a figure
+/// of several runs.
+pub fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
+    v.sort_by(f64::total_cmp);
+    (v[v.len() / 2], v[0], v[v.len() - 1])
+}
+
 /// Writes `value` as `<dir>/<name>.json`.
 ///
 /// # Errors

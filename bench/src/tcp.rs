@@ -4,6 +4,7 @@
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
+use crate::report::spread;
 use anyhow::{bail, Context};
 
 use crate::local::{cpu_seconds, Kid, LocalPair, PairAuth};
@@ -189,12 +190,6 @@ pub(crate) fn iperf_once(bytes: u64, streams: u16, port: u16) -> anyhow::Result<
         cpu_dst_per_gib: cpu["remote_total"].as_f64().unwrap_or(0.0) / 100.0 * secs / gib,
         phases: [0.0; 5],
     })
-}
-
-/// Median, lowest and highest of `v` (non-empty).
-pub(crate) fn spread(mut v: Vec<f64>) -> (f64, f64, f64) {
-    v.sort_by(f64::total_cmp);
-    (v[v.len() / 2], v[0], v[v.len() - 1])
 }
 
 /// Runs the benchmark and prints the table; the last line is the median ratio at 4

@@ -10,7 +10,8 @@ use std::time::Instant;
 
 use anyhow::{bail, Context};
 
-use crate::tcp::{idle_pair, iperf_once, spread};
+use crate::report::spread;
+use crate::tcp::{idle_pair, iperf_once};
 
 /// Options of `ferry-bench total`.
 #[derive(clap::Args, Debug)]
@@ -30,6 +31,12 @@ pub struct TotalArgs {
     /// How the destination fills the guest's memory (`ferry serve --populate`).
     #[arg(long, default_value = "overlap", value_parser = ["overlap", "ahead"])]
     pub populate: String,
+    /// The host's transparent huge pages for shared memory during the runs
+    /// (`/sys/kernel/mm/transparent_hugepage/shmem_enabled`, put back afterwards): with
+    /// `advise` the destination's memory is filled 2 MiB at a time; `keep` leaves the
+    /// host's setting, which the header prints.
+    #[arg(long, default_value = "keep", value_parser = ["keep", "never", "advise"])]
+    pub shmem_thp: String,
 }
 
 /// One run's phases, in seconds.
@@ -93,12 +100,14 @@ fn once(a: &TotalArgs, run: u32) -> anyhow::Result<Run> {
 /// A run failing, or iperf3 missing.
 pub fn run(a: &TotalArgs) -> anyhow::Result<()> {
     anyhow::ensure!(a.runs > 0, "--runs must be at least 1");
+    let _thp = ferry_tests::ShmemThp::set(&a.shmem_thp)?;
     println!(
-        "ferry-bench total: {} MiB random-filled idle guest over loopback, {} streams, default verification, {}, destination memory populated {}; whole migration (migrate to committed) vs the wire time of the same bytes at iperf3's rate (same streams, same run); {} runs",
+        "ferry-bench total: {} MiB random-filled idle guest over loopback, {} streams, default verification, {}, destination memory populated {} (shmem THP: {}); whole migration (migrate to committed) vs the wire time of the same bytes at iperf3's rate (same streams, same run); {} runs",
         a.mem_mib,
         a.streams,
         if a.tls { "mutual TLS" } else { "--insecure-psk" },
         if a.populate == "ahead" { "ahead" } else { "while pages arrive" },
+        ferry_tests::shmem_thp_setting(),
         a.runs
     );
     println!(
@@ -156,7 +165,7 @@ pub fn run(a: &TotalArgs) -> anyhow::Result<()> {
     crate::report::record(
         "total",
         &serde_json::json!({
-            "mem_mib": a.mem_mib, "streams": a.streams, "tls": a.tls, "populate": a.populate,
+            "mem_mib": a.mem_mib, "streams": a.streams, "tls": a.tls, "populate": a.populate, "shmem_thp": ferry_tests::shmem_thp_setting(),
             "runs": records, "ratio_median": m, "ratio_min": lo, "ratio_max": hi,
         }),
         &[(

@@ -1093,6 +1093,71 @@ impl Drop for HugePages {
     }
 }
 
+const SHMEM_ENABLED: &str = "/sys/kernel/mm/transparent_hugepage/shmem_enabled";
+
+/// The active value of the host's transparent huge pages for shared memory
+/// (`shmem_enabled`'s bracketed word), or why it cannot be read.
+pub fn shmem_thp_setting() -> String {
+    match std::fs::read_to_string(SHMEM_ENABLED) {
+        Ok(s) => s
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix('[').and_then(|w| w.strip_suffix(']')))
+            .unwrap_or("unknown")
+            .to_owned(),
+        Err(e) => format!("unreadable ({e})"),
+    }
+}
+
+/// The host's `shmem_enabled` set to a value for as long as this lives, the earlier value
+/// put back on drop (a failing test or benchmark still restores it).
+pub struct ShmemThp {
+    before: Option<String>,
+}
+
+impl ShmemThp {
+    /// Sets `shmem_enabled` to `mode`; `keep` leaves the host as it is.
+    ///
+    /// # Errors
+    ///
+    /// Not root, or a kernel without transparent huge pages.
+    pub fn set(mode: &str) -> anyhow::Result<Self> {
+        if mode == "keep" {
+            return Ok(Self { before: None });
+        }
+        let before = shmem_thp_setting();
+        std::fs::write(SHMEM_ENABLED, mode)
+            .with_context(|| format!("setting {SHMEM_ENABLED} to {mode} (needs root)"))?;
+        Ok(Self {
+            before: Some(before),
+        })
+    }
+}
+
+impl Drop for ShmemThp {
+    fn drop(&mut self) {
+        if let Some(b) = &self.before {
+            if let Err(e) = std::fs::write(SHMEM_ENABLED, b) {
+                eprintln!("could not put {SHMEM_ENABLED} back to {b}: {e}");
+            }
+        }
+    }
+}
+
+/// Shared memory the kernel holds in transparent huge pages, host-wide, in KiB
+/// (`ShmemHugePages` of `/proc/meminfo`).
+///
+/// # Errors
+///
+/// `/proc/meminfo` unreadable or without the field.
+pub fn shmem_huge_kib() -> anyhow::Result<u64> {
+    let m = std::fs::read_to_string("/proc/meminfo")?;
+    m.lines()
+        .find_map(|l| l.strip_prefix("ShmemHugePages:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .context("ShmemHugePages in /proc/meminfo")
+}
+
 /// The page sizes (KiB, from `/proc/<pid>/smaps`) of the mappings of process `pid` whose
 /// name contains `name`.
 ///

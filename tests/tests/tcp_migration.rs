@@ -529,6 +529,52 @@ fn a_huge_page_vm_migrates_into_huge_pages_or_is_refused_without_them() -> anyho
     Ok(())
 }
 
+/// Where the host allows transparent huge pages for shared memory on request
+/// (`shmem_enabled` = `advise`), the destination asks for them on the copy it fills
+/// (`MADV_HUGEPAGE`), so filling it allocates and zeroes 2 MiB at a time; the source VMM's
+/// memfds, never advised, stay in 4 KiB pages, and every page still arrives intact. With
+/// the kernel's default (`never`) nothing is held in huge pages. The setting is put back
+/// afterwards.
+#[test]
+fn the_destination_fills_memory_in_transparent_huge_pages_where_the_host_allows(
+) -> anyhow::Result<()> {
+    let _g = serial();
+    for (mode, want_huge) in [("advise", true), ("never", false)] {
+        let _thp = ShmemThp::set(mode)?;
+        let cl = Cluster::start(&ClusterOpts {
+            mem_mib: 256,
+            rate_mib: 0,
+            source_vmm_args: vec!["--fill-pct".into(), "100".into()],
+            dest_vmm_args: vec!["--rate-mib".into(), "0".into()],
+            ..ClusterOpts::default()
+        })?;
+        let before = shmem_huge_kib()?;
+        let s = cl.migrate(&["--streams", "4"])?;
+        assert!(committed(&s), "{mode}: {s:#}\n{}", cl.logs());
+        assert_eq!(s["digest_match"], true, "{mode}: {s:#}");
+        wait_for("destination running", Duration::from_secs(5), || {
+            cl.vm_b().is_some_and(|v| v.state == "running")
+        })?;
+        let b = cl.vm_b().expect("destination status");
+        assert!(b.detail.contains("verified 65536 pages"), "{mode}: {b:?}");
+        let grown = shmem_huge_kib()?.saturating_sub(before);
+        if want_huge {
+            // The destination's 256 MiB copy, in huge pages (a little slack for 2 MiB
+            // units another process may have freed meanwhile).
+            assert!(
+                grown >= 240 << 10,
+                "{mode}: ShmemHugePages grew by {grown} KiB"
+            );
+        } else {
+            assert!(
+                grown < 16 << 10,
+                "{mode}: ShmemHugePages grew by {grown} KiB"
+            );
+        }
+    }
+    Ok(())
+}
+
 /// The CPUs each thread named `prefix…` of process `pid` may run on (`Cpus_allowed_list`).
 fn thread_cpus(pid: u32, prefix: &str) -> Vec<String> {
     let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
