@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context};
 
 use crate::local::{bin, cpu_seconds, Kid, LocalPair};
+use crate::report::spread;
 
 /// Options of `ferry-bench rdma`.
 #[derive(clap::Args, Debug)]
@@ -40,9 +41,10 @@ pub struct RdmaArgs {
     /// Wall-clock limit of the SoftRoCE guest run, seconds.
     #[arg(long, default_value_t = 300)]
     pub guest_timeout_s: u64,
-    /// Runs per queue-pair count, best reported for both Ferry and ib_read_bw (each run
-    /// costs ~35 s in the SoftRoCE guest: raise --guest-timeout-s with it).
-    #[arg(long, default_value_t = 1)]
+    /// Runs per queue-pair count, each a Ferry migration and an ib_read_bw transfer:
+    /// medians, and the ratio run by run as median [min-max] (3 runs of 1/2/4 QPs take
+    /// ~150 s in the SoftRoCE guest: raise --guest-timeout-s with more).
+    #[arg(long, default_value_t = 3)]
     pub runs: u32,
     /// Measure here (an RDMA device must exist); the host run passes this to the guest.
     #[arg(long)]
@@ -388,7 +390,8 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
     bin("ferry")?;
     println!(
         "ferry-bench rdma: {} MiB random-filled idle region, RDMA READ pull on {} (GID {}), \
-         Ferry reads {} KiB per work request; best of {} run(s), compare within this run",
+         Ferry reads {} KiB per work request; {} run(s) per QP count, each a Ferry migration \
+         and an ib_read_bw transfer: medians, ratio run by run as median [min-max]",
         args.mem_mib,
         args.dev,
         args.gid_index,
@@ -396,7 +399,7 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
         args.runs.max(1)
     );
     println!(
-        "{:>4} {:>10} {:>10} {:>10} {:>9} {:>7} {:>14} {:>14} {:>14}",
+        "{:>4} {:>10} {:>10} {:>10} {:>9} {:>19} {:>14} {:>14} {:>14}",
         "qps",
         "ferry Gb/s",
         "ferry MB/s",
@@ -411,28 +414,31 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
     let mut last = None;
     let (mut groups, mut records) = (Vec::new(), Vec::new());
     for &n in &args.qps {
-        let mut best: Option<(FerrySample, IbSample)> = None;
+        // Every run pairs a Ferry migration with an ib_read_bw transfer; the ratio is taken
+        // run by run and stated as median [min-max]; the CPU figures are the median run's.
+        let mut runs: Vec<(FerrySample, IbSample)> = Vec::new();
         for _ in 0..args.runs.max(1) {
             let f = ferry_once(args.mem_mib, "rdma", n)?;
             let ib = ib_read_bw(args, n)?;
-            best = Some(match best {
-                None => (f, ib),
-                Some((bf, bi)) => (
-                    if f.gbps > bf.gbps { f } else { bf },
-                    if ib.gbps > bi.gbps { ib } else { bi },
-                ),
-            });
+            runs.push((f, ib));
         }
-        let (f, ib) = best.context("no run")?;
-        let ratio = f.gbps / ib.gbps;
+        let ratios: Vec<f64> = runs.iter().map(|(f, ib)| f.gbps / ib.gbps).collect();
+        let (ratio, rlo, rhi) = spread(ratios.clone());
+        let mid = ratios
+            .iter()
+            .position(|&r| r == ratio)
+            .context("median run")?;
+        let (f, ib) = runs.swap_remove(mid);
+        let (fm, _, _) = spread(runs.iter().map(|(f, _)| f.gbps).chain([f.gbps]).collect());
+        let (im, _, _) = spread(runs.iter().map(|(_, i)| i.gbps).chain([ib.gbps]).collect());
         println!(
-            "{:>4} {:>10.3} {:>10.1} {:>10.3} {:>9} {:>7.3} {:>14.3} {:>14.3} {:>14.3}",
+            "{:>4} {:>10.3} {:>10.1} {:>10.3} {:>9} {:>19} {:>14.3} {:>14.3} {:>14.3}",
             n,
-            f.gbps,
-            f.gbps * 1e9 / 8.0 / 1e6,
-            ib.gbps,
+            fm,
+            fm * 1e9 / 8.0 / 1e6,
+            im,
             format!("{} KiB", ib.size >> 10),
-            ratio,
+            format!("{ratio:.3} [{rlo:.3}-{rhi:.3}]"),
             f.round1_src_per_gib,
             f.total_src_per_gib,
             f.total_dst_per_gib
@@ -445,10 +451,11 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
                 ib.failed.join(", ")
             ));
         }
-        groups.push((format!("{n} QPs"), vec![f.gbps, ib.gbps]));
+        groups.push((format!("{n} QPs"), vec![fm, im]));
         records.push(
-            serde_json::json!({"qps": n, "ferry_gbps": f.gbps, "ib_read_bw_gbps": ib.gbps,
-            "ib_read_bw_msg_bytes": ib.size, "ratio": ratio,
+            serde_json::json!({"qps": n, "ferry_gbps_median": fm, "ib_read_bw_gbps_median": im,
+            "ib_read_bw_msg_bytes": ib.size, "ratio_median": ratio, "ratio_min": rlo,
+            "ratio_max": rhi, "ratios": ratios,
             "src_round1_cpu_s_per_gib": f.round1_src_per_gib,
             "src_cpu_s_per_gib": f.total_src_per_gib, "dst_cpu_s_per_gib": f.total_dst_per_gib}),
         );
@@ -483,7 +490,9 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
     )?;
     let (n, ratio, r) = last.context("no queue-pair count given")?;
     let t = ferry_once(args.mem_mib, "tcp", n)?;
-    println!("source CPU, same region, {n} streams (the rdma row is the qps={n} run above):");
+    println!(
+        "source CPU, same region, {n} streams (the rdma row is the median qps={n} run above):"
+    );
     println!(
         "{:>9} {:>10} {:>14} {:>14} {:>14}",
         "transport", "Gb/s", "src r1 s/GiB", "src all s/GiB", "dst all s/GiB"

@@ -182,8 +182,15 @@ pub fn grouped_bars(
     groups: &[(String, Vec<f64>)],
 ) -> String {
     let (left, top, plot_h, bar, gap) = (60.0, 60.0, 220.0, 26.0, 24.0);
-    let per_group = series.len().max(1) as f64 * bar + gap;
-    let width = (groups.len() as f64 * per_group).max(200.0);
+    let bars_w = series.len().max(1) as f64 * bar;
+    // Wide enough for each group's label, the legend and the title.
+    let label_w = groups.iter().map(|(l, _)| l.len()).max().unwrap_or(0) as f64 * 7.5 + 12.0;
+    let per_group = (bars_w + gap).max(label_w);
+    let legend_w: f64 = series.iter().map(|p| 24.0 + 7.0 * p.len() as f64).sum();
+    let width = (groups.len() as f64 * per_group)
+        .max(200.0)
+        .max(title.len() as f64 * 8.5 - left)
+        .max(legend_w - left);
     let max = nice_max(
         groups
             .iter()
@@ -214,7 +221,7 @@ pub fn grouped_bars(
         u = esc(unit)
     );
     for (g, (label, values)) in groups.iter().enumerate() {
-        let gx = left + gap / 2.0 + g as f64 * per_group;
+        let gx = left + g as f64 * per_group + (per_group - bars_w) / 2.0;
         for (i, v) in values.iter().enumerate() {
             if !v.is_finite() {
                 continue;
