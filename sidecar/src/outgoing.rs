@@ -14,6 +14,7 @@ use ferry_proto::mem::GuestRegion;
 use ferry_proto::records::{self, Decision};
 
 use crate::context::Daemon;
+use crate::entries::SourceVm;
 use crate::queue::{Finished, Job};
 use crate::replay::{settle_undecided, stop_reattached};
 use crate::source::{Driver, Reporter};
@@ -213,9 +214,23 @@ fn migrate(
         stop_reattached(d, &req.vm_id);
     }
     d.registry.end_outgoing(&req.vm_id, keep);
+    // What is left of the VM here (its RAM mapped from memfds this process may hold last)
+    // is released off the path to the summary: unmapping and freeing gigabytes takes
+    // 0.2-0.5 s per 2 GiB on the measured hosts, time the operator would wait for nothing.
+    release_in_background(drv.vm.take());
     match drv.dest_busy.take() {
         Some(busy) if outcome == SourceOutcome::Aborted => Err(busy),
         _ => Ok(summary),
+    }
+}
+
+/// Drops `vm` on a thread of its own (named `ferry-release`); where no thread can be
+/// started, the refused closure, and so `vm`, is dropped here.
+fn release_in_background(vm: Option<SourceVm>) {
+    if let Some(vm) = vm {
+        let _ = std::thread::Builder::new()
+            .name("ferry-release".into())
+            .spawn(move || drop(vm));
     }
 }
 

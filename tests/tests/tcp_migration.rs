@@ -14,6 +14,11 @@ fn committed(s: &serde_json::Value) -> bool {
 fn migrates_a_dirtying_vm_between_two_hosts() -> anyhow::Result<()> {
     let _g = serial();
     let cl = Cluster::start(&ClusterOpts::default())?;
+    let a = cl.procs[SIDECAR_A].child.id();
+    assert!(
+        memfd_bytes(a, "ferry-workload-")? > 0,
+        "the source sidecar maps the registered VM's memory"
+    );
     let s = cl.migrate(&["--streams", "4", "--downtime-ms", "100"])?;
     assert!(committed(&s), "{s:#}\n{}", cl.logs());
     assert_eq!(s["digest_match"], true);
@@ -43,6 +48,13 @@ fn migrates_a_dirtying_vm_between_two_hosts() -> anyhow::Result<()> {
     wait_for("destination running", Duration::from_secs(5), || {
         cl.vm_b().is_some_and(|v| v.state == "running")
     })?;
+    // The source sidecar lets go of the VM's memory (mapped and open memfds), released
+    // after the summary went out rather than before it.
+    wait_for(
+        "the source sidecar releasing the VM's memory",
+        Duration::from_secs(10),
+        || memfd_bytes(a, "ferry-workload-").is_ok_and(|b| b == 0),
+    )?;
     let b1 = cl.vm_b().expect("destination status");
     assert!(b1.detail.contains("verified 65536 pages"), "{b1:?}");
     std::thread::sleep(Duration::from_millis(500));
