@@ -74,28 +74,8 @@ pub fn stacked_bars(
         .max(f64::MIN_POSITIVE);
     let height = top + rows.len() as f64 * (bar + gap) + 50.0;
     let mut s = String::new();
-    let _ = write!(
-        s,
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{height}" font-family="sans-serif" font-size="12">"#,
-        w = left + width + 80.0
-    );
-    let _ = write!(s, r#"<rect width="100%" height="100%" fill="white"/>"#);
-    let _ = write!(
-        s,
-        r#"<text x="10" y="20" font-size="14" font-weight="bold">{}</text>"#,
-        esc(title)
-    );
-    let mut lx = 10.0;
-    for (i, p) in parts.iter().enumerate() {
-        let _ = write!(
-            s,
-            r#"<rect x="{lx}" y="32" width="12" height="12" fill="{c}"/><text x="{tx}" y="42">{t}</text>"#,
-            c = COLOURS[i % COLOURS.len()],
-            tx = lx + 16.0,
-            t = esc(p)
-        );
-        lx += 24.0 + 7.0 * p.len() as f64;
-    }
+    header(&mut s, left + width + 80.0, height, title);
+    legend(&mut s, parts);
     for (r, (label, values)) in rows.iter().enumerate() {
         let y = top + r as f64 * (bar + gap);
         let _ = write!(
