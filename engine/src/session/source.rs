@@ -787,7 +787,6 @@ impl SourceSession {
                         Err(f) => return self.on_failure(now, Stage::StartingLog, f),
                     }
                 };
-                self.report.zero_skipped = zero.iter().map(DirtyBitmap::count).sum();
                 self.known_zero = zero;
                 if self.cfg.observe > Duration::ZERO {
                     self.push(SourceCommand::TakeDirty {
@@ -1034,9 +1033,11 @@ impl SourceSession {
     }
 
     /// Round 1's pages: all of them but those known to be zero when the log started,
-    /// plus any of those written since (`hot`, a log read already consumed).
-    fn round_one_pages(&self, hot: &[DirtyBitmap]) -> Vec<DirtyBitmap> {
-        self.cfg
+    /// plus any of those written since (`hot`, a log read already consumed). The report's
+    /// `zero_skipped` is the pages this leaves out.
+    fn round_one_pages(&mut self, hot: &[DirtyBitmap]) -> Vec<DirtyBitmap> {
+        let first: Vec<DirtyBitmap> = self
+            .cfg
             .regions
             .iter()
             .enumerate()
@@ -1051,7 +1052,10 @@ impl SourceSession {
                 }
                 b
             })
-            .collect()
+            .collect();
+        let all: u64 = self.cfg.regions.iter().sum();
+        self.report.zero_skipped = all - first.iter().map(DirtyBitmap::count).sum::<u64>();
+        first
     }
 
     fn begin_round(
