@@ -358,6 +358,8 @@ pub fn run(a: &ChArgs) -> anyhow::Result<()> {
         bm / f64::from(1 << 20)
     );
     let med = |v: &[Run], g: fn(&Run) -> f64| spread(v.iter().map(g).collect()).0;
+    // One figure's medians for the three ways, in the series' order.
+    let three = |g: fn(&Run) -> f64| vec![med(&d, g), med(&f, g), med(&p, g)];
     let rec = |v: &[Run]| -> Vec<serde_json::Value> {
         v.iter()
             .map(|x| {
@@ -382,30 +384,9 @@ pub fn run(a: &ChArgs) -> anyhow::Result<()> {
                     "s",
                     &["ch-direct", "ferry", "ferry-postcopy"],
                     &[
-                        (
-                            "wall time".into(),
-                            vec![
-                                med(&d, |x| x.wall_s),
-                                med(&f, |x| x.wall_s),
-                                med(&p, |x| x.wall_s),
-                            ],
-                        ),
-                        (
-                            "CPU source".into(),
-                            vec![
-                                med(&d, |x| x.cpu_src),
-                                med(&f, |x| x.cpu_src),
-                                med(&p, |x| x.cpu_src),
-                            ],
-                        ),
-                        (
-                            "CPU destination".into(),
-                            vec![
-                                med(&d, |x| x.cpu_dst),
-                                med(&f, |x| x.cpu_dst),
-                                med(&p, |x| x.cpu_dst),
-                            ],
-                        ),
+                        ("wall time".into(), three(|x| x.wall_s)),
+                        ("CPU source".into(), three(|x| x.cpu_src)),
+                        ("CPU destination".into(), three(|x| x.cpu_dst)),
                     ],
                 ),
             ),

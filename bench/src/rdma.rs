@@ -428,9 +428,9 @@ fn measure(args: &RdmaArgs) -> anyhow::Result<()> {
             .iter()
             .position(|&r| r == ratio)
             .context("median run")?;
+        let (fm, _, _) = spread(runs.iter().map(|(f, _)| f.gbps).collect());
+        let (im, _, _) = spread(runs.iter().map(|(_, i)| i.gbps).collect());
         let (f, ib) = runs.swap_remove(mid);
-        let (fm, _, _) = spread(runs.iter().map(|(f, _)| f.gbps).chain([f.gbps]).collect());
-        let (im, _, _) = spread(runs.iter().map(|(_, i)| i.gbps).chain([ib.gbps]).collect());
         println!(
             "{:>4} {:>10.3} {:>10.1} {:>10.3} {:>9} {:>19} {:>14.3} {:>14.3} {:>14.3}",
             n,
